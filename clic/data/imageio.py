@@ -1,0 +1,85 @@
+"""Robust image decoding: every image the pipeline reads goes through :func:`load_rgb`.
+
+EXIF orientation is applied; L, LA, P, RGBA, CMYK, I;16 and I (16/32-bit) modes become 8-bit
+RGB (transparency composited on white); truncated files and decompression-bomb-sized images are
+refused with an :class:`ImageError` that names the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps
+
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own threshold
+
+
+class ImageError(ValueError):
+    """An image that cannot be used, with the offending path in the message."""
+
+
+def is_image_file(path: str | Path) -> bool:
+    return Path(path).suffix.lower() in IMAGE_SUFFIXES
+
+
+def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Image:
+    """Decode ``path`` fully into an 8-bit RGB image with EXIF orientation applied."""
+    path = Path(path)
+    try:
+        with Image.open(path) as probe:
+            w, h = probe.size
+            if w * h > max_pixels:
+                raise ImageError(f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                                 "(possible decompression bomb); raise data.max_pixels if it is genuine")
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", Image.DecompressionBombWarning)
+                probe.load()  # decodes now: truncated files fail here, not later in a worker
+            img = ImageOps.exif_transpose(probe)
+            return to_rgb(img)
+    except ImageError:
+        raise
+    except FileNotFoundError as exc:
+        raise ImageError(f"{path}: image file is missing") from exc
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
+            Image.DecompressionBombError) as exc:
+        raise ImageError(f"{path}: cannot decode image ({exc})") from exc
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Convert any Pillow mode to 8-bit RGB; alpha is composited on a white background."""
+    mode = img.mode
+    if mode == "RGB":
+        return img.copy() if img.readonly else img
+    if mode in ("I;16", "I;16B", "I;16L", "I;16N", "I", "F"):
+        arr = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
+        arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(arr8, mode="L").convert("RGB")
+    if mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+        mode = "RGBA"
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        rgba = img.convert("RGBA")
+        background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return Image.alpha_composite(background, rgba).convert("RGB")
+    return img.convert("RGB")
+
+
+def resize_short(img: Image.Image, short: int) -> Image.Image:
+    """Resize so the shorter side is ``short`` (never upsamples)."""
+    w, h = img.size
+    if min(w, h) <= short:
+        return img
+    scale = short / min(w, h)
+    return img.resize((max(1, round(w * scale)), max(1, round(h * scale))), Image.Resampling.BICUBIC)
+
+
+def content_hash(img: Image.Image) -> str:
+    """SHA-256 of the decoded RGB pixels and size (identical content, whatever the file format)."""
+    digest = hashlib.sha256(f"{img.size[0]}x{img.size[1]}:".encode())
+    digest.update(np.ascontiguousarray(np.asarray(img)).tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,129 @@
+"""``clic data prepare``: any source -> the prepared format (table + resized cache).
+
+Every image is decoded once (in a process pool) to check it, measure it, hash its pixels and
+write the short-side cache. The result is built in ``<out>.partial`` and renamed over ``<out>``
+only when complete, so a failed prepare leaves the previous prepared dataset untouched.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from clic.config import DataConfig
+from clic.data.archive import find_root, is_archive, safe_extract
+from clic.data.imageio import ImageError, content_hash, load_rgb, resize_short
+from clic.data.sources import Entry, read_folder, read_ic9600, read_savoias
+from clic.data.synthetic import generate_classification, generate_ic9600
+from clic.data.table import Record, relative_to, write_table
+
+log = logging.getLogger(__name__)
+
+
+def source_entries(cfg: DataConfig, seed: int) -> tuple[list[Entry], dict[str, str]]:
+    """Locate (generate or extract if needed) the source and list its entries."""
+    raw = Path(cfg.raw_dir)
+    if cfg.source == "synthetic":
+        s = cfg.synthetic
+        root = raw / f"synthetic-{seed}-{s.n_train}-{s.n_test}-{s.size}-{'-'.join(s.categories)}"
+        if not (root / "train.txt").is_file():
+            tmp = root.with_name(root.name + ".partial")
+            shutil.rmtree(tmp, ignore_errors=True)
+            generate_ic9600(tmp, seed, s.n_train, s.n_test, s.size, s.categories)
+            shutil.rmtree(root, ignore_errors=True)
+            os.replace(tmp, root)
+        return read_ic9600(root), {"source": "synthetic", "root": str(root)}
+    path = Path(cfg.path)
+    if not path.exists():
+        raise ValueError(f"data.path: {path} does not exist")
+    if cfg.source == "ic9600":
+        if path.is_file():
+            if not is_archive(path):
+                raise ValueError(f"data.path: {path} is neither a folder nor a .zip/.tar/.tar.gz archive")
+            dest = raw / f"ic9600-{path.stem}"
+            if not dest.exists():
+                safe_extract(path, dest, max_total_bytes=cfg.max_archive_bytes)
+            path = find_root(dest, "images")
+        return read_ic9600(path), {"source": "ic9600", "root": str(path)}
+    if cfg.source == "savoias":
+        return read_savoias(path, cfg.categories, seed, cfg.test_fraction), {"source": "savoias",
+                                                                              "root": str(path)}
+    return read_folder(path, Path(cfg.csv), seed, cfg.test_fraction), {"source": "folder", "root": str(path)}
+
+
+def _process(job: tuple[Entry, str, int, int, int]) -> tuple[Record | None, str | None]:
+    entry, out_dir, cache_size, min_size, max_pixels = job
+    try:
+        img = load_rgb(entry.path, max_pixels)
+    except ImageError as exc:
+        return None, str(exc)
+    w, h = img.size
+    if min(w, h) < min_size:
+        return None, f"{entry.path}: {w}x{h} is smaller than the minimum side of {min_size} pixels"
+    sha = content_hash(img)
+    cache = ""
+    if cache_size:
+        cache = f"cache/{sha[:2]}/{sha}.png"
+        target = Path(out_dir) / cache
+        if not target.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            tmp = target.with_suffix(f".{os.getpid()}.tmp")
+            resize_short(img, cache_size).save(tmp, format="PNG", compress_level=1)
+            os.replace(tmp, target)
+    return Record(entry.name, str(entry.path), entry.score, entry.split, entry.category, w, h, sha, cache), None
+
+
+def prepare(cfg: DataConfig, seed: int = 0, workers: int | None = None) -> Path:
+    """Prepare the configured source into ``cfg.out_dir``; returns that folder."""
+    entries, meta = source_entries(cfg, seed)
+    if not entries:
+        raise ValueError(f"{meta.get('root')}: the source lists no images")
+    out = Path(cfg.out_dir)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    jobs = [(e, str(tmp), cfg.cache_size, cfg.min_size, cfg.max_pixels) for e in entries]
+    workers = workers or min(len(os.sched_getaffinity(0)), 8)
+    records: list[Record] = []
+    errors: list[str] = []
+    try:
+        with ProcessPoolExecutor(workers) as pool:
+            for rec, err in tqdm(pool.map(_process, jobs, chunksize=16), total=len(jobs),
+                                 desc="prepare", unit="img", disable=None):
+                if err:
+                    errors.append(err)
+                elif rec is not None:
+                    records.append(rec)
+        if errors:
+            shown = "\n  ".join(errors[:10])
+            more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
+            raise ValueError(f"{len(errors)} of {len(entries)} images are unusable:\n  {shown}{more}")
+        records = [
+            Record(r.name, relative_to(out, Path(r.path)), r.score, r.split, r.category, r.width, r.height,
+                   r.sha256, r.cache) for r in records
+        ]
+        write_table(tmp, records, {**meta, "seed": seed, "cache_size": cfg.cache_size})
+        shutil.rmtree(out, ignore_errors=True)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log.info("prepared %d images from %s into %s", len(records), meta.get("root"), out)
+    return out
+
+
+def prepare_transfer(cfg: DataConfig, out_dir: str | Path, seed: int = 0) -> Path:
+    """The synthetic labelled classification set (``train/``, ``val/`` class folders)."""
+    out = Path(out_dir)
+    tmp = out.with_name(out.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    s = cfg.synthetic
+    generate_classification(tmp, seed, s.n_classes, s.n_class_train, s.n_class_val, s.size)
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp, out)
+    return out

@@ -1,0 +1,123 @@
+"""Frozen-encoder features for image files: ``clic embed``.
+
+Loads ``encoder.pt`` (or a training ``checkpoint.pt``) safely, rebuilds the backbone from the
+stored config, and extracts features without gradients in batches, decoding in loader workers.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Dataset
+from torchvision import transforms as T
+from tqdm import tqdm
+
+from clic.config import PretrainConfig, from_dict
+from clic.data.imageio import ImageError, is_image_file, load_rgb
+from clic.engine import checkpoint as ckpt
+from clic.engine.train import autocast
+from clic.models.backbones import build_backbone
+from clic.transforms.common import MEAN, STD
+
+log = logging.getLogger(__name__)
+
+
+def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, PretrainConfig]:
+    """Backbone (eval mode) and its config from ``encoder.pt`` or ``checkpoint.pt``."""
+    state = ckpt.load(path, "cpu")
+    if "config" not in state:
+        raise ValueError(f"{path}: no config stored; not a clic encoder or checkpoint")
+    cfg = from_dict(PretrainConfig, state["config"], f"{path}:config")
+    backbone = build_backbone(cfg.backbone, cfg.image_size, cfg.patch_size, cfg.depth, cfg.pool)
+    if "backbone" in state:
+        weights = state["backbone"]
+    elif "model" in state:  # training checkpoint: take the online backbone
+        prefix = "backbone." if cfg.method == "clicv2" else "encoder_q.backbone."
+        weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
+    else:
+        raise ValueError(f"{path}: holds neither 'backbone' nor 'model' weights")
+    backbone.load_state_dict(weights)
+    return backbone.to(device).eval(), cfg
+
+
+def eval_transform(size: int) -> T.Compose:
+    """Resize the short side to ``size`` and centre-crop a square (the whole image for squares)."""
+    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders walked recursively for image files (sorted)."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths.extend(sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q)))
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise ValueError(f"{p}: no such file or folder")
+    return paths
+
+
+class _Images(Dataset):
+    def __init__(self, paths: Sequence[Path], transform: T.Compose) -> None:
+        self.paths, self.transform = list(paths), transform
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
+        try:
+            return self.transform(load_rgb(self.paths[i])), i, ""
+        except ImageError as exc:
+            return torch.zeros(3, 1, 1), i, str(exc)
+
+
+def _collate(items: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor | None, list[int], list[str]]:
+    good = [t for t, _, e in items if not e]
+    return (torch.stack(good) if good else None, [i for _, i, e in items if not e], [e for _, _, e in items if e])
+
+
+@torch.no_grad()
+def extract(backbone: nn.Module, paths: Sequence[Path], size: int, batch_size: int = 64, workers: int = 2,
+            device: str | torch.device = "cpu", progress: bool = True) -> tuple[np.ndarray, list[int], list[str]]:
+    """Features (N_ok, D) float32, indices of the paths that decoded, and the errors of the rest."""
+    device = torch.device(device)
+    loader = DataLoader(_Images(paths, eval_transform(size)), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda")
+    feats, kept, errors = [], [], []
+    for x, idx, errs in tqdm(loader, desc="embed", unit="batch", disable=not progress):
+        errors.extend(errs)
+        if x is None:
+            continue
+        with autocast(device, "auto"):
+            f = backbone(x.to(device, non_blocking=True))
+        feats.append(f.float().cpu())
+        kept.extend(idx)
+    dim = int(getattr(backbone, "feature_dim", 0))
+    array = torch.cat(feats).numpy() if feats else np.zeros((0, dim), np.float32)
+    return array.astype(np.float32), kept, errors
+
+
+def embed_to_npz(model: str | Path, inputs: Iterable[str | Path], out: str | Path, batch_size: int = 64,
+                 workers: int = 2, device: str | None = None) -> tuple[int, list[str]]:
+    """Write ``paths`` (str) and ``features`` (float32, N x D) to ``out``; returns (N, errors)."""
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backbone, cfg = load_encoder(model, dev)
+    paths = expand_inputs(inputs)
+    if not paths:
+        raise ValueError("no image files found in the given inputs")
+    feats, kept, errors = extract(backbone, paths, cfg.image_size, batch_size, workers, dev)
+    for e in errors:
+        log.warning("skipped: %s", e)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp.npz")
+    np.savez(tmp, paths=np.array([str(paths[i]) for i in kept], dtype=str), features=feats)
+    tmp.replace(out)
+    return len(kept), errors

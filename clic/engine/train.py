@@ -1,0 +1,91 @@
+"""One epoch of self-supervised pretraining (MAE ``engine_pretrain.train_one_epoch`` shape).
+
+Knows nothing about where metrics go: it returns a dict of averages and calls ``on_step``
+after every optimiser step (the caller checkpoints there).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm import tqdm
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised before the optimiser step, so the last checkpoint stays the last good state."""
+
+
+def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
+    """bf16 autocast on CUDA unless ``amp == "off"``; on CPU only when ``amp == "bf16"``."""
+    if amp == "off" or (device.type != "cuda" and amp != "bf16"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+
+
+def to_device(batch: dict[str, Any], device: torch.device, channels_last: bool) -> dict[str, Any]:
+    out = {}
+    for k, v in batch.items():
+        if isinstance(v, torch.Tensor):
+            v = v.to(device, non_blocking=True)
+            if channels_last and v.dim() == 4:
+                v = v.contiguous(memory_format=torch.channels_last)
+        out[k] = v
+    return out
+
+
+def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimizer: torch.optim.Optimizer,
+                    epoch: int, steps_per_epoch: int, start_step: int, lr_at: Callable[[float], float],
+                    momentum_at: Callable[[float], float], device: torch.device, amp: str = "auto",
+                    clip_grad: float = 0.0, channels_last: bool = False,
+                    on_step: Callable[[int, int], None] | None = None, progress: bool = True) -> dict[str, float]:
+    """Train steps ``start_step..steps_per_epoch-1`` of ``epoch``; returns averaged metrics.
+
+    ``lr_at``/``momentum_at`` map the fractional epoch to this step's values. ``on_step(epoch,
+    step_done)`` runs after each optimiser step with the number of steps done in the epoch.
+    """
+    model.train()
+    sums: dict[str, float] = {}
+    n_steps, n_images = 0, 0
+    start = time.perf_counter()
+    bar = tqdm(loader, total=steps_per_epoch - start_step, desc=f"epoch {epoch}", unit="step",
+               disable=not progress, leave=False)
+    for i, batch in enumerate(bar, start=start_step):
+        t = epoch + i / steps_per_epoch
+        lr = lr_at(t)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        batch = to_device(batch, device, channels_last)
+        with autocast(device, amp):
+            out = model(batch, momentum=momentum_at(t))
+        loss = out["loss"]
+        loss_value = float(loss.detach())
+        if not math.isfinite(loss_value):
+            parts = {k: float(v.detach()) for k, v in out.items() if isinstance(v, torch.Tensor)}
+            raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {i}: {parts}; stopping, the last "
+                                     "checkpoint holds the last good state (lower the lr or enable clip_grad)")
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if clip_grad > 0:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        optimizer.step()
+        bsz = next(v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() == 4).shape[0]
+        n_steps += 1
+        n_images += bsz
+        for k, v in out.items():
+            if isinstance(v, torch.Tensor):
+                sums[k] = sums.get(k, 0.0) + float(v.detach())
+        sums["lr"] = sums.get("lr", 0.0) + lr
+        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+        if on_step is not None:
+            on_step(epoch, i + 1)
+    elapsed = time.perf_counter() - start
+    metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
+    metrics["images_per_s"] = n_images / elapsed if elapsed > 0 else math.nan
+    metrics["steps"] = float(n_steps)
+    return metrics

@@ -1,0 +1,71 @@
+"""Losses as pure functions of tensors.
+
+Shape vocabulary: B batch, L patches per image, D embedding, K queue length, N anchors.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, temperature: float) -> torch.Tensor:
+    """MoCo's InfoNCE (He et al. 2020): positive ``q . k``, negatives ``q . queue``.
+
+    q, k: (B, D) L2-normalised; queue: (K, D) L2-normalised negatives, or None for in-batch
+    negatives (logits ``q @ k.T``, positives on the diagonal, as in MoCo v3 / SimCLR-style).
+    """
+    if queue is None:
+        logits = q @ k.t() / temperature  # (B, B)
+        labels = torch.arange(q.shape[0], device=q.device)
+        return F.cross_entropy(logits, labels)
+    pos = (q * k).sum(dim=1, keepdim=True)  # (B, 1)
+    neg = q @ queue.t()  # (B, K)
+    logits = torch.cat([pos, neg], dim=1) / temperature  # (B, 1 + K)
+    labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
+    return F.cross_entropy(logits, labels)
+
+
+def patch_info_nce(q_tokens: torch.Tensor, k_tokens: torch.Tensor, temperature: float,
+                   max_anchors: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+    """CLICv2 patch-wise InfoNCE: token l of image b in the query view is positive with token l of
+    image b in the key view; every other key token of the batch (same image or not) is a negative.
+
+    q_tokens, k_tokens: (B, L, D) L2-normalised along D. ``max_anchors`` bounds memory by sampling
+    N of the B*L query tokens as anchors; each is still contrasted with all B*L key tokens, so the
+    logits are (N, B*L).
+    """
+    if q_tokens.shape != k_tokens.shape:
+        raise ValueError(f"patch_info_nce: shapes differ, {tuple(q_tokens.shape)} vs {tuple(k_tokens.shape)}")
+    b, l, d = q_tokens.shape
+    q = q_tokens.reshape(b * l, d)  # (B*L, D)
+    k = k_tokens.reshape(b * l, d)  # (B*L, D)
+    labels = torch.arange(b * l, device=q.device)
+    if max_anchors is not None and max_anchors < b * l:
+        idx = torch.randperm(b * l, generator=generator, device="cpu")[:max_anchors].to(q.device)
+        q, labels = q[idx], labels[idx]  # (N, D), (N,)
+    logits = q @ k.t() / temperature  # (N, B*L)
+    return F.cross_entropy(logits, labels)
+
+
+def masked_entropy_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """CLICv2 masked entropy modelling: MSE between predicted and true patch entropy, averaged over
+    hidden patches only (MAE's ``forward_loss`` with an entropy target).
+
+    pred, target: (B, L); mask: (B, L) bool, True = hidden.
+    """
+    m = mask.to(pred.dtype)
+    return ((pred - target) ** 2 * m).sum() / m.sum().clamp_min(1.0)
+
+
+def complexity_aware_loss(stage_features: list[torch.Tensor], entropy: torch.Tensor) -> torch.Tensor:
+    """CLIC's complexity-aware loss: MSE between the image's activation energy and its entropy.
+
+    stage_features: backbone stage outputs, each (B, C, H, W); entropy: (B,) global grey-level
+    entropy in bits / 8. Energy per stage = mean of squared activations; the stage energies are
+    averaged and mapped to [0, 1) by e / (1 + e) so the two sides share a scale (our choice: the
+    paper's normalisation is not published).
+    """
+    energies = torch.stack([f.float().pow(2).mean(dim=(1, 2, 3)) for f in stage_features], dim=1)  # (B, S)
+    e = energies.mean(dim=1)
+    return F.mse_loss(e / (1.0 + e), entropy.float())

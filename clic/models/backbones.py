@@ -1,0 +1,117 @@
+"""Backbones behind one interface, built by composition (no copied model code, no hub downloads).
+
+- ResNet-18/34/50 from torchvision with random init; features = global average pool.
+- ViT tiny/small/base/large from timm with configurable image size, patch size and depth;
+  features = mean of patch tokens (or the CLS token).
+
+Every backbone exposes ``forward(x) -> (B, D)``, ``forward_spatial(x) -> (B, D, h, w)`` and
+``feature_dim``; ViTs also ``forward_tokens(x, mask, mask_token) -> (B, L, D)`` and ResNets
+``forward_stages(x) -> list of (B, C, H, W)``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import timm
+import torch
+from torch import nn
+from torchvision import models as tvm
+
+RESNETS = {"resnet18": tvm.resnet18, "resnet34": tvm.resnet34, "resnet50": tvm.resnet50}
+VITS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
+        "vit_base": "vit_base_patch16_224", "vit_large": "vit_large_patch16_224"}
+BACKBONES = (*RESNETS, *VITS)
+
+
+class ResNetBackbone(nn.Module):
+    is_vit = False
+    feature_dim: int
+    net: Any
+
+    def __init__(self, name: str) -> None:
+        super().__init__()
+        net = RESNETS[name](weights=None)
+        self.feature_dim = net.fc.in_features
+        net.fc = nn.Identity()
+        self.net = net
+
+    def forward_stages(self, x: torch.Tensor) -> list[torch.Tensor]:
+        n = self.net
+        x = n.maxpool(n.relu(n.bn1(n.conv1(x))))
+        out = []
+        for layer in (n.layer1, n.layer2, n.layer3, n.layer4):
+            x = layer(x)
+            out.append(x)
+        return out
+
+    def forward_spatial(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_stages(x)[-1]  # (B, D, H/32, W/32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)  # (B, D)
+
+
+class ViTBackbone(nn.Module):
+    is_vit = True
+    feature_dim: int
+    vit: Any
+
+    def __init__(self, name: str, image_size: int, patch_size: int, depth: int = 0, pool: str = "mean") -> None:
+        super().__init__()
+        kwargs: dict[str, Any] = {"img_size": image_size, "patch_size": patch_size, "num_classes": 0}
+        if depth:
+            kwargs["depth"] = depth
+        self.vit = timm.create_model(VITS[name], pretrained=False, **kwargs)
+        self.feature_dim = self.vit.embed_dim
+        self.patch_size = patch_size
+        self.grid = image_size // patch_size
+        self.pool = pool
+
+    @property
+    def num_patches(self) -> int:
+        return self.grid * self.grid
+
+    def forward_tokens(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                       mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        return self._forward_all(x, mask, mask_token)[:, self.vit.num_prefix_tokens:]
+
+    def _forward_all(self, x: torch.Tensor, mask: torch.Tensor | None = None,
+                     mask_token: torch.Tensor | None = None) -> torch.Tensor:
+        """All tokens after the final norm: (B, 3, H, W) -> (B, prefix + L, D).
+
+        mask: (B, L) bool, True = hidden; hidden patches are replaced by ``mask_token`` (D,)
+        before position embedding (SimMIM/iBOT style), so every position still has an output.
+        """
+        v = self.vit
+        t = v.patch_embed(x)  # (B, L, D)
+        if mask is not None:
+            if mask_token is None:
+                raise ValueError("forward_tokens: a mask needs a mask_token")
+            t = torch.where(mask.unsqueeze(-1), mask_token.to(t.dtype), t)
+        t = v._pos_embed(t)  # (B, prefix + L, D)
+        t = v.norm_pre(v.patch_drop(t))
+        t = v.norm(v.blocks(t))  # (B, prefix + L, D)
+        return t
+
+    def forward_spatial(self, x: torch.Tensor) -> torch.Tensor:
+        t = self.forward_tokens(x)  # (B, L, D)
+        b, l, d = t.shape
+        return t.transpose(1, 2).reshape(b, d, self.grid, self.grid)  # (B, D, h, w)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        t = self._forward_all(x)  # (B, prefix + L, D)
+        if self.pool == "cls" and self.vit.num_prefix_tokens:
+            return t[:, 0]
+        return t[:, self.vit.num_prefix_tokens:].mean(dim=1)  # (B, D)
+
+
+def build_backbone(name: str, image_size: int = 224, patch_size: int = 16, depth: int = 0,
+                   pool: str = "mean") -> ResNetBackbone | ViTBackbone:
+    if name in RESNETS:
+        return ResNetBackbone(name)
+    if name in VITS:
+        if image_size % patch_size:
+            raise ValueError(f"{name}: patch_size={patch_size} must divide image_size={image_size}")
+        return ViTBackbone(name, image_size, patch_size, depth, pool)
+    raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")

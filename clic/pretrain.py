@@ -1,0 +1,213 @@
+"""Pretraining entry point: config -> data, views, model, optimiser -> epochs with resumable checkpoints.
+
+``DIR/checkpoint.pt``: everything needed to continue (model, optimiser, queue, RNG states, epoch and
+step, resolved config, git revision), written atomically every ``checkpoint_every`` steps and at
+each epoch's end. ``DIR/encoder.pt``: the final online backbone with its config, for embedding and
+probing. ``DIR/metrics.jsonl``: one JSON line of averaged metrics per epoch.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import random
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
+
+from clic.config import PretrainConfig, to_dict
+from clic.data.dataset import EpochBatches, ViewDataset
+from clic.data.table import read_table
+from clic.engine import checkpoint as ckpt
+from clic.engine import distributed as dist
+from clic.engine.schedule import cosine_lr, cosine_momentum
+from clic.engine.train import NonFiniteLossError, train_one_epoch
+from clic.models.backbones import build_backbone
+from clic.models.clicv2 import CLICv2
+from clic.models.moco import MoCo
+from clic.transforms.moco import MocoViews
+from clic.transforms.rcm import RandomCropMix
+from clic.transforms.shifted import ShiftedPatchViews
+
+log = logging.getLogger(__name__)
+
+
+def build_views(cfg: PretrainConfig) -> Callable:
+    if cfg.method == "clicv2":
+        return ShiftedPatchViews(cfg.image_size, cfg.patch_size, cfg.shift)
+    use_rcm_key = cfg.method == "clic" and cfg.rcm.pairing in ("key", "both")
+    return MocoViews(cfg.image_size, cfg.views, cfg.rcm if use_rcm_key else None)
+
+
+def build_model(cfg: PretrainConfig) -> nn.Module:
+    backbone = build_backbone(cfg.backbone, cfg.image_size, cfg.patch_size, cfg.depth, cfg.pool)
+    if cfg.method == "clicv2":
+        return CLICv2(backbone, cfg.clicv2)  # type: ignore[arg-type]
+    return MoCo(backbone, cfg.moco)
+
+
+def build_optimizer(model: nn.Module, cfg: PretrainConfig, lr: float) -> torch.optim.Optimizer:
+    """No weight decay on biases, norms and tokens (1-D parameters), as in MAE / MoCo v3."""
+    decay: list[nn.Parameter] = []
+    no_decay: list[nn.Parameter] = []
+    for p in model.parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim <= 1 else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
+              {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optim.name == "sgd":
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum)
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.optim.betas)
+
+
+def backbone_of(model: nn.Module) -> nn.Module:
+    model = model.module if isinstance(model, DistributedDataParallel) else model
+    return model.backbone  # type: ignore[return-value]
+
+
+def pick_device(name: str | None = None) -> torch.device:
+    if name:
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda", dist.local_rank())
+    return torch.device("cpu")
+
+
+def encoder_payload(model: nn.Module, cfg: PretrainConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    bb = backbone_of(model)
+    return {"kind": "clic-encoder", "backbone": {k: v.detach().cpu() for k, v in bb.state_dict().items()},
+            "feature_dim": int(bb.feature_dim), "config": to_dict(cfg), "git": ckpt.git_revision(),
+            **(extra or {})}
+
+
+def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: str | None = None,
+        progress: bool = True, on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> Path:
+    """Pretrain (or resume) into ``out_dir``; returns the path of ``encoder.pt``."""
+    out = Path(out_dir)
+    dev = pick_device(device)
+    if dev.type == "cuda":
+        torch.cuda.set_device(dev)
+    distributed = dist.init_from_env(dev)
+    rank, world = dist.rank(), dist.world_size()
+    random.seed(cfg.seed + rank)
+    torch.manual_seed(cfg.seed + rank)
+
+    records = read_table(data_dir, cfg.splits)
+    if cfg.max_images:
+        records = records[: cfg.max_images]
+    extra = None
+    if cfg.method == "clic" and cfg.rcm.pairing in ("extra", "both"):
+        extra = RandomCropMix(max(cfg.image_size * 2, 64), cfg.rcm.crops, cfg.rcm.grid, cfg.rcm.aug_p,
+                              cfg.rcm.rotation_deg, cfg.rcm.jitter)
+    dataset = ViewDataset(records, data_dir, build_views(cfg), cfg.seed, extra, cfg.rcm.extra_per_image)
+    batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, rank, world)
+    steps_per_epoch = batches.steps_per_epoch
+
+    model = build_model(cfg).to(dev)
+    channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and dev.type == "cuda"
+                                                   and not cfg.backbone.startswith("vit"))
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    lr = cfg.lr(world)
+    optimizer = build_optimizer(model, cfg, lr)
+    resolved = to_dict(cfg)
+
+    start_epoch, start_step = 0, 0
+    ckpt_path = out / "checkpoint.pt"
+    if ckpt_path.is_file():
+        state = ckpt.load(ckpt_path, dev)
+        if _without_epochs(state.get("config", {})) != _without_epochs(resolved):
+            stale = ckpt_path.with_name("checkpoint.stale.pt")
+            if dist.is_main():
+                log.warning("%s was written with a different config; moving it to %s and starting over",
+                            ckpt_path, stale)
+                os.replace(ckpt_path, stale)
+            dist.barrier()
+        else:
+            model.load_state_dict(state["model"])
+            optimizer.load_state_dict(state["optimizer"])
+            start_epoch, start_step = int(state["epoch"]), int(state["step"])
+            ckpt.set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
+            log.info("resuming from %s at epoch %d step %d", ckpt_path, start_epoch, start_step)
+
+    train_model: nn.Module = model
+    if distributed:
+        train_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+
+    def save(epoch: int, step: int) -> None:
+        bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
+        if bad:  # a finite loss can still leave inf/nan weights behind: never checkpoint them
+            raise NonFiniteLossError(f"parameters became non-finite before epoch {epoch} step {step} "
+                                     f"({', '.join(bad[:3])}); stopping, {ckpt_path} keeps the last good state")
+        rngs = _gather_rng()
+        if dist.is_main():
+            ckpt.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
+                              "step": step, "rng": rngs, "config": resolved, "git": ckpt.git_revision(),
+                              "world_size": world}, ckpt_path)
+        dist.barrier()
+
+    def on_step(epoch: int, step: int) -> None:
+        if step % cfg.checkpoint_every == 0 and step < steps_per_epoch:
+            save(epoch, step)
+
+    if dist.is_main():
+        out.mkdir(parents=True, exist_ok=True)
+        if (start_epoch, start_step) == (0, 0):  # a fresh start: no metrics of an earlier run
+            (out / "metrics.jsonl").unlink(missing_ok=True)
+        log.info("pretraining %s (%s, %d px) on %d images: %d epochs x %d steps, lr %.4g, %d process(es), %s",
+                 cfg.method, cfg.backbone, cfg.image_size, len(dataset), cfg.epochs, steps_per_epoch, lr, world, dev)
+    for epoch in range(start_epoch, cfg.epochs):
+        dataset.set_epoch(epoch)
+        batches.set_epoch(epoch, skip=start_step if epoch == start_epoch else 0)
+        loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+                            pin_memory=dev.type == "cuda", persistent_workers=False,
+                            prefetch_factor=4 if cfg.num_workers else None,
+                            # its own generator: creating a loader must not draw from the global RNG,
+                            # or a resumed epoch would see a shifted stream
+                            generator=torch.Generator().manual_seed(cfg.seed + epoch))
+        metrics = train_one_epoch(
+            train_model, loader, optimizer, epoch, steps_per_epoch,
+            start_step if epoch == start_epoch else 0,
+            lr_at=lambda t: cosine_lr(t, lr, cfg.epochs, cfg.optim.warmup_epochs, cfg.optim.min_lr_ratio),
+            momentum_at=lambda t: cosine_momentum(t, _base_momentum(cfg), cfg.epochs),
+            device=dev, amp=cfg.amp, clip_grad=cfg.optim.clip_grad, channels_last=channels_last,
+            on_step=on_step, progress=progress and dist.is_main())
+        metrics = {k: dist.all_reduce_mean(v, dev) for k, v in metrics.items()}
+        metrics["images_per_s"] *= world
+        save(epoch + 1, 0)
+        if dist.is_main():
+            with (out / "metrics.jsonl").open("a") as fh:
+                fh.write(json.dumps({"epoch": epoch, **metrics}) + "\n")
+            log.info("epoch %d: %s", epoch, ", ".join(f"{k} {v:.4g}" for k, v in metrics.items()))
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+    encoder = out / "encoder.pt"
+    if dist.is_main():
+        ckpt.save_atomic(encoder_payload(model, cfg), encoder)
+    dist.barrier()
+    return encoder
+
+
+def _base_momentum(cfg: PretrainConfig) -> float:
+    return cfg.clicv2.momentum if cfg.method == "clicv2" else cfg.moco.momentum
+
+
+def _without_epochs(config: dict[str, Any]) -> dict[str, Any]:
+    """Settings that must match to resume (epochs may grow; workers do not change results)."""
+    return {k: v for k, v in config.items() if k not in ("epochs", "num_workers", "checkpoint_every")}
+
+
+def _gather_rng() -> list[dict[str, Any]] | dict[str, Any]:
+    """Every rank's RNG state (list indexed by rank under DDP)."""
+    state = ckpt.rng_state()
+    if dist.world_size() == 1:
+        return state
+    gathered: list[Any] = [None] * dist.world_size()
+    torch.distributed.all_gather_object(gathered, state)
+    return gathered

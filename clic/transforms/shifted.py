@@ -1,0 +1,63 @@
+"""CLICv2 shifted patchify (Chen, Zhao, Liu 2025, arXiv 2503.06641).
+
+Positives come from the same image content rather than from different crops: one random
+resized crop is rendered on a canvas of side ``size + patch``; view 1 is the window at
+``origin``, view 2 the window at ``origin + (dy, dx)``. Both views are patchified on their own
+grid, so patch (i, j) of view 2 sees the content of patch (i, j) of view 1 moved by the shift.
+The shift magnitude lies in ``[min_shift, max_shift] * patch`` (below one patch) along a direction
+drawn from horizontal, vertical or diagonal, with a random sign. Colour jitter is drawn
+independently per view; flips are shared so corresponding patches keep their geometry.
+"""
+
+from __future__ import annotations
+
+import random
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms import functional as F
+
+from clic.config import ShiftConfig
+from clic.transforms.common import MEAN, STD, photometric
+
+
+def draw_shift(patch: int, cfg: ShiftConfig) -> tuple[int, int]:
+    """A (dy, dx) offset in pixels, each component in (-patch, patch)."""
+    if not cfg.enabled:
+        return 0, 0
+    lo = int(round(cfg.min_shift * patch))
+    hi = max(lo, min(patch - 1, int(round(cfg.max_shift * patch))))
+    mag = random.randint(lo, hi)
+    direction = random.choice(cfg.directions)
+    sy, sx = random.choice((-1, 1)), random.choice((-1, 1))
+    if direction == "horizontal":
+        return 0, sx * mag
+    if direction == "vertical":
+        return sy * mag, 0
+    return sy * mag, sx * mag
+
+
+class ShiftedPatchViews:
+    """PIL image -> dict(view1, view2: (3, size, size) normalised tensors, shift: (2,) long (dy, dx))."""
+
+    def __init__(self, size: int, patch: int, cfg: ShiftConfig) -> None:
+        if size % patch:
+            raise ValueError(f"ShiftedPatchViews: patch={patch} must divide size={size}")
+        self.size, self.patch, self.cfg = size, patch, cfg
+        self.canvas = T.RandomResizedCrop(size + patch, scale=cfg.crop_scale, ratio=(1.0, 1.0), antialias=True)
+        self.photo = T.Compose(photometric(cfg.jitter, cfg.jitter_p))
+        self.norm = T.Normalize(MEAN, STD)
+
+    def __call__(self, img: Image.Image) -> dict:
+        canvas = self.canvas(img)
+        if random.random() < self.cfg.hflip_p:
+            canvas = F.hflip(canvas)
+        x = F.to_tensor(canvas)  # (3, size + P, size + P)
+        dy, dx = draw_shift(self.patch, self.cfg)
+        oy, ox = max(0, -dy), max(0, -dx)  # origin of view 1 so both windows fit on the canvas
+        s = self.size
+        v1 = x[:, oy:oy + s, ox:ox + s]
+        v2 = x[:, oy + dy:oy + dy + s, ox + dx:ox + dx + s]
+        return {"view1": self.norm(self.photo(v1)), "view2": self.norm(self.photo(v2)),
+                "shift": torch.tensor([dy, dx], dtype=torch.long)}

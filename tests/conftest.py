@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny prepared datasets and real photos from scikit-image (offline, CC0)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+os.environ.setdefault("DVC_NO_ANALYTICS", "1")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+PHOTOS = ("astronaut", "coffee", "chelsea", "rocket", "brick", "grass", "gravel", "camera")
+
+
+@pytest.fixture(scope="session")
+def photos(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    """Real photos from scikit-image's wheel, written as JPEG/PNG files."""
+    from skimage import data
+
+    folder = tmp_path_factory.mktemp("photos")
+    out = []
+    for i, name in enumerate(PHOTOS):
+        arr = np.asarray(getattr(data, name)())
+        img = Image.fromarray(arr)
+        path = folder / f"{name}.{'jpg' if i % 2 == 0 else 'png'}"
+        img.save(path)
+        out.append(path)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A prepared synthetic dataset small enough for one-batch runs."""
+    from clic.config import DataConfig, SyntheticConfig
+    from clic.data.prepare import prepare
+
+    root = tmp_path_factory.mktemp("tiny")
+    cfg = DataConfig(raw_dir=str(root / "raw"), out_dir=str(root / "prepared"), cache_size=64,
+                     synthetic=SyntheticConfig(n_train=48, n_test=16, size=64))
+    return prepare(cfg, seed=3, workers=2)
+
+
+def tiny_overrides(method: str) -> dict:
+    """Pretraining params for a seconds-long run."""
+    base = {"image_size": 32, "patch_size": 8, "epochs": 2, "batch_size": 8, "num_workers": 0,
+            "checkpoint_every": 1, "moco": {"queue_size": 32, "dim": 16}, "clicv2": {"dim": 16, "max_tokens": 64}}
+    if method == "clicv2":
+        base.update(backbone="vit_tiny", depth=1, optim={"name": "adamw", "base_lr": 1e-3, "weight_decay": 0.05})
+    else:
+        base.update(backbone="resnet18")
+    return base

@@ -1,0 +1,179 @@
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from clic.config import PretrainConfig, from_dict
+from clic.engine import checkpoint as ckpt
+from clic.engine.schedule import cosine_lr, cosine_momentum
+from clic.engine.train import NonFiniteLossError
+from clic.pretrain import run
+
+from .conftest import REPO, tiny_overrides
+
+
+def test_schedules_are_pure_functions_of_the_epoch() -> None:
+    assert cosine_lr(0.0, 1.0, 10, 2) == 0.0
+    assert cosine_lr(1.0, 1.0, 10, 2) == pytest.approx(0.5)
+    assert cosine_lr(2.0, 1.0, 10, 2) == pytest.approx(1.0)
+    assert cosine_lr(6.0, 1.0, 10, 2) == pytest.approx(0.5)
+    assert cosine_lr(10.0, 1.0, 10, 2, min_ratio=0.1) == pytest.approx(0.1)
+    assert cosine_momentum(0.0, 0.99, 10) == pytest.approx(0.99)
+    assert cosine_momentum(5.0, 0.99, 10) == pytest.approx(0.995)
+    assert cosine_momentum(10.0, 0.99, 10) == pytest.approx(1.0)
+
+
+def test_checkpoint_is_atomic_and_weights_only(tmp_path: Path) -> None:
+    path = tmp_path / "c.pt"
+    ckpt.save_atomic({"w": torch.ones(2), "config": {"a": [1, 2]}, "rng": ckpt.rng_state()}, path)
+    state = ckpt.load(path)
+    assert torch.equal(state["w"], torch.ones(2)) and state["config"] == {"a": [1, 2]}
+    assert [p.name for p in tmp_path.iterdir()] == ["c.pt"]  # no temp files left
+    torch.save({"obj": Path("x")}, tmp_path / "evil.pt")  # an arbitrary pickle
+    with pytest.raises(ValueError, match="evil.pt: not a loadable checkpoint"):
+        ckpt.load(tmp_path / "evil.pt")
+
+
+def _cfg(method: str, **extra) -> PretrainConfig:
+    raw = tiny_overrides(method)
+    raw.update(extra)
+    return from_dict(PretrainConfig, {"method": method, **raw})
+
+
+@pytest.mark.parametrize("method", ["moco", "clic", "clicv2"])
+def test_one_epoch_smoke_per_method(method: str, tiny_prepared: Path, tmp_path: Path) -> None:
+    cfg = _cfg(method, epochs=1, max_images=16)
+    encoder = run(cfg, tiny_prepared, tmp_path, progress=False)
+    state = ckpt.load(encoder)
+    assert state["config"]["method"] == method and state["git"]
+    lines = [json.loads(x) for x in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and lines[0]["steps"] == 2 and math.isfinite(lines[0]["loss"])
+    assert lines[0]["images_per_s"] > 0 and lines[0]["lr"] > 0
+    if method == "clicv2":
+        assert 0 < lines[0]["mem"] < 1
+    saved = ckpt.load(tmp_path / "checkpoint.pt")
+    assert saved["epoch"] == 1 and saved["step"] == 0
+
+
+def test_clic_with_extra_mosaics_doubles_the_epoch(tiny_prepared: Path, tmp_path: Path) -> None:
+    cfg = _cfg("clic", epochs=1, max_images=16, rcm={"pairing": "both", "extra_per_image": 1})
+    run(cfg, tiny_prepared, tmp_path, progress=False)
+    assert json.loads((tmp_path / "metrics.jsonl").read_text())["steps"] == 4  # 32 images / batch 8
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return ckpt.load(path)["backbone"]
+
+
+def test_killed_run_resumes_as_if_never_stopped(tiny_prepared: Path, tmp_path: Path) -> None:
+    """SIGKILL a real `clic pretrain` mid-run; resuming (with a different worker count) ends on the
+    same weights as an uninterrupted run."""
+    params = tmp_path / "params.yaml"
+    over = tiny_overrides("clicv2")
+    over.update(epochs=3, max_images=32)
+    params.write_text(yaml.safe_dump({"seed": 0, "pretrain": {"clicv2": over}}))
+    cmd = [sys.executable, "-m", "clic.cli", "pretrain", "--method", "clicv2", "--params", str(params),
+           "--data", str(tiny_prepared), "--no-progress"]
+    subprocess.run([*cmd, "--out", str(tmp_path / "straight")], check=True, capture_output=True, timeout=300)
+
+    killed = tmp_path / "killed"
+    proc = subprocess.Popen([*cmd, "--out", str(killed), "--set", "num_workers=2"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while not (killed / "checkpoint.pt").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.01)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    state = ckpt.load(killed / "checkpoint.pt")
+    assert (state["epoch"], state["step"]) < (3, 0), "the run finished before it could be killed"
+    assert not (killed / "encoder.pt").exists()
+    subprocess.run([*cmd, "--out", str(killed), "--set", "num_workers=2"], check=True, capture_output=True,
+                   timeout=300)
+    a, b = _weights(tmp_path / "straight" / "encoder.pt"), _weights(killed / "encoder.pt")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_prepared: Path, tmp_path: Path) -> None:
+    # warm-up makes step 0's lr zero, so the step-1 checkpoint is good; then lr 1e30 blows up
+    bad = _cfg("moco", epochs=2, max_images=24, optim={"base_lr": 1e30, "warmup_epochs": 1})
+    with pytest.raises(NonFiniteLossError, match="non-finite"):
+        run(bad, tiny_prepared, tmp_path, progress=False)
+    state = ckpt.load(tmp_path / "checkpoint.pt")
+    assert state["epoch"] == 0 and 1 <= state["step"] < 3  # stopped inside the first epoch
+    assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
+    assert not (tmp_path / "encoder.pt").exists()
+
+
+def test_changed_config_sets_the_old_checkpoint_aside(tiny_prepared: Path, tmp_path: Path) -> None:
+    run(_cfg("moco", epochs=1, max_images=16), tiny_prepared, tmp_path, progress=False)
+    old = (tmp_path / "checkpoint.pt").read_bytes()
+    run(_cfg("moco", epochs=1, max_images=16, optim={"base_lr": 0.01}), tiny_prepared, tmp_path, progress=False)
+    assert (tmp_path / "checkpoint.stale.pt").read_bytes() == old
+    assert ckpt.load(tmp_path / "checkpoint.pt")["config"]["optim"]["base_lr"] == 0.01
+    # a grown epoch count continues instead of starting over
+    run(_cfg("moco", epochs=2, max_images=16, optim={"base_lr": 0.01}), tiny_prepared, tmp_path, progress=False)
+    assert [json.loads(x)["epoch"] for x in (tmp_path / "metrics.jsonl").read_text().splitlines()] == [0, 1]
+
+
+def test_ddp_two_cpu_processes_fill_the_queue_from_both_ranks(tiny_prepared: Path, tmp_path: Path) -> None:
+    params = tmp_path / "params.yaml"
+    over = tiny_overrides("moco")
+    over.update(epochs=1, max_images=32, checkpoint_every=100, moco={"queue_size": 64, "dim": 16})
+    params.write_text(yaml.safe_dump({"pretrain": {"moco": over}}))
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                          "--master_port", "29517", "-m", "clic.cli", "pretrain", "--method", "moco",
+                          "--params", str(params), "--data", str(tiny_prepared), "--out", str(tmp_path / "ddp"),
+                          "--no-progress", "--device", "cpu"],
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    state = ckpt.load(tmp_path / "ddp" / "checkpoint.pt")
+    assert state["world_size"] == 2 and isinstance(state["rng"], list) and len(state["rng"]) == 2
+    steps = 32 // (8 * 2)
+    assert int(state["model"]["queue_filled"]) == steps * 8 * 2  # keys of both ranks enqueued
+    assert "2 steps, lr 0.001875, 2 process(es)" in res.stderr  # default base 0.03 x (8 x 2) / 256
+
+
+def test_cli_prepare_pretrain_embed(tmp_path: Path, photos: list[Path]) -> None:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["data"].update(raw_dir=str(tmp_path / "raw"), out_dir=str(tmp_path / "prep"), cache_size=48)
+    params["data"]["synthetic"].update(n_train=24, n_test=8, size=48)
+    params["pretrain"]["moco"] = {**tiny_overrides("moco"), "epochs": 1}
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    env = {**os.environ}
+
+    def clic(*args: str) -> subprocess.CompletedProcess:
+        return subprocess.run([sys.executable, "-m", "clic.cli", *args], cwd=tmp_path, capture_output=True,
+                              text=True, timeout=300, env=env)
+
+    assert clic("data", "prepare").returncode == 0
+    res = clic("pretrain", "--method", "moco", "--out", "m", "--no-progress")
+    assert res.returncode == 0, res.stderr
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"broken")
+    res = clic("embed", "--model", "m/encoder.pt", "--out", "f.npz", str(photos[0]), str(photos[1]), str(bad))
+    assert res.returncode == 0, res.stderr
+    assert "1 unreadable images skipped" in res.stdout and "bad.jpg" in res.stderr
+    z = np.load(tmp_path / "f.npz")
+    assert z["paths"].tolist() == [str(photos[0]), str(photos[1])]
+    assert z["features"].dtype == np.float32 and z["features"].shape == (2, 512)
+    # checkpoint.pt embeds the same features as encoder.pt (same online backbone)
+    assert clic("embed", "--model", "m/checkpoint.pt", "--out", "g.npz", str(photos[0])).returncode == 0
+    np.testing.assert_allclose(np.load(tmp_path / "g.npz")["features"][0], z["features"][0], rtol=1e-4, atol=1e-5)
+    res = clic("pretrain", "--method", "moco", "--out", "m2", "--set", "epochs=-1")
+    assert res.returncode == 2 and "epochs must be > 0" in res.stderr
+    res = clic("pretrain", "--method", "clicv2", "--out", "m3", "--set", "patch_size=7")
+    assert res.returncode == 2 and "patch_size=7 must divide image_size=64" in res.stderr

@@ -1,0 +1,104 @@
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from clic.losses import complexity_aware_loss, info_nce, masked_entropy_loss, patch_info_nce
+
+
+def test_info_nce_equal_negatives_is_log_k_plus_one() -> None:
+    """Perfectly matched pairs with K negatives of equal similarity: loss = log(1 + K e^{(s - 1)/t})."""
+    d, k = 8, 15
+    q = F.normalize(torch.randn(4, d), dim=1)
+    queue = torch.zeros(k, d)
+    queue[:, 0] = 1.0
+    q = torch.zeros(4, d)
+    q[:, 1] = 1.0  # q orthogonal to every negative (similarity 0)
+    loss = info_nce(q, q, F.normalize(queue, dim=1), temperature=1.0)
+    assert loss.item() == pytest.approx(math.log(1 + k * math.exp(-1.0)), rel=1e-5)
+    # positives as similar as negatives: log(K + 1) exactly
+    assert info_nce(q, q, q[:1].expand(k, d), 0.07).item() == pytest.approx(math.log(k + 1), rel=1e-5)
+
+
+def test_info_nce_matches_a_hand_written_reference() -> None:
+    torch.manual_seed(0)
+    q, k = F.normalize(torch.randn(6, 5), dim=1), F.normalize(torch.randn(6, 5), dim=1)
+    queue = F.normalize(torch.randn(10, 5), dim=1)
+    t = 0.2
+    ref = 0.0
+    for i in range(6):
+        pos = math.exp(float(q[i] @ k[i]) / t)
+        neg = sum(math.exp(float(q[i] @ queue[j]) / t) for j in range(10))
+        ref += -math.log(pos / (pos + neg))
+    assert info_nce(q, k, queue, t).item() == pytest.approx(ref / 6, rel=1e-5)
+    # in-batch variant: negatives are the other keys
+    ref_b = sum(-math.log(math.exp(float(q[i] @ k[i]) / t) / sum(math.exp(float(q[i] @ k[j]) / t)
+                                                                  for j in range(6))) for i in range(6)) / 6
+    assert info_nce(q, k, None, t).item() == pytest.approx(ref_b, rel=1e-5)
+
+
+def test_patch_info_nce_matches_reference_loop() -> None:
+    torch.manual_seed(1)
+    b, l, d, t = 2, 3, 4, 0.5
+    q = F.normalize(torch.randn(b, l, d), dim=-1)
+    k = F.normalize(torch.randn(b, l, d), dim=-1)
+    keys = k.reshape(-1, d)
+    ref = 0.0
+    for bi in range(b):
+        for li in range(l):
+            logits = (keys @ q[bi, li]) / t
+            ref += -(logits[bi * l + li] - torch.logsumexp(logits, 0)).item()
+    assert patch_info_nce(q, k, t).item() == pytest.approx(ref / (b * l), rel=1e-5)
+    # anchor sampling keeps the same expectation; with all anchors it is identical
+    assert patch_info_nce(q, k, t, max_anchors=b * l).item() == pytest.approx(ref / (b * l), rel=1e-5)
+    g = torch.Generator().manual_seed(0)
+    assert patch_info_nce(q, k, t, max_anchors=2, generator=g).isfinite()
+
+
+def test_patch_info_nce_is_low_for_aligned_tokens() -> None:
+    eye = torch.eye(8).view(2, 4, 8)
+    assert patch_info_nce(eye, eye, 0.05).item() < 1e-3
+    with pytest.raises(ValueError, match="shapes differ"):
+        patch_info_nce(eye, eye[:, :3], 0.1)
+
+
+def test_masked_entropy_loss_counts_hidden_patches_only() -> None:
+    pred = torch.tensor([[0.0, 1.0, 0.5], [0.2, 0.2, 0.2]])
+    target = torch.tensor([[1.0, 1.0, 0.0], [0.2, 0.0, 0.2]])
+    mask = torch.tensor([[True, False, True], [False, True, False]])
+    # hidden errors: 1.0^2, 0.5^2, 0.2^2 over 3 hidden patches
+    assert masked_entropy_loss(pred, target, mask).item() == pytest.approx((1 + 0.25 + 0.04) / 3)
+    assert masked_entropy_loss(pred, target, torch.zeros_like(mask)).item() == 0.0
+
+
+def test_complexity_aware_loss_value() -> None:
+    f1 = torch.full((2, 3, 4, 4), 1.0)  # energy 1
+    f2 = torch.full((2, 5, 2, 2), 3.0)  # energy 9 -> mean 5 -> 5/6
+    ent = torch.tensor([5 / 6, 0.0])
+    assert complexity_aware_loss([f1, f2], ent).item() == pytest.approx((0 + (5 / 6) ** 2) / 2)
+
+
+@pytest.mark.parametrize("kind", ["info_nce", "patch"])
+def test_loss_falls_under_a_few_optimiser_steps(kind: str) -> None:
+    torch.manual_seed(0)
+    x = torch.randn(16, 12)
+    net = torch.nn.Linear(12, 8)
+    opt = torch.optim.SGD(net.parameters(), lr=0.5)
+    noise = 0.1 * torch.randn(16, 12)
+
+    def loss_fn() -> torch.Tensor:
+        q = F.normalize(net(x), dim=-1)
+        k = F.normalize(net(x + noise), dim=-1)
+        if kind == "patch":
+            return patch_info_nce(q.view(4, 4, 8), k.view(4, 4, 8).detach(), 0.2)
+        return info_nce(q, k.detach(), None, 0.2)
+
+    first = loss_fn().item()
+    for _ in range(30):
+        opt.zero_grad()
+        loss_fn().backward()
+        opt.step()
+    assert loss_fn().item() < 0.7 * first
