@@ -28,7 +28,7 @@ from clic.engine import checkpoint as ckpt
 from clic.engine import distributed as dist
 from clic.engine.schedule import cosine_lr, cosine_momentum
 from clic.engine.train import NonFiniteLossError, train_one_epoch
-from clic.models.backbones import build_backbone
+from clic.models.backbones import ResNetBackbone, ViTBackbone, build_backbone
 from clic.models.clicv2 import CLICv2
 from clic.models.moco import MoCo
 from clic.transforms.moco import MocoViews
@@ -66,7 +66,7 @@ def build_optimizer(model: nn.Module, cfg: PretrainConfig, lr: float) -> torch.o
     return torch.optim.AdamW(groups, lr=lr, betas=cfg.optim.betas)
 
 
-def backbone_of(model: nn.Module) -> nn.Module:
+def backbone_of(model: nn.Module) -> ResNetBackbone | ViTBackbone:
     model = model.module if isinstance(model, DistributedDataParallel) else model
     return model.backbone  # type: ignore[return-value]
 
@@ -162,15 +162,14 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
             (out / "metrics.jsonl").unlink(missing_ok=True)
         log.info("pretraining %s (%s, %d px) on %d images: %d epochs x %d steps, lr %.4g, %d process(es), %s",
                  cfg.method, cfg.backbone, cfg.image_size, len(dataset), cfg.epochs, steps_per_epoch, lr, world, dev)
+    # workers persist across epochs (the sampler hands out (epoch, index) keys); the loader has its
+    # own generator so that iterating it never draws from the global RNG (exact resumption)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
+                        pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0,
+                        prefetch_factor=4 if cfg.num_workers else None,
+                        generator=torch.Generator().manual_seed(cfg.seed))
     for epoch in range(start_epoch, cfg.epochs):
-        dataset.set_epoch(epoch)
         batches.set_epoch(epoch, skip=start_step if epoch == start_epoch else 0)
-        loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
-                            pin_memory=dev.type == "cuda", persistent_workers=False,
-                            prefetch_factor=4 if cfg.num_workers else None,
-                            # its own generator: creating a loader must not draw from the global RNG,
-                            # or a resumed epoch would see a shifted stream
-                            generator=torch.Generator().manual_seed(cfg.seed + epoch))
         metrics = train_one_epoch(
             train_model, loader, optimizer, epoch, steps_per_epoch,
             start_step if epoch == start_epoch else 0,

@@ -2,7 +2,8 @@
 
 Every sample seeds its own augmentation RNG from ``(seed, epoch, index)`` (inside a forked RNG
 so the caller's streams are untouched), and :class:`EpochBatches` draws each epoch's order from
-``(seed, epoch)``. Together they make a run resumed mid-epoch see exactly the batches it would
+``(seed, epoch)`` and hands out ``(epoch, index)`` keys, so loader workers can persist across
+epochs without being told the epoch. Together they make a run resumed mid-epoch see exactly the batches it would
 have seen, whatever the number of loader workers.
 """
 
@@ -36,11 +37,8 @@ class ViewDataset(Dataset):
                  seed: int = 0, extra: Callable[[Image.Image], Image.Image] | None = None,
                  extra_per_image: int = 0) -> None:
         self.records, self.root, self.transform = list(records), Path(root), transform
-        self.seed, self.epoch = seed, 0
+        self.seed = seed
         self.extra, self.extra_per_image = extra, (extra_per_image if extra is not None else 0)
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
 
     def __len__(self) -> int:
         return len(self.records) * (1 + self.extra_per_image)
@@ -53,9 +51,11 @@ class ViewDataset(Dataset):
                 img = self.extra(img)
         return img
 
-    def __getitem__(self, index: int) -> dict:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict:
+        """``key``: an index (epoch 0) or an ``(epoch, index)`` pair from :class:`EpochBatches`."""
+        epoch, index = key if isinstance(key, tuple) else (0, key)
         img = self.load(index)
-        with _seeded(sample_seed(self.seed, self.epoch, index)):
+        with _seeded(sample_seed(self.seed, epoch, index)):
             out = self.transform(img)
         out["index"] = index
         return out
@@ -99,9 +99,9 @@ class EpochBatches:
     def steps_per_epoch(self) -> int:
         return self.n // (self.batch_size * self.world)
 
-    def __iter__(self) -> Iterator[list[int]]:
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
         g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
         order = torch.randperm(self.n, generator=g).tolist()
         mine = order[self.rank::self.world]
         for b in range(self.skip, self.steps_per_epoch):
-            yield mine[b * self.batch_size:(b + 1) * self.batch_size]
+            yield [(self.epoch, i) for i in mine[b * self.batch_size:(b + 1) * self.batch_size]]

@@ -1,0 +1,140 @@
+"""Pretraining throughput benchmark; prints JSON (a script, not a test).
+
+For each method at the embedded default size (params.yaml):
+- ``engine_images_per_s``: the real pretraining run (data loading, views, engine, checkpoints),
+  averaged over the epochs after the first;
+- ``bare_images_per_s``: the same model's forward/backward/step on pre-built tensors in memory;
+- ``engine_overhead``: 1 - engine / bare (target under 0.10);
+- ``views_per_s_per_core``: view-generation throughput of the method's recipe on one core,
+  and ``views_margin`` = that / engine images/s (target at least 3).
+
+``--gpu`` instead runs the papers' scale on CUDA with bf16: ResNet-50 CLIC and ViT-B/16 CLICv2
+at 224 px on random tensors, reporting images/s and peak memory.
+
+    python bench/bench_pretrain.py [--epochs 3] [--methods moco clic clicv2] [--gpu]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from clic.config import PretrainConfig, data_config, from_dict, load_params, pretrain_config, to_dict
+from clic.data.dataset import ViewDataset
+from clic.data.prepare import prepare
+from clic.data.table import read_table
+from clic.engine.train import autocast
+from clic.pretrain import build_model, build_optimizer, build_views, run
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _batch(cfg: PretrainConfig, views: dict, device: torch.device) -> dict[str, torch.Tensor]:
+    return {k: v.to(device) for k, v in views.items() if isinstance(v, torch.Tensor) and v.dim() == 4}
+
+
+def bare_loop(cfg: PretrainConfig, batch: dict[str, torch.Tensor], steps: int, device: torch.device) -> float:
+    """Images/s of forward + backward + step on fixed tensors (no data, no engine)."""
+    model = build_model(cfg).to(device).train()
+    opt = build_optimizer(model, cfg, cfg.lr())
+    bsz = next(iter(batch.values())).shape[0]
+    for i in range(steps + 2):
+        if i == 2:  # two warm-up steps
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+        with autocast(device, cfg.amp):
+            loss = model(batch, momentum=0.99)["loss"]
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    return steps * bsz / (time.perf_counter() - start)
+
+
+def view_rate(cfg: PretrainConfig, data_dir: Path, n: int = 200) -> float:
+    """Samples/s of the method's view recipe (decode from cache + all views) on one core."""
+    torch.set_num_threads(1)
+    ds = ViewDataset(read_table(data_dir, ["train"]), data_dir, build_views(cfg), cfg.seed)
+    n = min(n, len(ds))
+    start = time.perf_counter()
+    for i in range(n):
+        ds[i]
+    rate = n / (time.perf_counter() - start)
+    torch.set_num_threads(os.cpu_count() or 1)
+    return rate
+
+
+def cpu_bench(methods: list[str], epochs: int) -> dict:
+    params = load_params(REPO / "params.yaml")
+    results: dict = {"device": "cpu", "threads": torch.get_num_threads(), "methods": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        params["data"].update(raw_dir=f"{tmp}/raw", out_dir=f"{tmp}/prepared")
+        data_dir = prepare(data_config(params), seed=0)
+        for method in methods:
+            cfg = pretrain_config(params, method)
+            cfg = from_dict(PretrainConfig, {**to_dict(cfg), "epochs": epochs, "checkpoint_every": 10**6})
+            epochs_metrics: list[dict] = []
+            run(cfg, data_dir, f"{tmp}/{method}", progress=False, on_epoch=lambda e, m, acc=epochs_metrics: acc.append(m))
+            engine = sum(m["images_per_s"] for m in epochs_metrics[1:]) / max(len(epochs_metrics) - 1, 1)
+            ds = ViewDataset(read_table(data_dir, ["train"]), data_dir, build_views(cfg), cfg.seed)
+            items = [ds[i] for i in range(cfg.batch_size)]
+            batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k not in ("index", "shift")}
+            bare = bare_loop(cfg, batch, steps=8, device=torch.device("cpu"))
+            views = view_rate(cfg, data_dir)
+            results["methods"][method] = {
+                "backbone": cfg.backbone, "image_size": cfg.image_size, "batch_size": cfg.batch_size,
+                "engine_images_per_s": round(engine, 1), "bare_images_per_s": round(bare, 1),
+                "engine_overhead": round(1 - engine / bare, 3),
+                "views_per_s_per_core": round(views, 1), "views_margin": round(views / engine, 2),
+            }
+    return results
+
+
+def gpu_bench(batch_size: int, steps: int) -> dict:
+    device = torch.device("cuda")
+    out: dict = {"device": torch.cuda.get_device_name(), "amp": "bf16", "runs": {}}
+    setups = {
+        "clic_resnet50": {"method": "clic", "backbone": "resnet50", "image_size": 224, "channels_last": "on",
+                          "moco": {"queue_size": 65536}},
+        "clicv2_vit_base": {"method": "clicv2", "backbone": "vit_base", "image_size": 224, "patch_size": 16,
+                            "optim": {"name": "adamw", "base_lr": 1.5e-4}},
+    }
+    for name, raw in setups.items():
+        cfg = from_dict(PretrainConfig, {**raw, "batch_size": batch_size, "amp": "bf16"})
+        x = torch.randn(batch_size, 3, 224, 224, device=device)
+        keys = ("view1", "view2") if cfg.method == "clicv2" else ("query", "key")
+        batch = {k: x.clone() for k in keys}
+        if cfg.channels_last == "on":
+            batch = {k: v.contiguous(memory_format=torch.channels_last) for k, v in batch.items()}
+        torch.cuda.reset_peak_memory_stats()
+        rate = bare_loop(cfg, batch, steps, device)
+        out["runs"][name] = {"batch_size": batch_size, "images_per_s": round(rate, 1),
+                             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--methods", nargs="+", default=["moco", "clic", "clicv2"])
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--gpu", action="store_true")
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    result = gpu_bench(args.batch_size, args.steps) if args.gpu else cpu_bench(args.methods, args.epochs)
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()
