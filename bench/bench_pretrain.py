@@ -84,7 +84,8 @@ def cpu_bench(methods: list[str], epochs: int) -> dict:
             cfg = pretrain_config(params, method)
             cfg = from_dict(PretrainConfig, {**to_dict(cfg), "epochs": epochs, "checkpoint_every": 10**6})
             epochs_metrics: list[dict] = []
-            run(cfg, data_dir, f"{tmp}/{method}", progress=False, on_epoch=lambda e, m, acc=epochs_metrics: acc.append(m))
+            run(cfg, data_dir, f"{tmp}/{method}", progress=False,
+                on_epoch=lambda e, m, acc=epochs_metrics: acc.append(m))
             engine = sum(m["images_per_s"] for m in epochs_metrics[1:]) / max(len(epochs_metrics) - 1, 1)
             ds = ViewDataset(read_table(data_dir, ["train"]), data_dir, build_views(cfg), cfg.seed)
             items = [ds[i] for i in range(cfg.batch_size)]
