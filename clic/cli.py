@@ -3,6 +3,10 @@
     clic data prepare [--params params.yaml] [--set key=value ...]
     clic pretrain --method {moco,clic,clicv2} --out DIR [--data DIR] [--set key=value ...]
     clic embed --model CHECKPOINT --out FEATURES.npz IMAGE_OR_FOLDER...
+    clic probe --model ENCODER --out DIR [--data DIR]       (also --baseline random|handcrafted)
+    clic transfer --model ENCODER --out METRICS.json [--data IMAGEFOLDER] [--name imagenet]
+    clic score --model SCORER --out SCORES.csv IMAGE_OR_FOLDER...
+    clic map --model SCORER --out MAP.png IMAGE
 
 Overrides use the dotted paths of ``params.yaml`` (``--set pretrain.clicv2.epochs=3``); for
 ``pretrain`` a key may also be given relative to the method's section (``--set epochs=3``).
@@ -53,6 +57,40 @@ def parser() -> argparse.ArgumentParser:
     emb.add_argument("--workers", type=int, default=2)
     emb.add_argument("--device", default=None)
     emb.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+
+    prb = sub.add_parser("probe", help="fit a linear probe on frozen features; report PCC/SRCC; save a scorer")
+    _common(prb)
+    prb.add_argument("--model", default="", help="encoder.pt or checkpoint.pt (or use --baseline)")
+    prb.add_argument("--baseline", choices=("random", "handcrafted"), default=None)
+    prb.add_argument("--method", choices=METHODS, default="clicv2",
+                     help="with --baseline random: whose architecture to copy")
+    prb.add_argument("--data", default="", help="prepared dataset folder (default: data.out_dir)")
+    prb.add_argument("--out", required=True, help="report folder (metrics.json, predictions.csv, plots, scorer.pt)")
+    prb.add_argument("--cache", default="", help="feature cache folder")
+    prb.add_argument("--device", default=None)
+
+    trf = sub.add_parser("transfer", help="linear classification probe on an ImageFolder (train/, val/)")
+    _common(trf)
+    trf.add_argument("--model", required=True)
+    trf.add_argument("--data", default="", help="ImageFolder root (default: transfer.path)")
+    trf.add_argument("--name", default="", help="dataset name for the metric keys (default: transfer.name)")
+    trf.add_argument("--out", required=True, help="JSON file for <name>_top1 / <name>_top5")
+    trf.add_argument("--device", default=None)
+
+    sco = sub.add_parser("score", help="complexity scores for images or folders")
+    sco.add_argument("--model", required=True, help="scorer.pt (from clic probe) or an MLflow models:/ URI")
+    sco.add_argument("--out", required=True, help="CSV with path,score rows")
+    sco.add_argument("--batch-size", type=int, default=64)
+    sco.add_argument("--workers", type=int, default=2)
+    sco.add_argument("--device", default=None)
+    sco.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+
+    mp = sub.add_parser("map", help="per-patch complexity heat map blended over an image")
+    mp.add_argument("--model", required=True)
+    mp.add_argument("--out", required=True, help="PNG file")
+    mp.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity")
+    mp.add_argument("--device", default=None)
+    mp.add_argument("image")
     return ap
 
 
@@ -93,10 +131,103 @@ def main(argv: list[str] | None = None) -> int:
             n, errors = embed_to_npz(args.model, args.inputs, args.out, args.batch_size, args.workers, args.device)
             print(f"wrote {n} feature rows to {args.out}" + (f" ({len(errors)} unreadable images skipped)"
                                                              if errors else ""))
+        elif args.command == "probe":
+            _probe(args)
+        elif args.command == "transfer":
+            _transfer(args)
+        elif args.command == "score":
+            _score(args)
+        elif args.command == "map":
+            _map(args)
     except ValueError as exc:
         print(f"clic: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _probe(args: argparse.Namespace) -> None:
+    from clic.config import probe_config
+    from clic.evaluation.evaluate import evaluate_encoder, evaluate_handcrafted, evaluate_random
+
+    params = load_params(args.params, args.overrides)
+    cfg, seed = probe_config(params), int(params.get("seed", 0))
+    data_dir = args.data or data_config(params).out_dir
+    if args.baseline == "handcrafted":
+        report = evaluate_handcrafted(data_dir, cfg, args.out, seed)
+    elif args.baseline == "random":
+        report = evaluate_random(pretrain_config(params, args.method), data_dir, cfg, args.out, seed, args.device)
+    elif args.model:
+        report = evaluate_encoder(args.model, data_dir, cfg, args.out, seed, args.device, args.cache or None)
+    else:
+        raise ValueError("probe needs --model ENCODER or --baseline random|handcrafted")
+    print(f"{report['name']}: PCC {report['pcc']:.4f}  SRCC {report['srcc']:.4f}  KRCC {report['krcc']:.4f}  "
+          f"RMSE {report['rmse']:.4f}  (n={int(report['n'])}) -> {args.out}")
+
+
+def _transfer(args: argparse.Namespace) -> None:
+    import json
+    from pathlib import Path
+
+    from clic.config import transfer_config
+    from clic.embed import load_encoder
+    from clic.evaluation.transfer import transfer_probe
+
+    params = load_params(args.params, args.overrides)
+    cfg = transfer_config(params)
+    backbone, pcfg = load_encoder(args.model, args.device or "cpu")
+    out = Path(args.out)
+    metrics = transfer_probe(backbone, pcfg.image_size, args.data or cfg.path, args.name or cfg.name,
+                             out.with_name(out.name + ".work"), cfg.epochs, cfg.lr, cfg.batch_size, cfg.workers,
+                             args.device or "cpu", int(params.get("seed", 0)))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
+
+
+def _score(args: argparse.Namespace) -> None:
+    import csv
+    from pathlib import Path
+
+    from clic.embed import expand_inputs
+    from clic.scorer import load_scorer
+
+    scorer = load_scorer(args.model, args.device)
+    paths = expand_inputs(args.inputs)
+    if not paths:
+        raise ValueError("no image files found in the given inputs")
+    scores, kept, errors = scorer.score_files(paths, args.batch_size, args.workers)
+    for e in errors:
+        log.warning("skipped unreadable image: %s", e)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_name(f".{out.name}.tmp")
+    with tmp.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["path", "score"])
+        for i, s in zip(kept, scores, strict=True):
+            w.writerow([str(paths[i]), f"{s:.6f}"])
+    tmp.replace(out)
+    print(f"scored {len(kept)} images -> {out}" + (f" ({len(errors)} unreadable, skipped)" if errors else ""))
+
+
+def _map(args: argparse.Namespace) -> None:
+    from pathlib import Path
+
+    from clic.data.imageio import load_rgb
+    from clic.scorer import blend_heatmap, load_scorer
+
+    scorer = load_scorer(args.model, args.device)
+    img = load_rgb(args.image)
+    values = scorer.map(img)
+    size = scorer.cfg.image_size
+    view = img.resize((round(img.size[0] * size / min(img.size)), round(img.size[1] * size / min(img.size))))
+    left, top = (view.size[0] - size) // 2, (view.size[1] - size) // 2
+    view = view.crop((left, top, left + size, top + size)).resize((max(256, size), max(256, size)))
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    blend_heatmap(view, values, args.alpha).save(out)
+    print(f"map {values.shape[0]}x{values.shape[1]}, mean {values.mean():.4f} "
+          f"(image score {float(scorer(img)[0]):.4f}) -> {out}")
 
 
 if __name__ == "__main__":

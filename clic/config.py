@@ -283,6 +283,55 @@ class DataConfig:
         _non_negative("data.cache_size", self.cache_size)
 
 
+# ----------------------------------------------------------------------------------- evaluation
+@dataclasses.dataclass(frozen=True)
+class ProbeConfig:
+    """Linear probe of frozen features against human complexity scores.
+
+    ``mode``: ``split`` fits on the train split and reports on the test split; ``cv`` reports
+    out-of-fold predictions of k-fold cross-validation inside each category over every labelled
+    image (for datasets without an official split, e.g. SAVOIAS).
+    """
+
+    protocol: Literal["ridge", "sgd"] = "ridge"
+    mode: Literal["split", "cv"] = "split"
+    folds: int = 5
+    alphas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
+    sgd_epochs: int = 100
+    sgd_lr: float = 0.01
+    bootstrap: int = 1000
+    batch_size: int = 64
+    workers: int = 2
+    baselines: tuple[str, ...] = ("random", "handcrafted")
+
+    def __post_init__(self) -> None:
+        _choice("probe.protocol", self.protocol, ("ridge", "sgd"))
+        _choice("probe.mode", self.mode, ("split", "cv"))
+        if self.folds < 2:
+            raise ValueError(f"probe.folds must be >= 2, got {self.folds}")
+        if not self.alphas or any(a <= 0 for a in self.alphas):
+            raise ValueError(f"probe.alphas must be positive numbers, got {self.alphas}")
+        for b in self.baselines:
+            _choice("probe.baselines[]", b, ("random", "handcrafted"))
+
+
+@dataclasses.dataclass(frozen=True)
+class TransferConfig:
+    """Linear classification probe on an ImageFolder (``train/``, ``val/``)."""
+
+    name: str = "synthetic"  # metrics are <name>_top1 / <name>_top5 (imagenet_top1 on ImageNet)
+    path: str = "data/transfer"
+    epochs: int = 50
+    lr: float = 0.1
+    batch_size: int = 128
+    workers: int = 2
+
+    def __post_init__(self) -> None:
+        if not self.name.isidentifier():
+            raise ValueError(f"transfer.name must be an identifier (it names metrics), got {self.name!r}")
+        _positive("transfer.epochs", self.epochs)
+
+
 # ------------------------------------------------------------------------------- construction
 def from_dict(cls: type[T], raw: Mapping[str, Any] | None, where: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses.
@@ -398,16 +447,26 @@ def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    path = Path(path)
+    """Read a params file; a top-level ``extends: OTHER.yaml`` (relative to the file) names a base
+    that this file is deep-merged over (profiles such as ``params/savoias.yaml``)."""
+    return apply_overrides(_read_params(Path(path), ()), overrides or [])
+
+
+def _read_params(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"{path}: params file not found")
+    if path.resolve() in seen:
+        raise ValueError(f"{path}: 'extends' forms a cycle")
     try:
         params = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {exc}") from exc
     if not isinstance(params, dict):
         raise ValueError(f"{path}: expected a mapping at the top level")
-    return apply_overrides(params, overrides or [])
+    base = params.pop("extends", None)
+    if base:
+        params = deep_merge(_read_params(path.parent / str(base), (*seen, path.resolve())), params)
+    return params
 
 
 def pretrain_config(params: Mapping[str, Any], method: str) -> PretrainConfig:
@@ -419,6 +478,14 @@ def pretrain_config(params: Mapping[str, Any], method: str) -> PretrainConfig:
     merged.setdefault("seed", params.get("seed", 0))
     merged["method"] = method
     return from_dict(PretrainConfig, merged, f"pretrain.{method}")
+
+
+def probe_config(params: Mapping[str, Any]) -> ProbeConfig:
+    return from_dict(ProbeConfig, params.get("probe") or {}, "probe")
+
+
+def transfer_config(params: Mapping[str, Any]) -> TransferConfig:
+    return from_dict(TransferConfig, params.get("transfer") or {}, "transfer")
 
 
 def data_config(params: Mapping[str, Any]) -> DataConfig:

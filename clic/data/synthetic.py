@@ -12,7 +12,7 @@ label is ``z``. Styles (the IC9600-like category prefix of each name):
 :func:`generate_ic9600` writes IC9600's exact on-disk layout (``images/``, ``train.txt``,
 ``test.txt`` with ``<name><two spaces><score>`` lines), so the default pipeline exercises the
 IC9600 reader. :func:`generate_classification` writes a labelled ``train/`` + ``val/`` class-folder
-set (class = the shape drawn, complexity random) for the transfer stage.
+set (class = the shape drawn, complexity in [0, 0.4]) for the transfer stage.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ def generate_classification(root: str | Path, seed: int, n_classes: int, n_train
             folder.mkdir(parents=True, exist_ok=True)
             for i in range(count):
                 idx = offset + c * 100_000 + i
-                style = ("shapes", "mixed")[i % 2]
-                img, _ = render(seed, idx, size, style, shape=shape)
+                # low to mid complexity (z <= 0.4) so the class, not clutter, dominates the image
+                img, _ = render(seed, idx, size, "shapes", shape=shape, z=0.4 * (i % 10) / 9)
                 img.save(folder / f"{shape}_{i:05d}.png")
     return root

@@ -1,0 +1,185 @@
+"""Linear probes on frozen features: complexity regression and classification.
+
+Protocols for regression (never touching test labels for any choice):
+1. ``ridge``: closed-form ridge regression on standardised features; the penalty is chosen by
+   k-fold cross-validation on the training split only (lowest mean squared error).
+2. ``sgd``: the papers' style, a linear head trained by SGD (MSE) on frozen features.
+
+A fitted head is a :class:`LinearHead` (mean, scale, weight, bias): ``pred = ((x - mean) / scale) @ w + b``,
+the same for both protocols, so a scorer stores one format.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+
+import numpy as np
+import torch
+from scipy import linalg
+
+DEFAULT_ALPHAS = tuple(10.0 ** k for k in range(-3, 6))
+
+
+@dataclasses.dataclass
+class LinearHead:
+    mean: np.ndarray  # (D,)
+    scale: np.ndarray  # (D,)
+    weight: np.ndarray  # (D,) regression or (D, C) classification
+    bias: np.ndarray  # () or (C,)
+    alpha: float = math.nan
+
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        return ((np.asarray(x, np.float64) - self.mean) / self.scale) @ self.weight + self.bias
+
+    def state(self) -> dict[str, torch.Tensor | float]:
+        return {"mean": torch.from_numpy(self.mean), "scale": torch.from_numpy(self.scale),
+                "weight": torch.from_numpy(np.asarray(self.weight)), "bias": torch.as_tensor(self.bias),
+                "alpha": float(self.alpha)}
+
+    @classmethod
+    def from_state(cls, s: dict) -> LinearHead:
+        return cls(s["mean"].double().numpy(), s["scale"].double().numpy(), s["weight"].double().numpy(),
+                   s["bias"].double().numpy(), float(s.get("alpha", math.nan)))
+
+
+def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    mean = x.mean(0)
+    scale = x.std(0)
+    scale[scale < 1e-8] = 1.0
+    return mean, scale
+
+
+def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
+    """Balanced random fold assignment 0..folds-1."""
+    rng = np.random.default_rng(seed)
+    ids = np.arange(n) % folds
+    rng.shuffle(ids)
+    return ids
+
+
+def _ridge(gram: np.ndarray, xty: np.ndarray, sx: np.ndarray, sy: float, n: int,
+           alpha: float) -> tuple[np.ndarray, float]:
+    """Ridge with an unpenalised intercept from sufficient statistics: G = X'X (D, D), X'y (D,),
+    column sums, sum of y, count. Returns (w, b) with pred = x @ w + b."""
+    mu, ym = sx / n, sy / n
+    cov = gram - n * np.outer(mu, mu)  # centred X'X
+    rhs = xty - n * mu * ym  # centred X'y
+    cov[np.diag_indices_from(cov)] += alpha
+    w = linalg.cho_solve(linalg.cho_factor(cov, check_finite=False), rhs, check_finite=False)
+    return w, float(ym - mu @ w)
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray, alphas: Sequence[float] = DEFAULT_ALPHAS, folds: int = 5,
+              seed: int = 0) -> LinearHead:
+    """Ridge on standardised features, the penalty picked by k-fold CV on (x, y) only, refit on all.
+
+    Standardisation uses the features of (x) alone (no labels). One Gram matrix is computed and
+    each fold's training statistics are obtained by subtracting the held-out fold's, so the cost
+    is one (N x D) x (D x N) product plus a Cholesky per (fold, penalty).
+    """
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    if len(x) < 2:
+        raise ValueError(f"ridge probe needs at least 2 training samples, got {len(x)}")
+    mean, scale = _standardise(x)
+    xs = (x - mean) / scale  # (N, D)
+    gram, xty, sx, sy = xs.T @ xs, xs.T @ y, xs.sum(0), float(y.sum())
+    folds = max(2, min(folds, len(x)))
+    ids = fold_ids(len(x), folds, seed)
+    errors = np.zeros(len(alphas))
+    for f in range(folds):
+        va = ids == f
+        xv, yv = xs[va], y[va]
+        stats_tr = (gram - xv.T @ xv, xty - xv.T @ yv, sx - xv.sum(0), sy - float(yv.sum()), int((~va).sum()))
+        for j, alpha in enumerate(alphas):
+            w, b = _ridge(*stats_tr, alpha=alpha)
+            errors[j] += float(np.sum((xv @ w + b - yv) ** 2))
+    alpha = float(alphas[int(np.argmin(errors))])
+    w, b = _ridge(gram, xty, sx, sy, len(x), alpha)
+    return LinearHead(mean, scale, w, np.asarray(b), alpha)
+
+
+def fit_sgd(x: np.ndarray, y: np.ndarray, epochs: int = 100, lr: float = 0.01, weight_decay: float = 0.0,
+            batch_size: int = 256, seed: int = 0) -> LinearHead:
+    """A linear head trained with SGD + momentum on MSE over standardised frozen features."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    mean, scale = _standardise(x)
+    g = torch.Generator().manual_seed(seed)
+    xt = torch.from_numpy((x - mean) / scale).float()
+    yt = torch.from_numpy(y).float()
+    head = torch.nn.Linear(x.shape[1], 1)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.constant_(head.bias, float(y.mean()))
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    for _ in range(epochs):
+        for idx in torch.randperm(len(xt), generator=g).split(batch_size):
+            loss = torch.nn.functional.mse_loss(head(xt[idx]).squeeze(1), yt[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    return LinearHead(mean, scale, head.weight.detach().double().numpy()[0], head.bias.detach().double().numpy()[0])
+
+
+def fit_regression(x: np.ndarray, y: np.ndarray, protocol: str = "ridge", folds: int = 5, seed: int = 0,
+                   alphas: Sequence[float] = DEFAULT_ALPHAS, sgd_epochs: int = 100, sgd_lr: float = 0.01) -> LinearHead:
+    if protocol == "ridge":
+        return fit_ridge(x, y, alphas, folds, seed)
+    if protocol == "sgd":
+        return fit_sgd(x, y, sgd_epochs, sgd_lr, seed=seed)
+    raise ValueError(f"probe.protocol: expected ridge or sgd, got {protocol!r}")
+
+
+def cross_validated_predictions(x: np.ndarray, y: np.ndarray, groups: Sequence[str] | None = None,
+                                folds: int = 5, seed: int = 0, **fit_kw) -> np.ndarray:
+    """Out-of-fold predictions: k-fold inside each group (e.g. category), the head (and its
+    penalty, by nested CV) fitted on the other folds of that group only."""
+    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    groups_arr = np.asarray(groups if groups is not None else [""] * len(x))
+    pred = np.empty(len(x))
+    for gname in sorted(set(groups_arr.tolist())):
+        members = np.flatnonzero(groups_arr == gname)
+        ids = fold_ids(len(members), min(folds, len(members)), seed)
+        for f in range(ids.max() + 1):
+            tr, te = members[ids != f], members[ids == f]
+            pred[te] = fit_regression(x[tr], y[tr], folds=folds, seed=seed, **fit_kw).predict(x[te])
+    return pred
+
+
+def fit_classifier(x: np.ndarray, labels: np.ndarray, num_classes: int, epochs: int = 50, lr: float = 0.1,
+                   weight_decay: float = 1e-4, batch_size: int = 1024, seed: int = 0) -> LinearHead:
+    """Softmax regression on standardised features, trained in mini-batches (x may be a memmap)."""
+    n = len(x)
+    mean = np.zeros(x.shape[1])
+    sq = np.zeros(x.shape[1])
+    for s in range(0, n, 65536):  # streaming moments: x may not fit in memory
+        chunk = np.asarray(x[s:s + 65536], np.float64)
+        mean += chunk.sum(0)
+        sq += (chunk ** 2).sum(0)
+    mean /= n
+    scale = np.sqrt(np.maximum(sq / n - mean ** 2, 0))
+    scale[scale < 1e-8] = 1.0
+    g = torch.Generator().manual_seed(seed)
+    head = torch.nn.Linear(x.shape[1], num_classes)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    m, sc = torch.from_numpy(mean).float(), torch.from_numpy(scale).float()
+    y = torch.from_numpy(np.asarray(labels)).long()
+    for _ in range(epochs):
+        for idx in torch.randperm(n, generator=g).split(batch_size):
+            order = np.sort(idx.numpy())  # sorted reads are sequential on a memmap
+            xb = (torch.from_numpy(np.asarray(x[order], np.float32)) - m) / sc
+            loss = torch.nn.functional.cross_entropy(head(xb), y[order])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+    return LinearHead(mean, scale, head.weight.detach().double().numpy().T, head.bias.detach().double().numpy())
+
+
+def topk_accuracy(logits: np.ndarray, labels: np.ndarray, k: int) -> float:
+    k = min(k, logits.shape[1])
+    top = np.argsort(-logits, axis=1)[:, :k]
+    return float(np.mean(np.any(top == np.asarray(labels)[:, None], axis=1)))
