@@ -87,8 +87,13 @@ def encoder_payload(model: nn.Module, cfg: PretrainConfig, extra: dict[str, Any]
 
 
 def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: str | None = None,
-        progress: bool = True, on_epoch: Callable[[int, dict[str, float]], None] | None = None) -> Path:
-    """Pretrain (or resume) into ``out_dir``; returns the path of ``encoder.pt``."""
+        progress: bool = True, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
+        code_version: str = "") -> Path:
+    """Pretrain (or resume) into ``out_dir``; returns the path of ``encoder.pt``.
+
+    ``code_version``: when given, a checkpoint is resumed only if it was written by the same code
+    version (the pipeline passes a hash of the package source, so a changed loss retrains).
+    """
     out = Path(out_dir)
     dev = pick_device(device)
     if dev.type == "cuda":
@@ -122,10 +127,11 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
     ckpt_path = out / "checkpoint.pt"
     if ckpt_path.is_file():
         state = ckpt.load(ckpt_path, dev)
-        if _without_epochs(state.get("config", {})) != _without_epochs(resolved):
+        if (_without_epochs(state.get("config", {})) != _without_epochs(resolved)
+                or (code_version and state.get("code_version", "") != code_version)):
             stale = ckpt_path.with_name("checkpoint.stale.pt")
             if dist.is_main():
-                log.warning("%s was written with a different config; moving it to %s and starting over",
+                log.warning("%s was written with a different config or code; moving it to %s and starting over",
                             ckpt_path, stale)
                 os.replace(ckpt_path, stale)
             dist.barrier()
@@ -149,7 +155,7 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
         if dist.is_main():
             ckpt.save_atomic({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "epoch": epoch,
                               "step": step, "rng": rngs, "config": resolved, "git": ckpt.git_revision(),
-                              "world_size": world}, ckpt_path)
+                              "world_size": world, "code_version": code_version}, ckpt_path)
         dist.barrier()
 
     def on_step(epoch: int, step: int) -> None:

@@ -16,8 +16,7 @@ from clic.data.table import read_table
 from clic.evaluation import handcrafted
 from clic.evaluation.evaluate import evaluate_encoder, evaluate_handcrafted, evaluate_random
 from clic.evaluation.metrics import bootstrap_ci, full_report, regression_metrics
-from clic.evaluation.probe import (cross_validated_predictions, fit_classifier, fit_ridge, fit_sgd,
-                                   topk_accuracy)
+from clic.evaluation.probe import cross_validated_predictions, fit_classifier, fit_ridge, fit_sgd, topk_accuracy
 from clic.evaluation.transfer import transfer_probe
 from clic.models.backbones import build_backbone
 from clic.pretrain import run

@@ -1,0 +1,46 @@
+"""Stage ``baselines``: random-initialised encoders (one per architecture the methods use) and the
+hand-crafted measures, probed on the same split/folds as the methods."""
+
+from __future__ import annotations
+
+import json
+
+from clic.config import METHODS, data_config, pretrain_config, probe_config, to_dict
+from clic.evaluation.evaluate import evaluate_handcrafted, evaluate_random
+from stages import tracking
+from stages.common import ROOT, main, params
+from stages.probe import KEYS, log_report
+
+
+def baselines() -> None:
+    p = params()
+    cfg, seed = probe_config(p), int(p.get("seed", 0))
+    data_dir = ROOT / data_config(p).out_dir
+    results: dict[str, dict] = {}
+    with tracking.stage_run(p, "baselines", config={"probe": to_dict(cfg)}) as _:
+        archs = {}
+        for m in METHODS:
+            a = pretrain_config(p, m)
+            archs.setdefault(f"random_{a.backbone}", a)
+        if "random" in cfg.baselines:
+            for name, arch in archs.items():
+                report = evaluate_random(arch, data_dir, cfg, ROOT / "reports" / "baselines" / name, seed)
+                results[name] = {k: report[k] for k in KEYS if k in report}
+                log_report(report, f"reports/baselines/{name}", prefix=f"{name}_")
+                print(f"{name}: PCC {report['pcc']:.4f} SRCC {report['srcc']:.4f}")
+        if "handcrafted" in cfg.baselines:
+            report = evaluate_handcrafted(data_dir, cfg, ROOT / "reports" / "baselines" / "handcrafted", seed)
+            results["handcrafted"] = {k: report[k] for k in KEYS if k in report}
+            results["handcrafted"]["zero_shot_srcc"] = {m: v["srcc"] for m, v in report["zero_shot"].items()}
+            log_report(report, "reports/baselines/handcrafted", prefix="handcrafted_")
+            for m, v in report["zero_shot"].items():
+                tracking.mlflow.log_metric(f"zero_shot_{m}_srcc", v["srcc"])
+            print(f"handcrafted probe: SRCC {report['srcc']:.4f}; best zero-shot {report['best_zero_shot']} "
+                  f"SRCC {report['best_zero_shot_srcc']:.4f}")
+        out = ROOT / "metrics" / "baselines.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+
+
+if __name__ == "__main__":
+    main("baselines", baselines)

@@ -1,0 +1,62 @@
+"""Stage ``compare``: one metrics file per method (probe + transfer), the comparison table of all
+methods and baselines (``metrics/comparison.md``, also ``metrics/summary.json``), logged to MLflow;
+closes the pipeline's parent run and says where everything is."""
+
+from __future__ import annotations
+
+import json
+import math
+
+from clic.config import METHODS
+from stages import tracking
+from stages.common import ROOT, main, params
+
+COLS = ("pcc", "srcc", "krcc", "rmse")
+
+
+def _load(path: str) -> dict:
+    f = ROOT / path
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def _fmt(v: object) -> str:
+    return f"{v:.4f}" if isinstance(v, float) and not math.isnan(v) else ("—" if v is None else str(v))
+
+
+def compare() -> None:
+    p = params()
+    rows: dict[str, dict] = {}
+    for m in METHODS:
+        merged = {**_load(f"metrics/probe/{m}.json"), **_load(f"metrics/transfer/{m}.json")}
+        (ROOT / "metrics" / f"{m}.json").write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
+        rows[m] = merged
+    for name, r in _load("metrics/baselines.json").items():
+        rows[name] = r
+    top = sorted({k for r in rows.values() for k in r if k.endswith("_top1")})
+    header = ["model", *COLS, "srcc 95% CI", *top]
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for name, r in rows.items():
+        ci = r.get("srcc_ci95")
+        cells = [name, *(_fmt(r.get(c)) for c in COLS), f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci else "—",
+                 *(_fmt(r.get(t)) for t in top)]
+        lines.append("| " + " | ".join(cells) + " |")
+    table = "\n".join(lines) + "\n"
+    (ROOT / "metrics" / "comparison.md").write_text(table)
+    summary = {name: {k: r[k] for k in (*COLS, *top) if k in r} for name, r in rows.items()}
+    (ROOT / "metrics").mkdir(exist_ok=True)
+    (ROOT / "metrics" / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    with tracking.stage_run(p, "compare") as _:
+        tracking.mlflow.log_artifact(str(ROOT / "metrics" / "comparison.md"))
+        tracking.mlflow.log_artifact(str(ROOT / "metrics" / "summary.json"))
+        for name, r in summary.items():
+            tracking.mlflow.log_metrics({f"{name}_{k}": float(v) for k, v in r.items()
+                                         if isinstance(v, float) and not math.isnan(v)})
+    parent = tracking.finish_parent(p)
+    print(table)
+    print(f"results: metrics/comparison.md, metrics/<method>.json, reports/<method>/ (plots), reports/gx (data docs)")
+    print(f"MLflow: parent run {parent} in {tracking.tracking_uri(p)}; browse with `make mlflow-ui` "
+          "(http://127.0.0.1:5000)")
+
+
+if __name__ == "__main__":
+    main("compare", compare)

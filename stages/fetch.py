@@ -1,0 +1,28 @@
+"""Stage ``fetch``: the dataset named in params -> ``data/prepared``; the transfer set -> ``data/transfer``."""
+
+from __future__ import annotations
+
+import json
+
+from clic.config import data_config
+from clic.data.prepare import prepare, prepare_transfer
+from stages import tracking
+from stages.common import ROOT, main, params
+
+
+def fetch() -> None:
+    p = params()
+    cfg, seed = data_config(p), int(p.get("seed", 0))
+    with tracking.stage_run(p, "fetch", config={"data": p.get("data", {})}) as _:
+        out = prepare(cfg, seed)
+        meta = json.loads((out / "meta.json").read_text())
+        tracking.mlflow.set_tag("clic.dataset_fingerprint", meta["fingerprint"])
+        tracking.mlflow.log_metrics({f"images_{k}": float(v) for k, v in meta["counts"].items()})
+        # the synthetic labelled set is tiny and always written; transfer.path may point elsewhere
+        prepare_transfer(cfg, ROOT / "data" / "transfer", seed)
+        print(f"prepared {sum(meta['counts'].values())} images ({meta['counts']}) into {out}; "
+              f"fingerprint {meta['fingerprint']}")
+
+
+if __name__ == "__main__":
+    main("fetch", fetch)

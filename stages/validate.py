@@ -1,0 +1,130 @@
+"""Stage ``validate``: a great-expectations suite over the prepared table and its images.
+
+Checks: required columns; no nulls; unique names; splits in the allowed set (names unique, so
+splits are disjoint); scores within [0, 1] (labelled rows); no identical image content across
+train and test (leakage); row count within ``validate.min_rows``..``validate.max_rows``; every
+image present, decodable and at least ``data.min_size`` on its short side.
+
+Outputs: the GX Data Docs site (``reports/gx``) and ``metrics/validation.json``. On failure it
+prints each failed expectation with its count and example rows and exits 1, so nothing
+downstream runs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from clic.config import data_config
+from clic.data.imageio import ImageError, load_rgb
+from clic.data.table import COLUMNS, SPLITS, read_table, resolve
+from stages import tracking
+from stages.common import ROOT, main, params
+
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+def table_frame(data_dir: Path) -> pd.DataFrame:
+    rows = read_table(data_dir)
+    df = pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS))
+    readable, short = [], []
+    for r in rows:
+        try:
+            img = load_rgb(resolve(data_dir, r.path))
+            readable.append(True)
+            short.append(min(img.size))
+        except ImageError:
+            readable.append(False)
+            short.append(0)
+    df["image_readable"] = readable
+    df["short_side"] = short
+    train = set(df.loc[df.split == "train", "sha256"])
+    test = set(df.loc[df.split == "test", "sha256"])
+    df["leaks_across_splits"] = df.sha256.isin(train & test)
+    return df
+
+
+def build_suite(gx: Any, gxe: Any, min_rows: int, max_rows: int, min_size: int) -> Any:
+    suite = gx.ExpectationSuite(name="prepared_dataset")
+    for col in COLUMNS:
+        suite.add_expectation(gxe.ExpectColumnToExist(column=col))
+    for col in ("name", "path", "split", "sha256"):
+        suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=col))
+    suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column="name"))
+    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)))
+    suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column="score", min_value=0.0, max_value=1.0))
+    suite.add_expectation(gxe.ExpectTableRowCountToBeBetween(min_value=min_rows, max_value=max_rows))
+    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="image_readable", value_set=[True]))
+    suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column="short_side", min_value=min_size))
+    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="leaks_across_splits", value_set=[False]))
+    return suite
+
+
+def run_suite(df: pd.DataFrame, site_root: Path, min_rows: int, max_rows: int, min_size: int) -> dict[str, Any]:
+    import great_expectations as gx
+    import great_expectations.expectations as gxe
+    from great_expectations.checkpoint import UpdateDataDocsAction
+
+    shutil.rmtree(site_root, ignore_errors=True)
+    site_root.mkdir(parents=True)
+    ctx = gx.get_context(mode="file", project_root_dir=str(site_root))
+    batch_def = ctx.data_sources.add_pandas("prepared").add_dataframe_asset("table") \
+        .add_batch_definition_whole_dataframe("all")
+    suite = ctx.suites.add(build_suite(gx, gxe, min_rows, max_rows, min_size))
+    vd = ctx.validation_definitions.add(gx.ValidationDefinition(data=batch_def, suite=suite, name="prepared"))
+    cp = ctx.checkpoints.add(gx.Checkpoint(name="prepared", validation_definitions=[vd],
+                                           actions=[UpdateDataDocsAction(name="docs")],
+                                           result_format={"result_format": "SUMMARY"}))
+    result = cp.run(batch_parameters={"dataframe": df})
+    checks = []
+    for vr in result.run_results.values():
+        for r in vr.results:
+            cfg = r.expectation_config
+            res = r.result or {}
+            checks.append({"expectation": cfg.type, "column": cfg.kwargs.get("column"), "success": bool(r.success),
+                           "unexpected_count": res.get("unexpected_count"),
+                           "examples": [str(x) for x in (res.get("partial_unexpected_list") or [])[:5]],
+                           "observed_value": res.get("observed_value")})
+    docs = next(iter(site_root.rglob("local_site/index.html")), None)
+    return {"success": bool(result.success), "rows": len(df), "checks": checks,
+            "failed": sum(not c["success"] for c in checks), "data_docs": str(docs.relative_to(ROOT)) if docs else ""}
+
+
+def validate() -> None:
+    p = params()
+    dcfg = data_config(p)
+    vcfg = p.get("validate") or {}
+    data_dir = ROOT / dcfg.out_dir
+    with tracking.stage_run(p, "validate", config={"validate": vcfg}) as _:
+        df = table_frame(data_dir)
+        summary = run_suite(df, ROOT / "reports" / "gx", int(vcfg.get("min_rows", 1)),
+                            int(vcfg.get("max_rows", 10_000_000)), dcfg.min_size)
+        out = ROOT / "metrics" / "validation.json"
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        tracking.mlflow.log_metrics({"validation_failed": float(summary["failed"]), "rows": float(summary["rows"])})
+        tracking.mlflow.log_artifact(str(out))
+        if (ROOT / "reports" / "gx").exists():
+            tracking.mlflow.log_artifacts(str(ROOT / "reports" / "gx" / "gx" / "uncommitted" / "data_docs"), "gx_docs")
+        print(f"data docs: {summary['data_docs']}")
+        if not summary["success"]:
+            lines = [f"validation failed: {summary['failed']} of {len(summary['checks'])} expectations"]
+            for c in summary["checks"]:
+                if not c["success"]:
+                    where = f" on {c['column']}" if c["column"] else ""
+                    lines.append(f"  - {c['expectation']}{where}: {c['unexpected_count']} unexpected rows, "
+                                 f"e.g. {c['examples'] or c['observed_value']}")
+            message = "\n".join(lines)
+            print(message, file=sys.stderr)
+            raise ValueError(message.splitlines()[0])
+        print(f"validation passed: {len(summary['checks'])} expectations on {summary['rows']} rows")
+
+
+if __name__ == "__main__":
+    main("validate", validate)
