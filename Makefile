@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK=true DVC
        GX_ANALYTICS_ENABLED=false PREFECT_SERVER_ANALYTICS_ENABLED=false \
        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=90
 
-.PHONY: venv demo test lint bench clean
+.PHONY: venv demo test lint bench clean pipeline mlflow-ui
 
 venv: $(STAMP)
 
@@ -20,17 +20,22 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	$(PY) -m pip install -q -c requirements/lock.txt -e ".[pipeline,dev]"
 	touch $@
 
-demo: venv  ## the main job on the embedded defaults (synthetic data, CPU)
-	$(VENV)/bin/clic data prepare --transfer data/transfer
-	for m in moco clic clicv2; do $(VENV)/bin/clic pretrain --method $$m --out models/$$m || exit 1; done
-	$(VENV)/bin/clic embed --model models/clicv2/encoder.pt --out models/clicv2/features.npz data/raw
-	@echo "encoders: models/<method>/encoder.pt; features: models/clicv2/features.npz"
+demo: venv pipeline  ## the main job: the whole DVC pipeline on the embedded defaults (synthetic data, CPU)
+
+pipeline: venv
+	@test -d .dvc || $(VENV)/bin/dvc init -q --no-scm
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
+
+MLFLOW_PORT ?= 5000
+mlflow-ui: venv  ## browse runs, metrics, plots and registered scorers on http://127.0.0.1:$(MLFLOW_PORT)
+	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
+	  --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
 test: venv lint  ## the whole test suite (CPU)
 	$(PY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check clic tests bench
+	$(VENV)/bin/ruff check clic tests bench stages
 	$(VENV)/bin/mypy clic
 
 bench: venv  ## throughput benchmark, prints JSON

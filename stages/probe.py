@@ -2,8 +2,9 @@
 
 Writes ``reports/<method>/`` (metrics.json, predictions.csv, scatter.png, categories.png,
 scorer.pt) and ``metrics/probe/<method>.json``; logs metrics and plots to MLflow; registers the
-scorer as ``clic-<method>`` (alias ``latest`` on every version, ``champion`` moved only when
-the new SRCC beats the champion's on the same dataset fingerprint).
+scorer as ``clic-<method>`` (alias ``current`` on every version: MLflow reserves ``latest``, which
+``models:/clic-<method>/latest`` resolves anyway; ``champion`` moved only when the new SRCC beats
+the champion's on the same dataset fingerprint).
 """
 
 from __future__ import annotations
@@ -66,7 +67,9 @@ def register(method: str, scorer_path: str, report: dict, fingerprint: str) -> s
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, "dataset_fingerprint", fingerprint)
     client.set_model_version_tag(name, version, "srcc", f"{report['srcc']:.6f}")
-    client.set_registered_model_alias(name, "latest", version)
+    # MLflow 3 reserves the alias name "latest" (models:/clic-<method>/latest already resolves to the
+    # newest version), so the moving "newest version" alias is called "current"
+    client.set_registered_model_alias(name, "current", version)
     try:
         champ = client.get_model_version_by_alias(name, "champion")
     except Exception:  # noqa: BLE001 - no champion yet

@@ -1,0 +1,223 @@
+"""End to end: `dvc repro` on tiny params in a temporary copy of the project, MLflow read back
+through a real server on loopback, and the pipeline's failure modes."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import REPO
+
+pytestmark = pytest.mark.slow
+BIN = Path(sys.executable).parent
+
+
+def _env() -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_TRACKING", "CLIC_PIPELINE"))}
+    env["PATH"] = f"{BIN}:{env.get('PATH', '')}"
+    return env
+
+
+def make_project(root: Path, tweak=None) -> Path:  # type: ignore[no-untyped-def]
+    for item in ("clic", "stages", "dvc.yaml", "params.yaml"):
+        src = REPO / item
+        (shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__"))
+         if src.is_dir() else shutil.copy(src, root / item))
+    p = yaml.safe_load((root / "params.yaml").read_text())
+    p["data"]["synthetic"].update(n_train=48, n_test=24, size=48, n_class_train=6, n_class_val=3)
+    p["pretrain"]["common"].update(epochs=1, batch_size=16, image_size=32, num_workers=0)
+    p["pretrain"]["common"]["moco"]["queue_size"] = 32
+    p["pretrain"]["clicv2"]["depth"] = 1
+    p["probe"].update(bootstrap=20, workers=1)
+    p["transfer"]["epochs"] = 3
+    if tweak:
+        tweak(p)
+    (root / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    subprocess.run([BIN / "dvc", "init", "-q", "--no-scm"], cwd=root, check=True, env=_env())
+    return root
+
+
+def dvc(root: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    res = subprocess.run([BIN / "dvc", *args], cwd=root, capture_output=True, text=True, timeout=1500, env=_env())
+    if check and res.returncode != 0:
+        raise AssertionError(f"dvc {' '.join(args)} failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}")
+    return res
+
+
+@pytest.fixture(scope="module")
+def project(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = make_project(tmp_path_factory.mktemp("project"))
+    dvc(root, "repro")
+    return root
+
+
+def _runs(root: Path) -> list:
+    import mlflow
+
+    mlflow.set_tracking_uri(f"sqlite:///{root / 'mlflow.db'}")
+    return mlflow.search_runs(experiment_names=["clic"], output_format="list")
+
+
+def test_repro_writes_metrics_runs_and_models(project: Path) -> None:
+    for m in ("moco", "clic", "clicv2"):
+        metrics = json.loads((project / "metrics" / f"{m}.json").read_text())
+        assert {"pcc", "srcc", "krcc", "rmse", "synthetic_top1"} <= set(metrics)
+        assert -1 <= metrics["srcc"] <= 1 and 0 <= metrics["synthetic_top1"] <= 1 and metrics["n"] == 24
+        assert (project / "reports" / m / "scatter.png").exists() and (project / "models" / m / "encoder.pt").exists()
+    table = (project / "metrics" / "comparison.md").read_text().splitlines()
+    assert len(table) == 2 + 6  # header, rule, 3 methods, 2 random encoders, hand-crafted
+    assert json.loads((project / "metrics" / "validation.json").read_text())["success"] is True
+    runs = _runs(project)
+    parents = [r for r in runs if r.data.tags.get("clic.kind") == "pipeline"]
+    stages = [r for r in runs if r.data.tags.get("clic.kind") == "stage"]
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(stages) == 1 + 1 + 3 + 3 + 1 + 3 + 1  # fetch validate pretrain probe baselines transfer compare
+    assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
+               for r in stages)
+    pre = next(r for r in stages if r.info.run_name == "pretrain clicv2")
+    assert pre.data.params["clicv2.mask_ratio"] == "0.4" and pre.data.tags["clic.dataset_fingerprint"]
+    assert "loss" in pre.data.metrics and "mem" in pre.data.metrics
+    probe = next(r for r in stages if r.info.run_name == "probe clic")
+    assert {"pcc", "srcc", "krcc", "rmse"} <= set(probe.data.metrics)
+    from mlflow import MlflowClient
+
+    client = MlflowClient()
+    for m in ("moco", "clic", "clicv2"):
+        assert str(client.get_model_version_by_alias(f"clic-{m}", "champion").version) == "1"
+        assert str(client.get_model_version_by_alias(f"clic-{m}", "current").version) == "1"
+
+
+def test_second_repro_does_nothing(project: Path) -> None:
+    start = time.time()
+    res = dvc(project, "repro")
+    assert "Data and pipelines are up to date" in res.stdout
+    assert time.time() - start < 60
+
+
+def test_scorer_loads_from_the_registry(project: Path) -> None:
+    import mlflow
+    import pandas as pd
+
+    from stages.probe import input_example
+
+    mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
+    model = mlflow.pyfunc.load_model("models:/clic-clicv2@champion")
+    out = model.predict(input_example())
+    assert isinstance(out, pd.DataFrame) and list(out.columns) == ["score"] and len(out) == 1
+    import clic.scorer
+
+    direct = clic.scorer.load_scorer(project / "reports" / "clicv2" / "scorer.pt", "cpu")
+    from stages.scorer_model import ScorerModel
+
+    img = ScorerModel._image(input_example()["image"][0])
+    assert out["score"][0] == pytest.approx(float(direct(img)[0]), abs=1e-5)
+
+
+def test_champion_moves_only_on_a_better_srcc(project: Path) -> None:
+    p = yaml.safe_load((project / "params.yaml").read_text())
+    p["probe"]["bootstrap"] = 21  # re-probe: same features, same SRCC
+    (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
+    dvc(project, "repro")
+    from mlflow import MlflowClient
+
+    _runs(project)
+    client = MlflowClient()
+    assert str(client.get_model_version_by_alias("clic-moco", "current").version) == "2"
+    assert str(client.get_model_version_by_alias("clic-moco", "champion").version) == "1"  # not strictly better
+    assert "pretrain" not in dvc(project, "status").stdout  # probing again did not retrain
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_mlflow_server_serves_the_pipeline_store(project: Path) -> None:
+    port = _free_port()
+    proc = subprocess.Popen([BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+
+        def call(path: str, body: dict | None = None) -> dict:
+            req = urllib.request.Request(base + path, data=json.dumps(body).encode() if body else None,
+                                         headers={"Content-Type": "application/json"})
+            return json.loads(urllib.request.urlopen(req, timeout=30).read())
+
+        exp = call("/experiments/get-by-name?experiment_name=clic")["experiment"]
+        runs = call("/runs/search", {"experiment_ids": [exp["experiment_id"]],
+                                     "filter": "tags.`clic.stage` = 'probe' and tags.`clic.method` = 'clicv2'"})["runs"]
+        metrics = {m["key"]: m["value"] for m in runs[0]["data"]["metrics"]}
+        local = json.loads((project / "metrics" / "probe" / "clicv2.json").read_text())
+        assert metrics["srcc"] == pytest.approx(local["srcc"]) and metrics["pcc"] == pytest.approx(local["pcc"])
+        model = call("/registered-models/alias?name=clic-clicv2&alias=champion")["model_version"]
+        assert model["name"] == "clic-clicv2" and model["run_id"] in {r["info"]["run_id"] for r in runs}
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_corrupt_dataset_stops_at_validate(tmp_path: Path, photos: list[Path]) -> None:
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    names = []
+    for i, ph in enumerate(photos):
+        (folder / f"{i}.png").write_bytes(ph.read_bytes())
+        names.append(f"{i}.png")
+    (folder / "leak.png").write_bytes(photos[0].read_bytes())  # same content as 0.png, other split
+    rows = [f"{n},{0.1 * (i + 1):.2f},{'train' if i < 5 else 'test'}" for i, n in enumerate(names)]
+    rows[0] = "0.png,0.1,train"
+    (folder / "scores.csv").write_text("image,score,split\n" + "\n".join(rows) + "\nleak.png,0.5,test\n")
+
+    def tweak(p: dict) -> None:
+        p["data"].update(source="folder", path=str(folder), csv=str(folder / "scores.csv"), cache_size=48)
+        p["validate"]["min_rows"] = 2
+
+    root = make_project(tmp_path / "proj", tweak)
+    res = dvc(root, "repro", check=False)
+    assert res.returncode != 0
+    out = res.stdout + res.stderr
+    assert "failed to reproduce 'validate'" in out
+    assert "leaks_across_splits: 2 unexpected rows" in out
+    assert not (root / "models").exists()
+    runs = _runs(root)
+    assert {r.info.run_name: r.info.status for r in runs}["validate"] == "FAILED"
+    assert all(r.info.status != "RUNNING" for r in runs)
+
+
+def test_bad_params_and_unreachable_server_fail_clearly(tmp_path: Path) -> None:
+    def tweak(p: dict) -> None:
+        p["pretrain"]["moco"]["epochs"] = -1
+        p["pretrain"]["clicv2"]["patch_size"] = 7
+
+    root = make_project(tmp_path, tweak)
+    run = lambda *a, **kw: subprocess.run([sys.executable, "-m", *a], cwd=root, capture_output=True,  # noqa: E731
+                                          text=True, timeout=300, env={**_env(), **kw})
+    res = run("stages.pretrain", "moco")
+    assert res.returncode == 2 and "pretrain.moco.epochs" not in res.stderr and "epochs must be > 0" in res.stderr
+    res = run("stages.pretrain", "clicv2")
+    assert res.returncode == 2 and "patch_size=7 must divide image_size=32" in res.stderr
+    res = run("stages.pretrain", "simclr")
+    assert res.returncode != 0 and "usage" in res.stderr
+    port = _free_port()  # nothing listens there
+    res = run("stages.fetch", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
+    assert res.returncode == 2 and "unreachable" in res.stderr and f"127.0.0.1:{port}" in res.stderr
+    assert not (root / "data" / "prepared").exists()
