@@ -53,7 +53,7 @@ def compare() -> None:
                                          if isinstance(v, float) and not math.isnan(v)})
     parent = tracking.finish_parent(p)
     print(table)
-    print(f"results: metrics/comparison.md, metrics/<method>.json, reports/<method>/ (plots), reports/gx (data docs)")
+    print("results: metrics/comparison.md, metrics/<method>.json, reports/<method>/ (plots), reports/gx (data docs)")
     print(f"MLflow: parent run {parent} in {tracking.tracking_uri(p)}; browse with `make mlflow-ui` "
           "(http://127.0.0.1:5000)")
 

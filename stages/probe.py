@@ -34,7 +34,8 @@ def save_metrics(name: str, report: dict, folder: str = "probe") -> None:
 
 
 def log_report(report: dict, folder: str, prefix: str = "") -> None:
-    tracking.mlflow.log_metrics({f"{prefix}{k}": float(report[k]) for k in ("pcc", "srcc", "krcc", "rmse", "rmae", "mae")})
+    keys = ("pcc", "srcc", "krcc", "rmse", "rmae", "mae")
+    tracking.mlflow.log_metrics({f"{prefix}{k}": float(report[k]) for k in keys})
     for c, m in (report.get("per_category") or {}).items():
         tracking.mlflow.log_metrics({f"{prefix}srcc_{c}": float(m["srcc"]), f"{prefix}rmse_{c}": float(m["rmse"])})
     for f in ("metrics.json", "predictions.csv", "scatter.png", "categories.png"):
