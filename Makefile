@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK=true DVC
        GX_ANALYTICS_ENABLED=false PREFECT_SERVER_ANALYTICS_ENABLED=false \
        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=90
 
-.PHONY: venv demo test lint bench clean pipeline mlflow-ui
+.PHONY: venv demo test lint bench clean pipeline mlflow-ui prefect-up prefect-down
 
 venv: $(STAMP)
 
@@ -26,6 +26,12 @@ pipeline: venv
 	@test -d .dvc || $(VENV)/bin/dvc init -q --no-scm
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
+prefect-up: venv  ## local Prefect server + gpu pool + deployments + worker (state in .prefect/)
+	flows/local.sh up
+
+prefect-down:  ## stop the local Prefect server and worker (by process id)
+	flows/local.sh down
+
 MLFLOW_PORT ?= 5000
 mlflow-ui: venv  ## browse runs, metrics, plots and registered scorers on http://127.0.0.1:$(MLFLOW_PORT)
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
@@ -35,7 +41,7 @@ test: venv lint  ## the whole test suite (CPU)
 	$(PY) -m pytest -q
 
 lint: venv
-	$(VENV)/bin/ruff check clic tests bench stages
+	$(VENV)/bin/ruff check clic tests bench stages flows
 	$(VENV)/bin/mypy clic
 
 bench: venv  ## throughput benchmark, prints JSON

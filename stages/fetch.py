@@ -14,6 +14,7 @@ def fetch() -> None:
     p = params()
     cfg, seed = data_config(p), int(p.get("seed", 0))
     with tracking.stage_run(p, "fetch", config={"data": p.get("data", {})}) as _:
+        (ROOT / cfg.raw_dir).mkdir(parents=True, exist_ok=True)  # a DVC output even when unused
         out = prepare(cfg, seed)
         meta = json.loads((out / "meta.json").read_text())
         tracking.mlflow.set_tag("clic.dataset_fingerprint", meta["fingerprint"])

@@ -51,7 +51,8 @@ def setup(params: dict[str, Any]) -> str:
                          f"{str(exc).splitlines()[0][:200]}); start the server or unset MLFLOW_TRACKING_URI") from exc
     if exp is not None:
         return exp.experiment_id
-    location = (ROOT / "mlartifacts").as_uri() if uri.startswith("sqlite:") else None
+    artifacts = Path(os.environ.get("CLIC_ARTIFACT_ROOT") or ROOT / "mlartifacts")
+    location = artifacts.as_uri() if uri.startswith("sqlite:") else None
     return client.create_experiment(name, artifact_location=location)
 
 
@@ -87,9 +88,14 @@ def parent_run(experiment_id: str) -> str:
         return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
                             tags={"clic.invocation": inv, "clic.kind": "pipeline", "git.commit": git_revision(ROOT),
-                                  **({"prefect.flow_run_id": os.environ["PREFECT__FLOW_RUN_ID"]}
-                                     if os.environ.get("PREFECT__FLOW_RUN_ID") else {})})
+                                  **_prefect_tag()})
     return run.info.run_id
+
+
+def _prefect_tag() -> dict[str, str]:
+    """Link back to the Prefect flow run that launched this stage, if any."""
+    fid = os.environ.get("CLIC_PREFECT_FLOW_RUN_ID") or os.environ.get("PREFECT__FLOW_RUN_ID")
+    return {"prefect.flow_run_id": fid} if fid else {}
 
 
 def code_version() -> str:
@@ -111,8 +117,7 @@ def stage_run(params: dict[str, Any], stage: str, method: str = "", config: dict
                 "dvc.stage": f"{stage}@{method}" if method else stage, **(tags or {})}
     if method:
         run_tags["clic.method"] = method
-    if os.environ.get("PREFECT__FLOW_RUN_ID"):
-        run_tags["prefect.flow_run_id"] = os.environ["PREFECT__FLOW_RUN_ID"]
+    run_tags.update(_prefect_tag())
     run = mlflow.start_run(experiment_id=exp, run_name=f"{stage} {method}".strip(), tags=run_tags,
                            log_system_metrics=True)
     try:

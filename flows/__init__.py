@@ -1,0 +1,1 @@
+"""Prefect flows that run the DVC stages on (GPU) workers; deployments are in ``prefect.yaml``."""

@@ -1,0 +1,64 @@
+#!/usr/bin/env bash
+# Local Prefect for real: `flows/local.sh up` starts a server on 127.0.0.1 with its state in
+# $PREFECT_HOME (default .prefect/ in the project), creates the `gpu` process pool and the `gpu`
+# concurrency limit, deploys prefect.yaml and starts a worker; `flows/local.sh down` stops the
+# server and the worker by their process ids.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PROJECT=$(pwd)
+BIN=${CLIC_BIN:-$PROJECT/.venv/bin}
+export PREFECT_HOME=${PREFECT_HOME:-$PROJECT/.prefect}
+PORT=${PREFECT_PORT:-4200}
+GPUS=${CLIC_GPU_SLOTS:-1}
+export PREFECT_API_URL=http://127.0.0.1:$PORT/api
+export PREFECT_SERVER_ANALYTICS_ENABLED=false PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=90
+export MLFLOW_DISABLE_TELEMETRY=true DVC_NO_ANALYTICS=1 GX_ANALYTICS_ENABLED=false
+export CLIC_PROJECT_DIR=$PROJECT PATH=$BIN:$PATH
+mkdir -p "$PREFECT_HOME"
+
+stop() {  # stop the process whose id is in file $1, then its children
+  local f=$1
+  if [ -f "$f" ]; then
+    local pid; pid=$(cat "$f")
+    if kill -0 "$pid" 2>/dev/null; then
+      pkill -TERM -P "$pid" 2>/dev/null || true
+      kill -TERM "$pid" 2>/dev/null || true
+      for _ in $(seq 50); do kill -0 "$pid" 2>/dev/null || break; sleep 0.2; done
+      kill -KILL "$pid" 2>/dev/null || true
+    fi
+    rm -f "$f"
+  fi
+}
+
+case "${1:-}" in
+  up)
+    if [ -f "$PREFECT_HOME/server.pid" ] && kill -0 "$(cat "$PREFECT_HOME/server.pid")" 2>/dev/null; then
+      echo "server already running (pid $(cat "$PREFECT_HOME/server.pid"))"
+    else
+      setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" >"$PREFECT_HOME/server.log" 2>&1 &
+      echo $! >"$PREFECT_HOME/server.pid"
+      for i in $(seq 240); do
+        curl -sf "http://127.0.0.1:$PORT/api/health" >/dev/null && break
+        kill -0 "$(cat "$PREFECT_HOME/server.pid")" 2>/dev/null || { cat "$PREFECT_HOME/server.log"; exit 1; }
+        sleep 0.5
+      done
+      curl -sf "http://127.0.0.1:$PORT/api/health" >/dev/null || { echo "server did not start"; exit 1; }
+    fi
+    "$BIN/prefect" work-pool inspect gpu >/dev/null 2>&1 || "$BIN/prefect" work-pool create gpu --type process
+    "$BIN/prefect" global-concurrency-limit inspect gpu >/dev/null 2>&1 \
+      || "$BIN/prefect" global-concurrency-limit create gpu --limit "$GPUS"
+    "$BIN/prefect" --no-prompt deploy --all
+    if ! { [ -f "$PREFECT_HOME/worker.pid" ] && kill -0 "$(cat "$PREFECT_HOME/worker.pid")" 2>/dev/null; }; then
+      setsid "$BIN/prefect" worker start --pool gpu --name "gpu-$(hostname)" >"$PREFECT_HOME/worker.log" 2>&1 &
+      echo $! >"$PREFECT_HOME/worker.pid"
+    fi
+    echo "Prefect UI and API: http://127.0.0.1:$PORT (state in $PREFECT_HOME)"
+    echo "run:  PREFECT_API_URL=$PREFECT_API_URL prefect deployment run pretrain/clicv2"
+    ;;
+  down)
+    stop "$PREFECT_HOME/worker.pid"
+    stop "$PREFECT_HOME/server.pid"
+    echo "stopped"
+    ;;
+  *) echo "usage: $0 up|down" >&2; exit 2 ;;
+esac
