@@ -101,8 +101,8 @@ def publish(ws: Path, title: str, metric_files: dict[str, Path], extra: str = ""
     for name, f in metric_files.items():
         m = json.loads(f.read_text()) if f.exists() else {}
         results[name] = m
-        rows.append(f"| {name} | " + " | ".join(f"{m.get(k, float('nan')):.4f}" for k in ("pcc", "srcc", "krcc", "rmse"))
-                    + " |")
+        cells = " | ".join(f"{m.get(k, float('nan')):.4f}" for k in ("pcc", "srcc", "krcc", "rmse"))
+        rows.append(f"| {name} | {cells} |")
     runs = _mlflow_runs(env)
     md = [f"# {title}", "", "| model | PCC | SRCC | KRCC | RMSE |", "|---|---|---|---|---|", *rows, "",
           f"MLflow store: `{env['MLFLOW_TRACKING_URI']}`, workspace: `{ws}`", "", "| MLflow run | id | status |",
