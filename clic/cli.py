@@ -7,6 +7,7 @@
     clic transfer --model ENCODER --out METRICS.json [--data IMAGEFOLDER] [--name imagenet]
     clic score --model SCORER --out SCORES.csv IMAGE_OR_FOLDER...
     clic map --model SCORER --out MAP.png IMAGE
+    clic params PROFILE.yaml [--set key=value ...]           (print the merged params, e.g. > params.yaml)
 
 Overrides use the dotted paths of ``params.yaml`` (``--set pretrain.clicv2.epochs=3``); for
 ``pretrain`` a key may also be given relative to the method's section (``--set epochs=3``).
@@ -91,6 +92,10 @@ def parser() -> argparse.ArgumentParser:
     mp.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity")
     mp.add_argument("--device", default=None)
     mp.add_argument("image")
+
+    par = sub.add_parser("params", help="print a params file with its 'extends' chain and overrides merged")
+    par.add_argument("profile", help="e.g. params/gpu.yaml")
+    par.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     return ap
 
 
@@ -139,6 +144,14 @@ def main(argv: list[str] | None = None) -> int:
             _score(args)
         elif args.command == "map":
             _map(args)
+        elif args.command == "params":
+            import yaml
+
+            merged = load_params(args.profile, args.overrides)
+            data_config(merged)  # validate what can be validated without a method
+            for m in METHODS:
+                pretrain_config(merged, m)
+            print(yaml.safe_dump(merged, sort_keys=False), end="")
     except ValueError as exc:
         print(f"clic: error: {exc}", file=sys.stderr)
         return 2

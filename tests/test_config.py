@@ -85,3 +85,17 @@ def test_missing_or_broken_params_file(tmp_path: Path) -> None:
     bad.write_text("a: [1, 2\n")
     with pytest.raises(ValueError, match="not valid YAML"):
         load_params(bad)
+
+
+def test_profiles_extend_the_base_params(tmp_path: Path) -> None:
+    for profile in ("savoias", "gpu"):
+        params = load_params(REPO / "params" / f"{profile}.yaml")
+        for m in ("moco", "clic", "clicv2"):
+            pretrain_config(params, m)  # every profile resolves for every method
+    gpu = load_params(REPO / "params" / "gpu.yaml")
+    assert pretrain_config(gpu, "clicv2").backbone == "vit_base" and pretrain_config(gpu, "clic").image_size == 224
+    assert gpu["probe"]["protocol"] == "ridge"  # inherited from params.yaml
+    (tmp_path / "a.yaml").write_text("extends: b.yaml\nseed: 1\n")
+    (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
+    with pytest.raises(ValueError, match="'extends' forms a cycle"):
+        load_params(tmp_path / "a.yaml")

@@ -1,0 +1,82 @@
+"""Evaluation benchmarks; prints JSON (a script, not a test).
+
+- ridge probe with 5-fold CV over 9 penalties on 10,000 x 2,048 features (target: a few seconds);
+- ``clic score`` images/s on CPU (decode + resize in loader workers, model forward) compared, in
+  the same run, with the bare model forward on pre-decoded tensors (target: within 20%).
+
+    python bench/bench_eval.py [--images 512] [--backbone resnet18] [--size 112]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from clic.config import PretrainConfig, from_dict
+from clic.data.synthetic import render
+from clic.embed import eval_transform
+from clic.evaluation.probe import LinearHead, fit_ridge
+from clic.models.backbones import build_backbone
+from clic.scorer import Scorer
+
+
+def ridge_bench(n: int = 10_000, d: int = 2_048) -> dict:
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(n, d)).astype(np.float32)
+    y = x[:, :10] @ rng.normal(size=10) + rng.normal(size=n)
+    start = time.perf_counter()
+    head = fit_ridge(x, y, folds=5)
+    return {"ridge_cv_seconds": round(time.perf_counter() - start, 2), "n": n, "d": d, "alpha": head.alpha}
+
+
+def score_bench(images: int, backbone: str, size: int, workers: int) -> dict:
+    torch.manual_seed(0)
+    cfg = from_dict(PretrainConfig, {"backbone": backbone, "image_size": size})
+    bb = build_backbone(backbone, size).eval()
+    dim = bb.feature_dim
+    head = LinearHead(np.zeros(dim), np.ones(dim), np.random.default_rng(0).normal(size=dim) / dim, np.array(0.5))
+    scorer = Scorer(bb, cfg, head)
+    with tempfile.TemporaryDirectory() as tmp:
+        paths = []
+        for i in range(images):
+            img, _ = render(0, i, 4 * size, "mixed")  # larger than the model input: real decode + resize
+            p = Path(tmp) / f"{i}.jpg"
+            img.save(p, quality=92)
+            paths.append(p)
+        scorer.score_files(paths[:64], batch_size=64, workers=workers, progress=False)  # warm-up
+        start = time.perf_counter()
+        scores, kept, _ = scorer.score_files(paths, batch_size=64, workers=workers, progress=False)
+        scored = len(kept) / (time.perf_counter() - start)
+        tf = eval_transform(size)
+        from PIL import Image
+
+        batch = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[:64]])
+        with torch.no_grad():
+            bb(batch)
+            start = time.perf_counter()
+            for s in range(0, images, 64):
+                bb(batch[: min(64, images - s)])
+        bare = images / (time.perf_counter() - start)
+    return {"score_images_per_s": round(scored, 1), "bare_forward_images_per_s": round(bare, 1),
+            "score_vs_bare": round(scored / bare, 3), "backbone": backbone, "size": size, "workers": workers,
+            "threads": torch.get_num_threads()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=512)
+    ap.add_argument("--backbone", default="resnet18")
+    ap.add_argument("--size", type=int, default=112)
+    ap.add_argument("--workers", type=int, default=1)
+    args = ap.parse_args()
+    print(json.dumps({**ridge_bench(), **score_bench(args.images, args.backbone, args.size, args.workers)}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
