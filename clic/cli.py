@@ -62,6 +62,8 @@ def parser() -> argparse.ArgumentParser:
     prb = sub.add_parser("probe", help="fit a linear probe on frozen features; report PCC/SRCC; save a scorer")
     _common(prb)
     prb.add_argument("--model", default="", help="encoder.pt or checkpoint.pt (or use --baseline)")
+    prb.add_argument("--scorer", default="", help="cross-dataset: evaluate a fitted scorer.pt (or models:/ URI) "
+                     "on every labelled image of --data, without refitting")
     prb.add_argument("--baseline", choices=("random", "handcrafted"), default=None)
     prb.add_argument("--method", choices=METHODS, default="clicv2",
                      help="with --baseline random: whose architecture to copy")
@@ -160,7 +162,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _probe(args: argparse.Namespace) -> None:
     from clic.config import probe_config
-    from clic.evaluation.evaluate import evaluate_encoder, evaluate_handcrafted, evaluate_random
+    from clic.evaluation.evaluate import evaluate_encoder, evaluate_handcrafted, evaluate_random, evaluate_scorer
 
     params = load_params(args.params, args.overrides)
     cfg, seed = probe_config(params), int(params.get("seed", 0))
@@ -169,10 +171,12 @@ def _probe(args: argparse.Namespace) -> None:
         report = evaluate_handcrafted(data_dir, cfg, args.out, seed)
     elif args.baseline == "random":
         report = evaluate_random(pretrain_config(params, args.method), data_dir, cfg, args.out, seed, args.device)
+    elif args.scorer:
+        report = evaluate_scorer(args.scorer, data_dir, cfg, args.out, seed, args.device)
     elif args.model:
         report = evaluate_encoder(args.model, data_dir, cfg, args.out, seed, args.device, args.cache or None)
     else:
-        raise ValueError("probe needs --model ENCODER or --baseline random|handcrafted")
+        raise ValueError("probe needs --model ENCODER, --scorer SCORER or --baseline random|handcrafted")
     print(f"{report['name']}: PCC {report['pcc']:.4f}  SRCC {report['srcc']:.4f}  KRCC {report['krcc']:.4f}  "
           f"RMSE {report['rmse']:.4f}  (n={int(report['n'])}) -> {args.out}")
 

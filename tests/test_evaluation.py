@@ -165,6 +165,24 @@ def test_probe_writes_report_and_a_scorer_that_reproduces_it(tiny_encoder: Path,
         load_scorer(tiny_encoder)
 
 
+def test_cross_dataset_scorer_is_not_refitted(tiny_encoder: Path, tiny_prepared: Path, tmp_path: Path) -> None:
+    from clic.config import DataConfig, SyntheticConfig
+    from clic.data.prepare import prepare
+    from clic.evaluation.evaluate import evaluate_scorer
+
+    evaluate_encoder(tiny_encoder, tiny_prepared, ProbeConfig(bootstrap=0, workers=0), tmp_path / "fit")
+    other = prepare(DataConfig(raw_dir=str(tmp_path / "raw"), out_dir=str(tmp_path / "other"), cache_size=64,
+                               synthetic=SyntheticConfig(n_train=10, n_test=6, size=64)), seed=11, workers=1)
+    report = evaluate_scorer(tmp_path / "fit" / "scorer.pt", other, ProbeConfig(bootstrap=0, workers=0),
+                             tmp_path / "cross")
+    assert report["n"] == 16 and report["cross_dataset"] is True  # every labelled image, both splits
+    assert report["fitted_on"] != report["evaluated_on"]
+    scorer = load_scorer(tmp_path / "fit" / "scorer.pt", "cpu")
+    rows = (tmp_path / "cross" / "predictions.csv").read_text().splitlines()[1:]
+    first = read_table(other)[0]
+    assert float(rows[0].split(",")[3]) == pytest.approx(float(scorer(first.image_path(other))[0]), abs=1e-5)
+
+
 def test_baselines_share_the_split(tiny_prepared: Path, tmp_path: Path) -> None:
     cfg = ProbeConfig(bootstrap=0, workers=1)
     arch = from_dict(PretrainConfig, {"method": "moco", **tiny_overrides("moco")})

@@ -123,6 +123,26 @@ def _evaluate_backbone(backbone: torch.nn.Module, pcfg: PretrainConfig, model_ke
     return report
 
 
+def evaluate_scorer(scorer_path: str | Path, data_dir: str | Path, cfg: ProbeConfig, out_dir: str | Path,
+                    seed: int = 0, device: str | None = None) -> dict[str, Any]:
+    """Cross-dataset evaluation: a scorer fitted on one dataset (e.g. IC9600 or synthetic) scores
+    every labelled image of another (e.g. SAVOIAS); nothing is refitted."""
+    from clic.scorer import load_scorer
+
+    data_dir = Path(data_dir)
+    scorer = load_scorer(scorer_path, device)
+    records = [r for r in read_table(data_dir) if r.score is not None]
+    if len(records) < 2:
+        raise ValueError(f"{data_dir}: needs at least 2 labelled images, found {len(records)}")
+    scores, kept, errors = scorer.score_files([r.image_path(data_dir) for r in records], cfg.batch_size,
+                                              cfg.workers, progress=False)
+    if errors:
+        raise ValueError(f"{len(errors)} images could not be read: {errors[0]}")
+    fitted_on = scorer.meta.get("dataset_fingerprint", "unknown")
+    return write_report(Path(out_dir), f"{scorer.cfg.method} (fitted on {fitted_on})", scores, records, cfg, seed,
+                        {"fitted_on": fitted_on, "evaluated_on": fingerprint(records), "cross_dataset": True})
+
+
 def _measure(path: Path) -> list[float]:
     m = handcrafted.measure(load_rgb(path))
     return [m[k] for k in handcrafted.MEASURES]
