@@ -122,6 +122,7 @@ def stage_run(params: dict[str, Any], stage: str, method: str = "", config: dict
                            log_system_metrics=True)
     try:
         if config:
+            mlflow.log_dict(config, "config.yaml")  # the resolved config, as one readable artifact
             flat = {k: (str(v)[:500] if v is not None else "") for k, v in flatten(config).items()}
             items = list(flat.items())
             for i in range(0, len(items), 100):
