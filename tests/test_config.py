@@ -95,6 +95,7 @@ def test_profiles_extend_the_base_params(tmp_path: Path) -> None:
     gpu = load_params(REPO / "params" / "gpu.yaml")
     assert pretrain_config(gpu, "clicv2").backbone == "vit_base" and pretrain_config(gpu, "clic").image_size == 224
     assert gpu["probe"]["protocol"] == "ridge"  # inherited from params.yaml
+    assert [pretrain_config(gpu, m).epochs for m in ("moco", "clic", "clicv2")] == [200, 200, 300]
     (tmp_path / "a.yaml").write_text("extends: b.yaml\nseed: 1\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ValueError, match="'extends' forms a cycle"):

@@ -35,7 +35,9 @@ def make_project(root: Path, tweak=None) -> Path:  # type: ignore[no-untyped-def
          if src.is_dir() else shutil.copy(src, root / item))
     p = yaml.safe_load((root / "params.yaml").read_text())
     p["data"]["synthetic"].update(n_train=48, n_test=24, size=48, n_class_train=6, n_class_val=3)
-    p["pretrain"]["common"].update(epochs=1, batch_size=16, image_size=32, num_workers=0)
+    p["pretrain"]["common"].update(batch_size=16, image_size=32, num_workers=0)
+    for m in ("moco", "clic", "clicv2"):
+        p["pretrain"][m]["epochs"] = 1
     p["pretrain"]["common"]["moco"]["queue_size"] = 32
     p["pretrain"]["clicv2"]["depth"] = 1
     p["probe"].update(bootstrap=20, workers=1)
