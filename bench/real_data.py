@@ -1,7 +1,7 @@
 """Does it learn complexity from real photos? Pretrain each method on a real dataset's images
 (labels unused), probe every encoder and the baselines on the same folds, print a JSON table.
 
-    python bench/real_data.py --params params/savoias.yaml --out runs/savoias [--methods ...]
+    python bench/real_data.py --params params/real-photos.yaml --out runs/savoias [--methods ...]
 
 Resumable: each method trains into ``OUT/models/<method>`` (re-running continues from checkpoints).
 """
@@ -31,7 +31,7 @@ def _row(report: dict, seconds: float | None = None) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--params", default="params/savoias.yaml")
+    ap.add_argument("--params", default="params/real-photos.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default="runs/savoias")
     ap.add_argument("--methods", nargs="+", default=["moco", "clic", "clicv2"])

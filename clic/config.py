@@ -448,7 +448,7 @@ def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Read a params file; a top-level ``extends: OTHER.yaml`` (relative to the file) names a base
-    that this file is deep-merged over (profiles such as ``params/savoias.yaml``)."""
+    that this file is deep-merged over (profiles such as ``params/real-photos.yaml``)."""
     return apply_overrides(_read_params(Path(path), ()), overrides or [])
 
 

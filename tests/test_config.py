@@ -88,7 +88,7 @@ def test_missing_or_broken_params_file(tmp_path: Path) -> None:
 
 
 def test_profiles_extend_the_base_params(tmp_path: Path) -> None:
-    for profile in ("savoias", "gpu"):
+    for profile in ("real-photos", "gpu"):
         params = load_params(REPO / "params" / f"{profile}.yaml")
         for m in ("moco", "clic", "clicv2"):
             pretrain_config(params, m)  # every profile resolves for every method
