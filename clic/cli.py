@@ -30,6 +30,14 @@ def _common(p: argparse.ArgumentParser) -> None:
                    help="override a parameter (repeatable)")
 
 
+def _batch_inputs(p: argparse.ArgumentParser) -> None:
+    """Options of the commands that run a model over many image files."""
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--workers", type=int, default=2, help="decoding processes")
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+
+
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(prog="clic", description="Unsupervised image-complexity representation "
                                  "(CLIC / CLICv2): prepare data, pretrain, embed.")
@@ -54,10 +62,7 @@ def parser() -> argparse.ArgumentParser:
     emb = sub.add_parser("embed", help="frozen-encoder features for images or folders")
     emb.add_argument("--model", required=True, help="encoder.pt or checkpoint.pt")
     emb.add_argument("--out", required=True, help="output .npz with arrays paths and features")
-    emb.add_argument("--batch-size", type=int, default=64)
-    emb.add_argument("--workers", type=int, default=2)
-    emb.add_argument("--device", default=None)
-    emb.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    _batch_inputs(emb)
 
     prb = sub.add_parser("probe", help="fit a linear probe on frozen features; report PCC/SRCC; save a scorer")
     _common(prb)
@@ -83,10 +88,7 @@ def parser() -> argparse.ArgumentParser:
     sco = sub.add_parser("score", help="complexity scores for images or folders")
     sco.add_argument("--model", required=True, help="scorer.pt (from clic probe) or an MLflow models:/ URI")
     sco.add_argument("--out", required=True, help="CSV with path,score rows")
-    sco.add_argument("--batch-size", type=int, default=64)
-    sco.add_argument("--workers", type=int, default=2)
-    sco.add_argument("--device", default=None)
-    sco.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
+    _batch_inputs(sco)
 
     mp = sub.add_parser("map", help="per-patch complexity heat map blended over an image")
     mp.add_argument("--model", required=True)
