@@ -4,7 +4,10 @@
 - ``clic score`` images/s on CPU (decode + resize in loader workers, model forward) compared, in
   the same run, with the bare model forward on pre-decoded tensors (target: within 20%).
 
-    python bench/bench_eval.py [--images 512] [--backbone resnet18] [--size 112]
+    python bench/bench_eval.py [--images 512] [--backbone resnet18] [--size 112] [--source 448]
+
+``--source`` is the side of the JPEGs scored (default 4x the model input); camera-sized photos
+(e.g. ``--source 1536``) show the reduced-scale JPEG decoding of :func:`clic.data.imageio.load_rgb`.
 """
 
 from __future__ import annotations
@@ -35,7 +38,7 @@ def ridge_bench(n: int = 10_000, d: int = 2_048) -> dict:
     return {"ridge_cv_seconds": round(time.perf_counter() - start, 2), "n": n, "d": d, "alpha": head.alpha}
 
 
-def score_bench(images: int, backbone: str, size: int, workers: int) -> dict:
+def score_bench(images: int, backbone: str, size: int, workers: int, source: int) -> dict:
     torch.manual_seed(0)
     cfg = from_dict(PretrainConfig, {"backbone": backbone, "image_size": size})
     bb = build_backbone(backbone, size).eval()
@@ -45,7 +48,7 @@ def score_bench(images: int, backbone: str, size: int, workers: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         paths = []
         for i in range(images):
-            img, _ = render(0, i, 4 * size, "mixed")  # larger than the model input: real decode + resize
+            img, _ = render(0, i, source, "mixed")  # larger than the model input: real decode + resize
             p = Path(tmp) / f"{i}.jpg"
             img.save(p, quality=92)
             paths.append(p)
@@ -64,8 +67,8 @@ def score_bench(images: int, backbone: str, size: int, workers: int) -> dict:
                 bb(batch[: min(64, images - s)])
         bare = images / (time.perf_counter() - start)
     return {"score_images_per_s": round(scored, 1), "bare_forward_images_per_s": round(bare, 1),
-            "score_vs_bare": round(scored / bare, 3), "backbone": backbone, "size": size, "workers": workers,
-            "threads": torch.get_num_threads()}
+            "score_vs_bare": round(scored / bare, 3), "backbone": backbone, "size": size, "source": source,
+            "workers": workers, "threads": torch.get_num_threads()}
 
 
 def main() -> None:
@@ -74,8 +77,11 @@ def main() -> None:
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--source", type=int, default=0, help="side of the scored JPEGs (default 4 x size)")
     args = ap.parse_args()
-    print(json.dumps({**ridge_bench(), **score_bench(args.images, args.backbone, args.size, args.workers)}, indent=2))
+    source = args.source or 4 * args.size
+    print(json.dumps({**ridge_bench(), **score_bench(args.images, args.backbone, args.size, args.workers, source)},
+                     indent=2))
 
 
 if __name__ == "__main__":

@@ -296,6 +296,7 @@ class ProbeConfig:
     protocol: Literal["ridge", "sgd"] = "ridge"
     mode: Literal["split", "cv"] = "split"
     folds: int = 5
+    image_size: int = 0  # input side for features and the scorer; 0 = the encoder's pretraining size
     alphas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
     sgd_epochs: int = 100
     sgd_lr: float = 0.01
@@ -309,6 +310,8 @@ class ProbeConfig:
         _choice("probe.mode", self.mode, ("split", "cv"))
         if self.folds < 2:
             raise ValueError(f"probe.folds must be >= 2, got {self.folds}")
+        if self.image_size < 0:
+            raise ValueError(f"probe.image_size must be >= 0 (0 = the pretraining size), got {self.image_size}")
         if not self.alphas or any(a <= 0 for a in self.alphas):
             raise ValueError(f"probe.alphas must be positive numbers, got {self.alphas}")
         for b in self.baselines:

@@ -49,7 +49,7 @@ class Scorer:
     def _tensor(self, item: ImageLike) -> torch.Tensor:
         if isinstance(item, torch.Tensor):
             return item
-        img = item if isinstance(item, Image.Image) else load_rgb(item)
+        img = item if isinstance(item, Image.Image) else load_rgb(item, min_size=2 * self.cfg.image_size)
         return self.transform(img.convert("RGB"))
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:

@@ -119,6 +119,20 @@ def test_exif_orientation_is_applied(tmp_path: Path) -> None:
     assert load_rgb(path).size == (30, 60)
 
 
+
+def test_reduced_jpeg_decoding_keeps_min_size_and_content(tmp_path: Path) -> None:
+    img, _ = render(0, 3, 640, "mixed")
+    jpg, png = tmp_path / "big.jpg", tmp_path / "big.png"
+    img.resize((640, 480)).save(jpg, quality=95)
+    img.resize((640, 480)).save(png)
+    full = load_rgb(jpg)
+    small = load_rgb(jpg, min_size=100)  # 1/4 scale: 160 x 120 is the smallest with both sides >= 100
+    assert full.size == (640, 480) and small.size == (160, 120)
+    assert load_rgb(jpg, min_size=200).size == (320, 240)
+    assert load_rgb(jpg, min_size=300).size == (640, 480)  # half scale would give a 240 px short side
+    assert load_rgb(png, min_size=100).size == (640, 480)  # only JPEG has DCT scaling
+    reference = np.asarray(full.resize(small.size, Image.Resampling.BOX), dtype=float)
+    assert np.abs(np.asarray(small, dtype=float) - reference).mean() < 4.0  # same picture, 8-bit levels
 def test_truncated_and_corrupt_images_name_the_file(tmp_path: Path, photos: list[Path]) -> None:
     data = photos[0].read_bytes()
     trunc = tmp_path / "trunc.jpg"

@@ -165,6 +165,19 @@ def test_probe_writes_report_and_a_scorer_that_reproduces_it(tiny_encoder: Path,
         load_scorer(tiny_encoder)
 
 
+def test_vit_probed_above_its_training_resolution(tiny_prepared: Path, tmp_path: Path) -> None:
+    cfg = from_dict(PretrainConfig, {"method": "clicv2", **tiny_overrides("clicv2"), "epochs": 1})
+    encoder = run(cfg, tiny_prepared, tmp_path / "enc", progress=False)
+    report = evaluate_encoder(encoder, tiny_prepared, ProbeConfig(bootstrap=0, workers=0, image_size=48), tmp_path)
+    assert report["n"] == 16 and report["feature_dim"] == 192
+    scorer = load_scorer(tmp_path / "scorer.pt", "cpu")  # rebuilt at 48 px with the resampled embedding
+    assert scorer.cfg.image_size == 48 and scorer.backbone.grid == 6
+    paths = [r.image_path(tiny_prepared) for r in read_table(tiny_prepared, ["test"])]
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()[1:]
+    np.testing.assert_allclose(scorer(paths), [float(r.split(",")[3]) for r in rows], atol=2e-5)
+    assert scorer.map(paths[0]).shape == (6, 6)
+
+
 def test_cross_dataset_scorer_is_not_refitted(tiny_encoder: Path, tiny_prepared: Path, tmp_path: Path) -> None:
     from clic.config import DataConfig, SyntheticConfig
     from clic.data.prepare import prepare

@@ -106,3 +106,23 @@ def test_build_model_per_method() -> None:
         raw = {"method": method, "image_size": 32, "patch_size": 8, "depth": 1,
                "backbone": "vit_tiny" if method == "clicv2" else "resnet18"}
         assert isinstance(build_model(from_dict(PretrainConfig, raw)), cls)
+
+
+def test_at_resolution_resamples_the_vit_position_embedding() -> None:
+    from clic.models.backbones import at_resolution
+
+    cfg = from_dict(PretrainConfig, {"backbone": "vit_tiny", "image_size": 32, "patch_size": 8, "depth": 1})
+    vit = build_backbone("vit_tiny", 32, 8, depth=1).eval()
+    with torch.no_grad():
+        vit.vit.pos_embed.fill_(0.25)  # a constant embedding must stay constant under resampling
+    big, big_cfg = at_resolution(vit, cfg, 64)
+    assert big_cfg.image_size == 64 and cfg.image_size == 32 and big.grid == 8
+    assert big.vit.pos_embed.shape == (1, 1 + 64, vit.feature_dim)
+    torch.testing.assert_close(big.vit.pos_embed, torch.full_like(big.vit.pos_embed, 0.25))
+    torch.testing.assert_close(big.vit.blocks[0].attn.qkv.weight, vit.vit.blocks[0].attn.qkv.weight)
+    assert big(torch.randn(2, 3, 64, 64)).shape == (2, vit.feature_dim)
+    assert big.forward_spatial(torch.randn(1, 3, 64, 64)).shape == (1, vit.feature_dim, 8, 8)
+    assert at_resolution(vit, cfg, 0)[0] is vit and at_resolution(vit, cfg, 32)[0] is vit
+    resnet = build_backbone("resnet18")
+    same, rcfg = at_resolution(resnet, from_dict(PretrainConfig, {"image_size": 32}), 48)
+    assert same is resnet and rcfg.image_size == 48

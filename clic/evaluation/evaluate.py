@@ -10,6 +10,7 @@ zero-shot (raw value vs score) and as ridge-probe features.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import json
 import logging
 import os
@@ -28,7 +29,7 @@ from clic.evaluation import handcrafted, plots
 from clic.evaluation.features import dataset_features, file_digest
 from clic.evaluation.metrics import full_report, regression_metrics
 from clic.evaluation.probe import LinearHead, cross_validated_predictions, fit_regression
-from clic.models.backbones import build_backbone
+from clic.models.backbones import at_resolution, build_backbone
 from clic.scorer import Scorer
 
 log = logging.getLogger(__name__)
@@ -91,8 +92,8 @@ def evaluate_encoder(encoder: str | Path, data_dir: str | Path, cfg: ProbeConfig
     """Probe a pretrained encoder; writes the report and ``scorer.pt``; returns the report."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backbone, pcfg = load_encoder(encoder, dev)
-    return _evaluate_backbone(backbone, pcfg, file_digest(encoder), data_dir, cfg, out_dir, seed, dev,
+    backbone, pcfg = at_resolution(*load_encoder(encoder, dev), cfg.image_size)
+    return evaluate_backbone(backbone, pcfg, file_digest(encoder), data_dir, cfg, out_dir, seed, dev,
                               cache_dir, name or pcfg.method)
 
 
@@ -101,12 +102,13 @@ def evaluate_random(arch: PretrainConfig, data_dir: str | Path, cfg: ProbeConfig
     """The random-initialised encoder of the same architecture, probed the same way."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
+    arch = dataclasses.replace(arch, image_size=cfg.image_size or arch.image_size)
     backbone = build_backbone(arch.backbone, arch.image_size, arch.patch_size, arch.depth, arch.pool).to(dev).eval()
-    return _evaluate_backbone(backbone, arch, f"random-{arch.backbone}-{seed}", Path(data_dir), cfg,
+    return evaluate_backbone(backbone, arch, f"random-{arch.backbone}-{seed}", Path(data_dir), cfg,
                               Path(out_dir), seed, dev, None, f"random_{arch.backbone}")
 
 
-def _evaluate_backbone(backbone: torch.nn.Module, pcfg: PretrainConfig, model_key: str, data_dir: Path,
+def evaluate_backbone(backbone: torch.nn.Module, pcfg: PretrainConfig, model_key: str, data_dir: Path,
                        cfg: ProbeConfig, out_dir: Path, seed: int, dev: torch.device,
                        cache_dir: str | Path | None, name: str) -> dict[str, Any]:
     fit, evaluate = labelled(data_dir, cfg)

@@ -11,12 +11,16 @@ Every backbone exposes ``forward(x) -> (B, D)``, ``forward_spatial(x) -> (B, D, 
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any
 
 import timm
 import torch
+from timm.layers import resample_abs_pos_embed
 from torch import nn
 from torchvision import models as tvm
+
+from clic.config import PretrainConfig
 
 RESNETS = {"resnet18": tvm.resnet18, "resnet34": tvm.resnet34, "resnet50": tvm.resnet50}
 VITS = {"vit_tiny": "vit_tiny_patch16_224", "vit_small": "vit_small_patch16_224",
@@ -104,6 +108,27 @@ class ViTBackbone(nn.Module):
         if self.pool == "cls" and self.vit.num_prefix_tokens:
             return t[:, 0]
         return t[:, self.vit.num_prefix_tokens:].mean(dim=1)  # (B, D)
+
+
+def at_resolution(backbone: ResNetBackbone | ViTBackbone, cfg: PretrainConfig,
+                  size: int) -> tuple[ResNetBackbone | ViTBackbone, PretrainConfig]:
+    """The same encoder fed ``size`` px inputs, and its config saying so. ResNets pool globally and
+    take any size; a ViT is rebuilt on the new patch grid with its position embedding resampled
+    bicubically (timm's ``resample_abs_pos_embed``). Testing above the training resolution
+    compensates RandomResizedCrop's magnification (Touvron et al. 2019, FixRes)."""
+    if not size or size == cfg.image_size:
+        return backbone, cfg
+    new_cfg = dataclasses.replace(cfg, image_size=size)
+    if not getattr(backbone, "is_vit", False):
+        return backbone, new_cfg
+    new = build_backbone(cfg.backbone, size, cfg.patch_size, cfg.depth, cfg.pool)
+    state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
+    state["vit.pos_embed"] = resample_abs_pos_embed(
+        state["vit.pos_embed"], [new.grid, new.grid], [backbone.grid, backbone.grid],
+        num_prefix_tokens=0 if backbone.vit.no_embed_class else backbone.vit.num_prefix_tokens)
+    new.load_state_dict(state)
+    param = next(backbone.parameters())
+    return new.to(param.device).train(backbone.training), new_cfg
 
 
 def build_backbone(name: str, image_size: int = 224, patch_size: int = 16, depth: int = 0,
