@@ -50,6 +50,8 @@ def parser() -> argparse.ArgumentParser:
     _common(prep)
     prep.add_argument("--transfer", default="", metavar="DIR",
                       help="also write the synthetic labelled classification set to DIR")
+    prep.add_argument("--force", action="store_true",
+                      help="rebuild even when the folder was prepared from the same inputs")
 
     pre = sub.add_parser("pretrain", help="self-supervised pretraining (resumes from DIR/checkpoint.pt)")
     _common(pre)
@@ -119,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
 
             params = load_params(args.params, args.overrides)
             dcfg = data_config(params)
-            out = prepare(dcfg, seed=int(params.get("seed", 0)))
+            out = prepare(dcfg, seed=int(params.get("seed", 0)), force=args.force)
             print(f"prepared dataset: {out}")
             if args.transfer:
                 print(f"transfer dataset: {prepare_transfer(dcfg, args.transfer, int(params.get('seed', 0)))}")

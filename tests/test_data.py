@@ -264,17 +264,24 @@ def test_prepare_fails_whole_and_keeps_the_previous_output(tmp_path: Path, photo
     cfg = DataConfig(source="folder", path=str(folder), csv=str(csv_path), out_dir=str(tmp_path / "prep"),
                      cache_size=48, min_size=32)
     out = prepare(cfg, workers=1)
-    before = (out / "table.csv").read_text()
     rows = read_table(out)
     assert [r.name for r in rows] == [photos[0].name, photos[1].name]
     assert all(min(Image.open(out / r.cache).size) == 48 for r in rows)
     assert len({r.sha256 for r in rows}) == 2
+    # same inputs: kept as they are (no rebuild); a changed label or --force rebuilds
+    stamp = (out / "table.csv").stat().st_mtime_ns
+    assert prepare(cfg, workers=1) == out and (out / "table.csv").stat().st_mtime_ns == stamp
+    csv_path.write_text(f"image,score,split\n{photos[0].name},0.2,train\n{photos[1].name},0.7,test\n")
+    assert [r.score for r in read_table(prepare(cfg, workers=1))] == pytest.approx([0.2, 0.7])
+    stamp = (out / "table.csv").stat().st_mtime_ns
+    assert (prepare(cfg, workers=1, force=True) / "table.csv").stat().st_mtime_ns != stamp
+    before = (out / "table.csv").read_text()
     # corrupt one image: the whole prepare fails, names it, and the previous table survives
     (folder / photos[1].name).write_bytes(b"\xff\xd8\xff garbage")
     with pytest.raises(ValueError, match=rf"1 of 2 images are unusable:\n  .*{photos[1].name}"):
         prepare(cfg, workers=1)
     assert (out / "table.csv").read_text() == before
-    assert not (tmp_path / "prep.partial").exists()
+    assert not list(tmp_path.glob("prep.partial*"))
 
 
 def test_prepare_refuses_images_below_min_size(tmp_path: Path) -> None:

@@ -7,6 +7,8 @@ only when complete, so a failed prepare leaves the previous prepared dataset unt
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
 import os
 import shutil
@@ -15,7 +17,7 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from clic.config import DataConfig
+from clic.config import DataConfig, to_dict
 from clic.data.archive import find_root, is_archive, safe_extract
 from clic.data.imageio import ImageError, content_hash, load_rgb, resize_short
 from clic.data.sources import Entry, read_folder, read_ic9600, read_savoias
@@ -78,13 +80,40 @@ def _process(job: tuple[Entry, str, int, int, int]) -> tuple[Record | None, str 
     return Record(entry.name, str(entry.path), entry.score, entry.split, entry.category, w, h, sha, cache), None
 
 
-def prepare(cfg: DataConfig, seed: int = 0, workers: int | None = None) -> Path:
-    """Prepare the configured source into ``cfg.out_dir``; returns that folder."""
+def inputs_signature(cfg: DataConfig, seed: int, entries: list[Entry]) -> str:
+    """Hash of everything a prepared folder depends on: the settings that shape it, the seed and
+    each entry (name, label, split, category, file size and modification time)."""
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("out_dir", "raw_dir", "max_archive_bytes")}
+    h = hashlib.sha256(json.dumps({"settings": settings, "seed": seed}, sort_keys=True).encode())
+    for e in entries:
+        st = e.path.stat()
+        h.update(f"{e.name}|{e.path}|{e.score}|{e.split}|{e.category}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def _up_to_date(out: Path, signature: str) -> bool:
+    try:
+        meta = json.loads((out / "meta.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return meta.get("inputs") == signature and (out / "table.csv").is_file()
+
+
+def prepare(cfg: DataConfig, seed: int = 0, workers: int | None = None, force: bool = False) -> Path:
+    """Prepare the configured source into ``cfg.out_dir``; returns that folder.
+
+    A folder already prepared from the same inputs (:func:`inputs_signature`) is kept as it is
+    unless ``force``: re-running is cheap and never pulls files from under a concurrent reader.
+    """
     entries, meta = source_entries(cfg, seed)
     if not entries:
         raise ValueError(f"{meta.get('root')}: the source lists no images")
     out = Path(cfg.out_dir)
-    tmp = out.with_name(out.name + ".partial")
+    signature = inputs_signature(cfg, seed, entries)
+    if not force and _up_to_date(out, signature):
+        log.info("%s is up to date with %s (%d images)", out, meta.get("root"), len(entries))
+        return out
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # concurrent prepares never share it
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     jobs = [(e, str(tmp), cfg.cache_size, cfg.min_size, cfg.max_pixels) for e in entries]
@@ -107,7 +136,7 @@ def prepare(cfg: DataConfig, seed: int = 0, workers: int | None = None) -> Path:
             Record(r.name, relative_to(out, Path(r.path)), r.score, r.split, r.category, r.width, r.height,
                    r.sha256, r.cache) for r in records
         ]
-        write_table(tmp, records, {**meta, "seed": seed, "cache_size": cfg.cache_size})
+        write_table(tmp, records, {**meta, "seed": seed, "cache_size": cfg.cache_size, "inputs": signature})
         shutil.rmtree(out, ignore_errors=True)
         os.replace(tmp, out)
     except BaseException:
