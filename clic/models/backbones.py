@@ -110,8 +110,7 @@ class ViTBackbone(nn.Module):
         return t[:, self.vit.num_prefix_tokens:].mean(dim=1)  # (B, D)
 
 
-def at_resolution(backbone: ResNetBackbone | ViTBackbone, cfg: PretrainConfig,
-                  size: int) -> tuple[ResNetBackbone | ViTBackbone, PretrainConfig]:
+def at_resolution(backbone: nn.Module, cfg: PretrainConfig, size: int) -> tuple[nn.Module, PretrainConfig]:
     """The same encoder fed ``size`` px inputs, and its config saying so. ResNets pool globally and
     take any size; a ViT is rebuilt on the new patch grid with its position embedding resampled
     bicubically (timm's ``resample_abs_pos_embed``). Testing above the training resolution
@@ -119,7 +118,7 @@ def at_resolution(backbone: ResNetBackbone | ViTBackbone, cfg: PretrainConfig,
     if not size or size == cfg.image_size:
         return backbone, cfg
     new_cfg = dataclasses.replace(cfg, image_size=size)
-    if not getattr(backbone, "is_vit", False):
+    if not isinstance(backbone, ViTBackbone):
         return backbone, new_cfg
     new = build_backbone(cfg.backbone, size, cfg.patch_size, cfg.depth, cfg.pool)
     state = {k: v.detach().clone() for k, v in backbone.state_dict().items()}
