@@ -12,6 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
@@ -64,19 +65,22 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     return paths
 
 
-class _Images(Dataset):
-    """Decoded, transformed images; JPEGs decode at a reduced DCT scale that keeps at least twice
-    the model's input side (scores move by ~1% of their spread, decoding is 4-5x cheaper)."""
+def load_for_model(path: str | Path, size: int) -> Image.Image:
+    """Decode an image that will be resized to ``size``: JPEGs at a reduced DCT scale keeping at
+    least twice that side (scores move by ~1% of their spread, decoding is 4-5x cheaper)."""
+    return load_rgb(path, min_size=2 * size)
 
-    def __init__(self, paths: Sequence[Path], transform: T.Compose, min_size: int | None = None) -> None:
-        self.paths, self.transform, self.min_size = list(paths), transform, min_size
+
+class _Images(Dataset):
+    def __init__(self, paths: Sequence[Path], size: int) -> None:
+        self.paths, self.size, self.transform = list(paths), size, eval_transform(size)
 
     def __len__(self) -> int:
         return len(self.paths)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int, str]:
         try:
-            return self.transform(load_rgb(self.paths[i], min_size=self.min_size)), i, ""
+            return self.transform(load_for_model(self.paths[i], self.size)), i, ""
         except ImageError as exc:
             return torch.zeros(3, 1, 1), i, str(exc)
 
@@ -91,8 +95,7 @@ def extract(backbone: nn.Module, paths: Sequence[Path], size: int, batch_size: i
             device: str | torch.device = "cpu", progress: bool = True) -> tuple[np.ndarray, list[int], list[str]]:
     """Features (N_ok, D) float32, indices of the paths that decoded, and the errors of the rest."""
     device = torch.device(device)
-    images = _Images(paths, eval_transform(size), min_size=2 * size)
-    loader = DataLoader(images, batch_size=batch_size, num_workers=workers, collate_fn=_collate,
+    loader = DataLoader(_Images(paths, size), batch_size=batch_size, num_workers=workers, collate_fn=_collate,
                         pin_memory=device.type == "cuda")
     feats, kept, errors = [], [], []
     for x, idx, errs in tqdm(loader, desc="embed", unit="batch", disable=not progress):

@@ -19,8 +19,7 @@ import torch
 from PIL import Image
 
 from clic.config import PretrainConfig, from_dict, to_dict
-from clic.data.imageio import load_rgb
-from clic.embed import eval_transform, extract
+from clic.embed import eval_transform, extract, load_for_model
 from clic.engine import checkpoint as ckpt
 from clic.engine.train import autocast
 from clic.evaluation.probe import LinearHead
@@ -49,7 +48,7 @@ class Scorer:
     def _tensor(self, item: ImageLike) -> torch.Tensor:
         if isinstance(item, torch.Tensor):
             return item
-        img = item if isinstance(item, Image.Image) else load_rgb(item, min_size=2 * self.cfg.image_size)
+        img = item if isinstance(item, Image.Image) else load_for_model(item, self.cfg.image_size)
         return self.transform(img.convert("RGB"))
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:

@@ -94,7 +94,7 @@ def evaluate_encoder(encoder: str | Path, data_dir: str | Path, cfg: ProbeConfig
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone, pcfg = at_resolution(*load_encoder(encoder, dev), cfg.image_size)
     return evaluate_backbone(backbone, pcfg, file_digest(encoder), data_dir, cfg, out_dir, seed, dev,
-                              cache_dir, name or pcfg.method)
+                             cache_dir, name or pcfg.method)
 
 
 def evaluate_random(arch: PretrainConfig, data_dir: str | Path, cfg: ProbeConfig, out_dir: str | Path,
@@ -105,12 +105,12 @@ def evaluate_random(arch: PretrainConfig, data_dir: str | Path, cfg: ProbeConfig
     arch = dataclasses.replace(arch, image_size=cfg.image_size or arch.image_size)
     backbone = build_backbone(arch.backbone, arch.image_size, arch.patch_size, arch.depth, arch.pool).to(dev).eval()
     return evaluate_backbone(backbone, arch, f"random-{arch.backbone}-{seed}", Path(data_dir), cfg,
-                              Path(out_dir), seed, dev, None, f"random_{arch.backbone}")
+                             Path(out_dir), seed, dev, None, f"random_{arch.backbone}")
 
 
 def evaluate_backbone(backbone: torch.nn.Module, pcfg: PretrainConfig, model_key: str, data_dir: Path,
-                       cfg: ProbeConfig, out_dir: Path, seed: int, dev: torch.device,
-                       cache_dir: str | Path | None, name: str) -> dict[str, Any]:
+                      cfg: ProbeConfig, out_dir: Path, seed: int, dev: torch.device,
+                      cache_dir: str | Path | None, name: str) -> dict[str, Any]:
     fit, evaluate = labelled(data_dir, cfg)
     feats = lambda recs: dataset_features(backbone, recs, data_dir, pcfg.image_size, model_key,  # noqa: E731
                                           cache_dir, cfg.batch_size, cfg.workers, dev)
