@@ -1,6 +1,7 @@
 """The ``clic`` command line.
 
     clic data prepare [--params params.yaml] [--set key=value ...]
+    clic data corpus [--params params.yaml] [--data DIR]     (list and hash pretrain.data; exit 1 on leaks)
     clic pretrain --method {moco,clic,clicv2} --out DIR [--data DIR] [--set key=value ...]
     clic embed --model CHECKPOINT --out FEATURES.npz IMAGE_OR_FOLDER...
     clic probe --model ENCODER --out DIR [--data DIR]       (also --baseline random|handcrafted)
@@ -52,6 +53,13 @@ def parser() -> argparse.ArgumentParser:
                       help="also write the synthetic labelled classification set to DIR")
     prep.add_argument("--force", action="store_true",
                       help="rebuild even when the folder was prepared from the same inputs")
+    corp = data_sub.add_parser("corpus", help="list and hash the pretraining corpus (pretrain.data) and report "
+                               "evaluation images found in it (exit 1 when there are any)")
+    _common(corp)
+    corp.add_argument("--data", default="", help="prepared dataset whose evaluation images are looked for "
+                      "(default: data.out_dir; skipped when it is not prepared)")
+    corp.add_argument("--workers", type=int, default=0, help="hashing processes (default: CPUs, at most 8)")
+    corp.add_argument("--work-dir", default="", help="extracted archives and the hash index (default: data/corpus)")
 
     pre = sub.add_parser("pretrain", help="self-supervised pretraining (resumes from DIR/checkpoint.pt)")
     _common(pre)
@@ -116,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command == "data" and args.data_command == "corpus":
+            return _corpus(args)
         if args.command == "data":
             from clic.data.prepare import prepare, prepare_transfer
 
@@ -162,6 +172,50 @@ def main(argv: list[str] | None = None) -> int:
         print(f"clic: error: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _corpus(args: argparse.Namespace) -> int:
+    import time
+    from collections import Counter
+    from pathlib import Path
+
+    from clic.config import probe_config
+    from clic.data.corpus import CORPUS_DIR, INDEX_NAME, corpus_hashes, corpus_records, evaluation_records, leaks
+    from clic.data.table import read_table
+
+    params = load_params(args.params, args.overrides)
+    pcfg, dcfg, mode = pretrain_config(params, METHODS[0]), data_config(params), probe_config(params).mode
+    if not pcfg.data:
+        raise ValueError("pretrain.data is empty: pretraining uses the prepared dataset's "
+                         f"{'/'.join(pcfg.splits)} split(s); set pretrain.data to a list of image folders or archives")
+    work = Path(args.work_dir or CORPUS_DIR)
+    start = time.perf_counter()
+    records = corpus_records(pcfg.data, work, dcfg.max_archive_bytes)
+    listed = time.perf_counter() - start
+    by_source = Counter((r.name.split("/", 1)[0], r.category) for r in records)
+    print(f"corpus: {len(records)} images in {len(pcfg.data)} entr{'y' if len(pcfg.data) == 1 else 'ies'} "
+          f"(listed in {listed:.1f} s)")
+    for (entry, category), n in sorted(by_source.items()):
+        print(f"  {entry}/{category + '/' if category else ''}: {n}")
+    start = time.perf_counter()
+    hashes = corpus_hashes(records, work / INDEX_NAME, args.workers or None, dcfg.max_pixels)
+    print(f"hashed {hashes.hashed} images in {time.perf_counter() - start:.1f} s "
+          f"({len(records) - hashes.hashed} known); {len(hashes.errors)} unreadable (skipped when pretraining)")
+    for name, err in sorted(hashes.errors.items())[:10]:
+        print(f"  unreadable: {name}: {err}")
+    data_dir = Path(args.data or dcfg.out_dir)
+    if not (data_dir / "table.csv").is_file():
+        print(f"{data_dir} is not prepared: evaluation images not checked")
+        return 0
+    evaluation = evaluation_records(read_table(data_dir), mode)
+    found = leaks(hashes.sha, evaluation)
+    print(f"evaluation images ({data_dir}, probe.mode={mode}): {len(evaluation)}; in the corpus: "
+          f"{len({e for _, e in found})}")
+    for corpus_name, eval_name in found[:20]:
+        print(f"  {eval_name} = {corpus_name}")
+    if len(found) > 20:
+        print(f"  ... and {len(found) - 20} more")
+    return 1 if found else 0
 
 
 def _probe(args: argparse.Namespace) -> None:
@@ -240,10 +294,9 @@ def _map(args: argparse.Namespace) -> None:
     scorer = load_scorer(args.model, args.device)
     img = load_rgb(args.image)
     values = scorer.map(img)
-    size = scorer.cfg.image_size
-    view = img.resize((round(img.size[0] * size / min(img.size)), round(img.size[1] * size / min(img.size))))
-    left, top = (view.size[0] - size) // 2, (view.size[1] - size) // 2
-    view = view.crop((left, top, left + size, top + size)).resize((max(256, size), max(256, size)))
+    size = max(256, scorer.cfg.image_size)
+    view = scorer.view(img)  # the centre square, or the whole image for scorers fitted on whole images
+    view = view.resize((round(view.size[0] * size / min(view.size)), round(view.size[1] * size / min(view.size))))
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     blend_heatmap(view, values, args.alpha).save(out)

@@ -9,6 +9,7 @@ Layout of ``params.yaml`` used here::
     seed: 0
     data: {...}                     -> DataConfig
     pretrain:
+      data: [...]                   the pretraining corpus (every method)
       common: {...}                 shared by every method
       moco|clic|clicv2: {...}       deep-merged over ``common`` -> PretrainConfig
 """
@@ -61,42 +62,61 @@ class MocoViewConfig:
 
 @dataclasses.dataclass(frozen=True)
 class RCMConfig:
-    """Random Crop and Mix (CLIC): multi-scale square crops stitched into a ``grid x grid`` mosaic.
+    """Random Crop and Mix (CLIC): square crops of one image stitched into a ``grid x grid`` mosaic
+    (see :mod:`clic.transforms.rcm`).
 
+    ``mode``: ``pool`` draws the cells from a pool of crops at three scales, each resized to a cell;
+    ``authors`` (the authors' script) uses two crops of one scale plus augmented copies, at native
+    size. ``max_upscale`` caps how much a tile may be enlarged (``.inf``: no cap).
     ``pairing``: ``key`` uses the mosaic as the positive (key) view of its source image;
     ``extra`` pre-generates ``extra_per_image`` mosaics per image as additional training images;
-    ``both`` does both.
+    ``both`` does both. ``source_resolution``: extra mosaics are cut from the source file rather
+    than the resized cache, when the file is there.
     """
 
+    mode: Literal["pool", "authors"] = "pool"
     crops: int = 3
     grid: int = 2
     aug_p: float = 0.5
     rotation_deg: float = 20.0
     jitter: float = 0.2
+    max_upscale: float = 2.0
     pairing: Literal["key", "extra", "both"] = "key"
     extra_per_image: int = 1
+    source_resolution: bool = True
 
     def __post_init__(self) -> None:
+        _choice("rcm.mode", self.mode, ("pool", "authors"))
         if self.crops < 1 or self.grid < 1:
             raise ValueError("rcm.crops and rcm.grid must be >= 1")
-        if self.grid * self.grid > 7 * self.crops:
+        if self.mode == "pool" and self.grid * self.grid > 7 * self.crops:
             raise ValueError(f"rcm.grid={self.grid} needs {self.grid ** 2} cells but only "
                              f"{7 * self.crops} crops are drawn (crops + 2*crops + 4*crops)")
-        _check_prob("aug_p", self.aug_p)
-        _choice("pairing", self.pairing, ("key", "extra", "both"))
+        if self.mode == "authors" and self.grid < 2:
+            raise ValueError(f"rcm.grid must be >= 2 with rcm.mode authors (two crops and their copies), "
+                             f"got {self.grid}")
+        if not self.max_upscale >= 1.0:
+            raise ValueError(f"rcm.max_upscale must be >= 1 (.inf: no cap), got {self.max_upscale}")
+        _check_prob("rcm.aug_p", self.aug_p)
+        _non_negative("rcm.rotation_deg", self.rotation_deg)
+        _non_negative("rcm.jitter", self.jitter)
+        _non_negative("rcm.extra_per_image", self.extra_per_image)
+        _choice("rcm.pairing", self.pairing, ("key", "extra", "both"))
 
 
 @dataclasses.dataclass(frozen=True)
 class ShiftConfig:
     """CLICv2 shifted patchify: the second view's patch grid is offset by a random shift.
 
-    ``max_shift`` is a fraction of the patch side (strictly below 1); the drawn shift magnitude is
-    uniform in ``[min_shift, max_shift] * patch`` pixels, the direction one of ``directions``.
+    ``max_shift`` is a fraction of the patch side, strictly below 1/2 so that the positive always
+    overlaps the anchor more than a neighbouring (negative) patch does; the drawn shift magnitude
+    is uniform in ``[min_shift, max_shift] * patch`` pixels (rounded, and always below half a
+    patch in pixels), the direction one of ``directions``.
     """
 
     enabled: bool = True
-    min_shift: float = 0.25
-    max_shift: float = 0.75
+    min_shift: float = 0.125
+    max_shift: float = 0.375
     directions: tuple[str, ...] = ("horizontal", "vertical", "diagonal")
     crop_scale: tuple[float, float] = (0.35, 1.0)
     hflip_p: float = 0.5
@@ -104,9 +124,10 @@ class ShiftConfig:
     jitter_p: float = 0.8
 
     def __post_init__(self) -> None:
-        if not 0.0 <= self.min_shift <= self.max_shift < 1.0:
-            raise ValueError("shift: need 0 <= min_shift <= max_shift < 1 (fractions of a patch), got "
-                             f"{self.min_shift}, {self.max_shift}")
+        if not 0.0 <= self.min_shift <= self.max_shift < 0.5:
+            raise ValueError("shift: need 0 <= min_shift <= max_shift < 0.5 (fractions of a patch; at half a "
+                             "patch or more a neighbouring negative overlaps the anchor as much as the "
+                             f"positive), got min_shift={self.min_shift}, max_shift={self.max_shift}")
         if not self.directions:
             raise ValueError("shift.directions must name at least one direction")
         for d in self.directions:
@@ -149,9 +170,19 @@ class MocoConfig:
     mlp_hidden: int = 0  # 0: the backbone's feature width (2048-2048-128 for ResNet-50)
     # CLIC's complexity-aware loss: MSE(stage activation energy, grey-level entropy / 8)
     complexity_weight: float = 0.0
+    # shuffling BN (ResNets): keys on a shuffled batch; in one process both encoders normalise
+    # bn_splits sub-batches separately (MoCo's single-GPU SplitBatchNorm); across ranks under DDP
+    shuffle_bn: bool = True
+    bn_splits: int = 2
+    # a queue longer than this fraction of the pretraining images is refused: it would hold
+    # several stale keys of most images (their own are excluded from a query's negatives anyway)
+    max_queue_fraction: float = 0.5
 
     def __post_init__(self) -> None:
         _positive("moco.queue_size", self.queue_size)
+        _positive("moco.bn_splits", self.bn_splits)
+        if not 0.0 < self.max_queue_fraction <= 1.0:
+            raise ValueError(f"moco.max_queue_fraction must be in (0, 1], got {self.max_queue_fraction}")
         if not 0.0 <= self.momentum < 1.0:
             raise ValueError(f"moco.momentum must be in [0, 1), got {self.momentum}")
         _positive("moco.temperature", self.temperature)
@@ -203,8 +234,11 @@ class PretrainConfig:
     channels_last: Literal["auto", "on", "off"] = "auto"
     checkpoint_every: int = 50  # optimiser steps; the end of every epoch is always saved
     nprocs: int = 1  # processes per node when the pipeline launches torchrun
-    max_images: int = 0  # 0: all images of the pretraining split(s)
+    max_images: int = 0  # 0: all images of the pretraining split(s) or corpus
     splits: tuple[str, ...] = ("train",)
+    # the pretraining corpus (``pretrain.data``): image folders, archives or prepared datasets;
+    # empty: the prepared dataset's ``splits`` (see clic/data/corpus.py)
+    data: tuple[str, ...] = ()
     optim: OptimConfig = dataclasses.field(default_factory=OptimConfig)
     moco: MocoConfig = dataclasses.field(default_factory=MocoConfig)
     clicv2: CLICv2Config = dataclasses.field(default_factory=CLICv2Config)
@@ -221,11 +255,18 @@ class PretrainConfig:
         _positive("nprocs", self.nprocs)
         _non_negative("num_workers", self.num_workers)
         _non_negative("max_images", self.max_images)
+        for i, entry in enumerate(self.data):  # existence is checked when the corpus is listed
+            if not entry.strip():
+                raise ValueError(f"pretrain.data[{i}] is empty; name an image folder, archive or prepared dataset")
         _choice("amp", self.amp, ("auto", "bf16", "off"))
         _choice("channels_last", self.channels_last, ("auto", "on", "off"))
         is_vit = self.backbone.startswith("vit")
         if is_vit and self.image_size % self.patch_size:
             raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
+        if self.method != "clicv2" and not is_vit and self.moco.shuffle_bn and (
+                self.batch_size % self.moco.bn_splits or self.batch_size // self.moco.bn_splits < 2):
+            raise ValueError(f"moco.bn_splits={self.moco.bn_splits} must divide batch_size={self.batch_size} "
+                             "into sub-batches of at least 2 images (or set moco.shuffle_bn: false)")
         if self.method == "clicv2" and not is_vit:
             raise ValueError(f"method clicv2 needs a ViT backbone (vit_tiny|vit_small|vit_base|vit_large), "
                              f"got backbone={self.backbone!r}")
@@ -284,19 +325,61 @@ class DataConfig:
 
 
 # ----------------------------------------------------------------------------------- evaluation
+ICNET_IMAGE_SIZE = 512  # ICNet's input side (IC9600): probe.image_size 0 means this for protocol icnet
+
+
+@dataclasses.dataclass(frozen=True)
+class IcnetProbeConfig:
+    """The ICNet-style head of ``probe.protocol: icnet`` (clic/evaluation/icnet.py). Defaults are
+    ICNet's (IC9600 code): SGD lr 0.05, momentum 0.9, wd 1e-3, batch 64, 30 epochs, 1 warm-up
+    epoch, lr x0.2 at epochs 10 and 20, loss 0.9 MSE(score) + 0.1 MSE(mean map), 512-wide 3x3
+    branches, horizontal flips."""
+
+    epochs: int = 30
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 1.0e-3
+    batch_size: int = 64
+    warmup_epochs: int = 1
+    milestones: tuple[int, ...] = (10, 20)  # epochs where the lr is multiplied by gamma
+    gamma: float = 0.2
+    channels: int = 512  # width of the map and score branches
+    kernel: int = 3  # their conv kernel (1: ~9x cheaper, for CPU runs)
+    hidden: int = 512  # hidden width of the attention (SLAM) and score MLPs
+    map_weight: float = 0.1  # loss = (1 - w) MSE(score) + w MSE(mean(map), score)
+    flip: bool = True  # also extract features of flipped training images (2x extraction of the fit set)
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "lr", "batch_size", "channels", "hidden", "gamma"):
+            _positive(f"probe.icnet.{name}", getattr(self, name))
+        for name in ("momentum", "weight_decay", "warmup_epochs"):
+            _non_negative(f"probe.icnet.{name}", getattr(self, name))
+        if self.kernel < 1 or self.kernel % 2 == 0:
+            raise ValueError(f"probe.icnet.kernel must be a positive odd number, got {self.kernel}")
+        if list(self.milestones) != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
+            raise ValueError(f"probe.icnet.milestones must be increasing epochs >= 1, got {self.milestones}")
+        _check_prob("probe.icnet.map_weight", self.map_weight)
+
+
 @dataclasses.dataclass(frozen=True)
 class ProbeConfig:
-    """Linear probe of frozen features against human complexity scores.
+    """A head fitted on frozen features against human complexity scores.
 
+    ``protocol``: ``ridge`` / ``sgd`` fit a linear head on pooled features; ``icnet`` trains
+    ICNet's map + score head on the frozen spatial feature maps (the CLIC paper's IC9600 protocol).
+    ``input``: ``crop`` resizes the short side to ``image_size`` and centre-crops a square;
+    ``whole`` resizes the whole image to ``image_size`` x ``image_size`` (aspect not kept, as
+    ICNet does); ``auto`` is ``whole`` for icnet and ``crop`` otherwise.
     ``mode``: ``split`` fits on the train split and reports on the test split; ``cv`` reports
     out-of-fold predictions of k-fold cross-validation inside each category over every labelled
     image (for datasets without an official split, e.g. SAVOIAS).
     """
 
-    protocol: Literal["ridge", "sgd"] = "ridge"
+    protocol: Literal["ridge", "sgd", "icnet"] = "ridge"
     mode: Literal["split", "cv"] = "split"
     folds: int = 5
-    image_size: int = 0  # input side for features and the scorer; 0 = the encoder's pretraining size
+    input: Literal["auto", "crop", "whole"] = "auto"
+    image_size: int = 0  # input side for features and the scorer; 0 = pretraining size (icnet: 512)
     alphas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
     sgd_epochs: int = 100
     sgd_lr: float = 0.01
@@ -304,10 +387,12 @@ class ProbeConfig:
     batch_size: int = 64
     workers: int = 2
     baselines: tuple[str, ...] = ("random", "handcrafted")
+    icnet: IcnetProbeConfig = dataclasses.field(default_factory=IcnetProbeConfig)
 
     def __post_init__(self) -> None:
-        _choice("probe.protocol", self.protocol, ("ridge", "sgd"))
+        _choice("probe.protocol", self.protocol, ("ridge", "sgd", "icnet"))
         _choice("probe.mode", self.mode, ("split", "cv"))
+        _choice("probe.input", self.input, ("auto", "crop", "whole"))
         if self.folds < 2:
             raise ValueError(f"probe.folds must be >= 2, got {self.folds}")
         if self.image_size < 0:
@@ -316,6 +401,16 @@ class ProbeConfig:
             raise ValueError(f"probe.alphas must be positive numbers, got {self.alphas}")
         for b in self.baselines:
             _choice("probe.baselines[]", b, ("random", "handcrafted"))
+
+    @property
+    def whole(self) -> bool:
+        """Whether the model sees the whole image squashed to a square (else a centre crop)."""
+        return self.input == "whole" or (self.input == "auto" and self.protocol == "icnet")
+
+    def input_size(self, pretrain_size: int) -> int:
+        """The side images are resized to: ``image_size``, or when 0 the encoder's pretraining
+        size (ICNet's 512 for protocol icnet)."""
+        return self.image_size or (ICNET_IMAGE_SIZE if self.protocol == "icnet" else pretrain_size)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -473,12 +568,23 @@ def _read_params(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
 
 
 def pretrain_config(params: Mapping[str, Any], method: str) -> PretrainConfig:
-    """``pretrain.common`` deep-merged with ``pretrain.<method>``, plus the top-level seed."""
+    """``pretrain.common`` deep-merged with ``pretrain.<method>``, plus the top-level seed and the
+    pretraining corpus ``pretrain.data`` (one list for every method: it is what the validate stage
+    checks for evaluation images, so a method may not override it)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     section = params.get("pretrain") or {}
+    for part in ("common", method):
+        if "data" in (section.get(part) or {}):
+            raise ValueError(f"pretrain.{part}.data: the pretraining corpus is set once, as pretrain.data "
+                             "(it applies to every method)")
     merged = deep_merge(section.get("common") or {}, section.get(method) or {})
     merged.setdefault("seed", params.get("seed", 0))
+    data = section.get("data") or []
+    data = [data] if isinstance(data, str) else data
+    if not isinstance(data, list | tuple) or not all(isinstance(d, str) for d in data):
+        raise ValueError(f"pretrain.data: expected a list of folder/archive paths, got {data!r}")
+    merged["data"] = data
     merged["method"] = method
     return from_dict(PretrainConfig, merged, f"pretrain.{method}")
 

@@ -7,7 +7,7 @@ stored config, and extracts features without gradients in batches, decoding in l
 from __future__ import annotations
 
 import logging
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -46,8 +46,12 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[
     return backbone.to(device).eval(), cfg
 
 
-def eval_transform(size: int) -> T.Compose:
-    """Resize the short side to ``size`` and centre-crop a square (the whole image for squares)."""
+def eval_transform(size: int, whole: bool = False) -> T.Compose:
+    """Resize the short side to ``size`` and centre-crop a square (the whole image for squares);
+    ``whole``: resize the whole image to ``size`` x ``size`` without cropping, the aspect ratio
+    not kept (ICNet's IC9600 protocol)."""
+    if whole:
+        return T.Compose([T.Resize((size, size), antialias=True), T.ToTensor(), T.Normalize(MEAN, STD)])
     return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
 
 
@@ -72,8 +76,8 @@ def load_for_model(path: str | Path, size: int) -> Image.Image:
 
 
 class _Images(Dataset):
-    def __init__(self, paths: Sequence[Path], size: int) -> None:
-        self.paths, self.size, self.transform = list(paths), size, eval_transform(size)
+    def __init__(self, paths: Sequence[Path], size: int, whole: bool = False) -> None:
+        self.paths, self.size, self.transform = list(paths), size, eval_transform(size, whole)
 
     def __len__(self) -> int:
         return len(self.paths)
@@ -92,23 +96,30 @@ def _collate(items: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor |
 
 @torch.no_grad()
 def extract(backbone: nn.Module, paths: Sequence[Path], size: int, batch_size: int = 64, workers: int = 2,
-            device: str | torch.device = "cpu", progress: bool = True) -> tuple[np.ndarray, list[int], list[str]]:
-    """Features (N_ok, D) float32, indices of the paths that decoded, and the errors of the rest."""
+            device: str | torch.device = "cpu", progress: bool = True, whole: bool = False,
+            forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[np.ndarray, list[int], list[str]]:
+    """Features (N_ok, D) float32, indices of the paths that decoded, and the errors of the rest.
+
+    ``whole``: inputs are whole images squashed to ``size`` x ``size`` (else centre crops);
+    ``forward``: what to compute from a normalised (B, 3, size, size) batch instead of
+    ``backbone(x)``, e.g. ``backbone.forward_spatial`` for (N_ok, D, h, w) maps.
+    """
     device = torch.device(device)
-    loader = DataLoader(_Images(paths, size), batch_size=batch_size, num_workers=workers, collate_fn=_collate,
-                        pin_memory=device.type == "cuda")
+    loader = DataLoader(_Images(paths, size, whole), batch_size=batch_size, num_workers=workers,
+                        collate_fn=_collate, pin_memory=device.type == "cuda")
+    fn = forward or backbone
     feats, kept, errors = [], [], []
     for x, idx, errs in tqdm(loader, desc="embed", unit="batch", disable=not progress):
         errors.extend(errs)
         if x is None:
             continue
         with autocast(device, "auto"):
-            f = backbone(x.to(device, non_blocking=True))
+            f = fn(x.to(device, non_blocking=True))
         feats.append(f.float().cpu())
         kept.extend(idx)
     dim = int(getattr(backbone, "feature_dim", 0))
     array = torch.cat(feats).numpy() if feats else np.zeros((0, dim), np.float32)
-    return array.astype(np.float32), kept, errors
+    return array.astype(np.float32, copy=False), kept, errors
 
 
 def embed_to_npz(model: str | Path, inputs: Iterable[str | Path], out: str | Path, batch_size: int = 64,

@@ -9,11 +9,14 @@ import torch
 import torch.nn.functional as F
 
 
-def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, temperature: float) -> torch.Tensor:
+def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, temperature: float,
+             exclude: torch.Tensor | None = None) -> torch.Tensor:
     """MoCo's InfoNCE (He et al. 2020): positive ``q . k``, negatives ``q . queue``.
 
     q, k: (B, D) L2-normalised; queue: (K, D) L2-normalised negatives, or None for in-batch
     negatives (logits ``q @ k.T``, positives on the diagonal, as in MoCo v3 / SimCLR-style).
+    exclude: (B, K) bool, True = drop that queued key from this query's negatives (a stale key of
+    the query's own image is a false negative); only with a queue.
     """
     if queue is None:
         logits = q @ k.t() / temperature  # (B, B)
@@ -21,18 +24,23 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, tempe
         return F.cross_entropy(logits, labels)
     pos = (q * k).sum(dim=1, keepdim=True)  # (B, 1)
     neg = q @ queue.t()  # (B, K)
+    if exclude is not None:
+        neg = neg.masked_fill(exclude, float("-inf"))  # exp(-inf) = 0: removed from the denominator
     logits = torch.cat([pos, neg], dim=1) / temperature  # (B, 1 + K)
     labels = torch.zeros(q.shape[0], dtype=torch.long, device=q.device)
     return F.cross_entropy(logits, labels)
 
 
 def patch_info_nce(q_tokens: torch.Tensor, k_tokens: torch.Tensor, temperature: float,
-                   max_anchors: int | None = None, generator: torch.Generator | None = None) -> torch.Tensor:
+                   max_anchors: int | None = None, generator: torch.Generator | None = None,
+                   anchors: torch.Tensor | None = None) -> torch.Tensor:
     """CLICv2 patch-wise InfoNCE: token l of image b in the query view is positive with token l of
     image b in the key view; every other key token of the batch (same image or not) is a negative.
 
-    q_tokens, k_tokens: (B, L, D) L2-normalised along D. ``max_anchors`` bounds memory by sampling
-    N of the B*L query tokens as anchors; each is still contrasted with all B*L key tokens, so the
+    q_tokens, k_tokens: (B, L, D) L2-normalised along D. ``anchors``: (B, L) bool, True = the query
+    token may serve as an anchor (CLICv2 passes the visible tokens, so masked-entropy masking does
+    not change the contrastive task); None = every token. ``max_anchors`` bounds memory by sampling
+    N of the eligible query tokens; each is still contrasted with all B*L key tokens, so the
     logits are (N, B*L).
     """
     if q_tokens.shape != k_tokens.shape:
@@ -41,8 +49,14 @@ def patch_info_nce(q_tokens: torch.Tensor, k_tokens: torch.Tensor, temperature: 
     q = q_tokens.reshape(b * l, d)  # (B*L, D)
     k = k_tokens.reshape(b * l, d)  # (B*L, D)
     labels = torch.arange(b * l, device=q.device)
-    if max_anchors is not None and max_anchors < b * l:
-        idx = torch.randperm(b * l, generator=generator, device="cpu")[:max_anchors].to(q.device)
+    if anchors is not None:
+        if anchors.shape != (b, l):
+            raise ValueError(f"patch_info_nce: anchors must be (B, L) = {(b, l)}, got {tuple(anchors.shape)}")
+        keep = anchors.reshape(b * l).nonzero().squeeze(1)  # (N',)
+        q, labels = q[keep], labels[keep]
+    n = q.shape[0]
+    if max_anchors is not None and max_anchors < n:
+        idx = torch.randperm(n, generator=generator, device="cpu")[:max_anchors].to(q.device)
         q, labels = q[idx], labels[idx]  # (N, D), (N,)
     logits = q @ k.t() / temperature  # (N, B*L)
     return F.cross_entropy(logits, labels)

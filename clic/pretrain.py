@@ -21,9 +21,10 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from clic.config import PretrainConfig, to_dict
+from clic.config import MocoConfig, PretrainConfig, to_dict
+from clic.data.corpus import CORPUS_DIR, corpus_records
 from clic.data.dataset import EpochBatches, ViewDataset
-from clic.data.table import read_table
+from clic.data.table import Record, read_table, resolve
 from clic.engine import checkpoint as ckpt
 from clic.engine import distributed as dist
 from clic.engine.schedule import cosine_lr, cosine_momentum
@@ -32,7 +33,7 @@ from clic.models.backbones import ResNetBackbone, ViTBackbone, build_backbone
 from clic.models.clicv2 import CLICv2
 from clic.models.moco import MoCo
 from clic.transforms.moco import MocoViews
-from clic.transforms.rcm import RandomCropMix
+from clic.transforms.rcm import extra_mosaics
 from clic.transforms.shifted import ShiftedPatchViews
 
 log = logging.getLogger(__name__)
@@ -88,8 +89,11 @@ def encoder_payload(model: nn.Module, cfg: PretrainConfig, extra: dict[str, Any]
 
 def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: str | None = None,
         progress: bool = True, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
-        code_version: str = "") -> Path:
+        code_version: str = "", corpus_dir: str | Path = CORPUS_DIR) -> Path:
     """Pretrain (or resume) into ``out_dir``; returns the path of ``encoder.pt``.
+
+    The images are the corpus ``cfg.data`` when it is set (archives extracted under
+    ``corpus_dir``), else the splits ``cfg.splits`` of the prepared dataset ``data_dir``.
 
     ``code_version``: when given, a checkpoint is resumed only if it was written by the same code
     version (the pipeline passes a hash of the package source, so a changed loss retrains).
@@ -103,14 +107,20 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
 
-    records = read_table(data_dir, cfg.splits)
-    if cfg.max_images:
-        records = records[: cfg.max_images]
+    records = pretraining_records(cfg, data_dir, corpus_dir)
     extra = None
     if cfg.method == "clic" and cfg.rcm.pairing in ("extra", "both"):
-        extra = RandomCropMix(max(cfg.image_size * 2, 64), cfg.rcm.crops, cfg.rcm.grid, cfg.rcm.aug_p,
-                              cfg.rcm.rotation_deg, cfg.rcm.jitter)
-    dataset = ViewDataset(records, data_dir, build_views(cfg), cfg.seed, extra, cfg.rcm.extra_per_image)
+        extra = extra_mosaics(cfg.rcm, cfg.image_size)
+        missing = 0
+        if cfg.rcm.source_resolution:
+            missing = sum(not resolve(Path(data_dir), r.path).is_file() for r in records)
+        if missing and dist.is_main():
+            log.warning("rcm.source_resolution: %d of %d source images are not at their table path; their extra "
+                        "mosaics are cut from the resized cache", missing, len(records))
+    dataset = ViewDataset(records, data_dir, build_views(cfg), cfg.seed, extra, cfg.rcm.extra_per_image,
+                          decode_side=2 * cfg.image_size)
+    if cfg.method != "clicv2":
+        check_queue(cfg.moco, len(records))
     batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, rank, world)
     steps_per_epoch = batches.steps_per_epoch
 
@@ -197,6 +207,30 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
         ckpt.save_atomic(encoder_payload(model, cfg), encoder)
     dist.barrier()
     return encoder
+
+
+def check_queue(cfg: MocoConfig, n_images: int) -> None:
+    """Refuse a MoCo queue longer than ``max_queue_fraction`` of the pretraining images: it would
+    hold several stale keys of most images. (A query's own image is excluded from its negatives
+    anyway; what remains is a queue of mostly stale keys, which MoCo's K << N assumption avoids.)"""
+    limit = int(cfg.max_queue_fraction * n_images)
+    if cfg.queue_size > limit:
+        raise ValueError(f"moco.queue_size={cfg.queue_size} exceeds moco.max_queue_fraction="
+                         f"{cfg.max_queue_fraction} of the {n_images} pretraining images (at most {limit}); "
+                         "lower the queue or pretrain on more images (pretrain.data)")
+
+
+def pretraining_records(cfg: PretrainConfig, data_dir: str | Path, corpus_dir: str | Path = CORPUS_DIR) -> list[Record]:
+    """The corpus ``cfg.data`` (``max_images`` of it evenly spread over the sorted listing, so
+    every source folder contributes), else the first ``max_images`` of the prepared ``splits``."""
+    if not cfg.data:
+        records = read_table(data_dir, cfg.splits)
+        return records[: cfg.max_images] if cfg.max_images else records
+    records = corpus_records(cfg.data, corpus_dir)
+    if cfg.max_images and cfg.max_images < len(records):
+        records = [records[i * len(records) // cfg.max_images] for i in range(cfg.max_images)]
+    log.info("pretraining corpus: %d images from %s", len(records), ", ".join(cfg.data))
+    return records
 
 
 def _base_momentum(cfg: PretrainConfig) -> float:

@@ -1,11 +1,15 @@
-"""A complexity scorer: frozen encoder + fitted linear head + preprocessing, in one safe file.
+"""A complexity scorer: frozen encoder + fitted head + preprocessing, in one safe file.
 
     scorer = clic.load_scorer("models/clicv2/scorer.pt")
     scores = scorer(["a.jpg", pil_image, tensor_batch])      # numpy array, the label's scale
 
-The file holds tensors, numbers and strings only (``torch.load(weights_only=True)``). ``scorer.map``
-applies the head to every spatial position (ResNet feature map / ViT patch tokens): because the
-features are mean-pooled and the head is linear, the mean of the map equals the image's score.
+The file holds tensors, numbers and strings only (``torch.load(weights_only=True)``). Heads:
+``linear`` (probe protocols ridge / sgd) on pooled features, and ``icnet`` (ICNet's map + score
+head) on the spatial map. ``scorer.map`` is, for a linear head, the head applied to every spatial
+position (ResNet feature map / ViT patch tokens): because the features are mean-pooled and the
+head is linear, the mean of the map equals the image's score; for icnet it is ICNet's complexity
+map (in [0, 1]; its mean is trained towards the score, not equal to it). ``input`` says whether
+images are centre-cropped (``crop``) or resized whole to a square (``whole``, ICNet's protocol).
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from clic.config import PretrainConfig, from_dict, to_dict
 from clic.embed import eval_transform, extract, load_for_model
 from clic.engine import checkpoint as ckpt
 from clic.engine.train import autocast
+from clic.evaluation.icnet import ICNetHead
 from clic.evaluation.probe import LinearHead
 from clic.models.backbones import ResNetBackbone, ViTBackbone, build_backbone
 
@@ -29,21 +34,35 @@ ImageLike = str | Path | Image.Image | torch.Tensor
 
 
 class Scorer:
-    def __init__(self, backbone: ResNetBackbone | ViTBackbone, cfg: PretrainConfig, head: LinearHead,
-                 meta: dict[str, Any] | None = None, device: str | torch.device = "cpu") -> None:
+    def __init__(self, backbone: ResNetBackbone | ViTBackbone, cfg: PretrainConfig, head: LinearHead | ICNetHead,
+                 meta: dict[str, Any] | None = None, device: str | torch.device = "cpu", whole: bool = False) -> None:
         self.device = torch.device(device)
         self.backbone = backbone.to(self.device).eval()
-        self.cfg, self.head, self.meta = cfg, head, dict(meta or {})
-        self.transform = eval_transform(cfg.image_size)
-        w = torch.from_numpy(head.weight / head.scale).float()  # fold standardisation into the head
-        self._w = w.to(self.device)
-        self._b = float(head.bias - (head.mean / head.scale) @ head.weight)
+        self.cfg, self.head, self.meta, self.whole = cfg, head, dict(meta or {}), whole
+        self.transform = eval_transform(cfg.image_size, whole)
+        if isinstance(head, ICNetHead):
+            head.to(self.device).eval()
+        else:
+            w = torch.from_numpy(head.weight / head.scale).float()  # fold standardisation into the head
+            self._w = w.to(self.device)
+            self._b = float(head.bias - (head.mean / head.scale) @ head.weight)
 
     # ------------------------------------------------------------------------------ scoring
     @torch.no_grad()
     def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Pooled features (B, D) of a normalised batch."""
         with autocast(self.device, "auto"):
             return self.backbone(x.to(self.device)).float()
+
+    @torch.no_grad()
+    def _scores(self, x: torch.Tensor) -> torch.Tensor:
+        """Scores (B,) of a normalised (B, 3, H, W) batch; the head runs in float32."""
+        if not isinstance(self.head, ICNetHead):
+            return self.features(x) @ self._w + self._b
+        with autocast(self.device, "auto"):
+            spatial = self.backbone.forward_spatial(x.to(self.device))  # (B, D, h, w)
+        with torch.autocast(self.device.type, enabled=False):
+            return self.head(spatial.float())[0]
 
     def _tensor(self, item: ImageLike) -> torch.Tensor:
         if isinstance(item, torch.Tensor):
@@ -58,27 +77,44 @@ class Scorer:
         else:
             items = [images] if isinstance(images, str | Path | Image.Image | torch.Tensor) else list(images)
             batch = torch.stack([self._tensor(i) for i in items])
-        return (self.features(batch) @ self._w + self._b).cpu().numpy().astype(np.float64)
+        return self._scores(batch).cpu().numpy().astype(np.float64)
 
     def score_files(self, paths: Sequence[Path], batch_size: int = 64, workers: int = 2,
                     progress: bool = True) -> tuple[np.ndarray, list[int], list[str]]:
         """Scores of the decodable files (decoding in loader workers, overlapped with compute),
         their indices in ``paths``, and one error message per unreadable file."""
+        if isinstance(self.head, ICNetHead):
+            scores, kept, errors = extract(self.backbone, paths, self.cfg.image_size, batch_size, workers,
+                                           self.device, progress, self.whole, forward=self._scores)
+            return scores.reshape(-1).astype(np.float64), kept, errors
         feats, kept, errors = extract(self.backbone, paths, self.cfg.image_size, batch_size, workers,
-                                      self.device, progress)
+                                      self.device, progress, self.whole)
         return feats.astype(np.float64) @ self._w.cpu().double().numpy() + self._b, kept, errors
 
     # --------------------------------------------------------------------------------- maps
     @torch.no_grad()
     def map(self, image: ImageLike) -> np.ndarray:
-        """Per-position complexity (h, w): the head applied to each spatial feature."""
+        """Per-position complexity (h, w): the linear head applied to each spatial feature, or
+        ICNet's complexity map."""
         x = self._tensor(image)[None].to(self.device)
         with autocast(self.device, "auto"):
-            spatial = self.backbone.forward_spatial(x).float()[0]  # (D, h, w)
-        return torch.einsum("dhw,d->hw", spatial, self._w).cpu().numpy() + self._b
+            spatial = self.backbone.forward_spatial(x).float()  # (1, D, h, w)
+        if isinstance(self.head, ICNetHead):
+            return self.head(spatial)[1][0, 0].cpu().numpy().astype(np.float64)
+        return torch.einsum("dhw,d->hw", spatial[0], self._w).cpu().numpy() + self._b
+
+    def view(self, image: Image.Image) -> Image.Image:
+        """The part of ``image`` the model scores: the centre square (crop) or all of it (whole)."""
+        if self.whole:
+            return image
+        size = min(image.size)
+        left, top = (image.size[0] - size) // 2, (image.size[1] - size) // 2
+        return image.crop((left, top, left + size, top + size))
 
     def save(self, path: str | Path) -> None:
         ckpt.save_atomic({"kind": "clic-scorer", "config": to_dict(self.cfg), "head": self.head.state(),
+                          "head_type": "icnet" if isinstance(self.head, ICNetHead) else "linear",
+                          "input": "whole" if self.whole else "crop",
                           "backbone": {k: v.detach().cpu() for k, v in self.backbone.state_dict().items()},
                           "meta": self.meta, "git": ckpt.git_revision()}, path)
 
@@ -102,7 +138,11 @@ def load_scorer(path_or_uri: str | Path, device: str | torch.device | None = Non
     cfg = from_dict(PretrainConfig, state["config"], f"{path}:config")
     backbone = build_backbone(cfg.backbone, cfg.image_size, cfg.patch_size, cfg.depth, cfg.pool)
     backbone.load_state_dict(state["backbone"])
-    return Scorer(backbone, cfg, LinearHead.from_state(state["head"]), state.get("meta"), device)
+    head_type, view = state.get("head_type", "linear"), state.get("input", "crop")
+    if head_type not in ("linear", "icnet") or view not in ("crop", "whole"):
+        raise ValueError(f"{path}: unknown scorer head {head_type!r} or input {view!r}; a newer clic wrote it")
+    head = ICNetHead.from_state(state["head"]) if head_type == "icnet" else LinearHead.from_state(state["head"])
+    return Scorer(backbone, cfg, head, state.get("meta"), device, whole=view == "whole")
 
 
 def blend_heatmap(image: Image.Image, values: np.ndarray, alpha: float = 0.5,

@@ -2,8 +2,10 @@
 
 Checks: required columns; no nulls; unique names; splits in the allowed set (names unique, so
 splits are disjoint); scores within [0, 1] (labelled rows); no identical image content across
-train and test (leakage); row count within ``validate.min_rows``..``validate.max_rows``; every
-image present, decodable and at least ``data.min_size`` on its short side.
+train and test (leakage); no evaluation image (the test split, or every labelled image with
+``probe.mode: cv``) whose content is in the pretraining corpus ``pretrain.data``; row count within
+``validate.min_rows``..``validate.max_rows``; every image present, decodable and at least
+``data.min_size`` on its short side.
 
 Outputs: the GX Data Docs site (``reports/gx``) and ``metrics/validation.json``. On failure it
 prints each failed expectation with its count and example rows and exits 1, so nothing
@@ -21,7 +23,8 @@ from typing import Any
 
 import pandas as pd
 
-from clic.config import data_config
+from clic.config import METHODS, data_config, pretrain_config, probe_config
+from clic.data.corpus import CORPUS_DIR, INDEX_NAME, corpus_hashes, corpus_records, evaluation_records, leaks
 from clic.data.imageio import ImageError, load_rgb
 from clic.data.table import COLUMNS, SPLITS, read_table, resolve
 from stages import tracking
@@ -50,6 +53,28 @@ def table_frame(data_dir: Path) -> pd.DataFrame:
     return df
 
 
+def mark_corpus_leaks(df: pd.DataFrame, p: dict[str, Any]) -> dict[str, Any]:
+    """Column ``in_pretraining_corpus``: for an evaluation image whose pixels are also in the
+    pretraining corpus, ``"<image> = <corpus image>"`` (so a failure names both), else null.
+    Returns the corpus summary for ``metrics/validation.json``."""
+    df["in_pretraining_corpus"] = None
+    entries = pretrain_config(p, METHODS[0]).data
+    if not entries:
+        return {"entries": [], "images": 0}
+    dcfg = data_config(p)
+    records = corpus_records([str(ROOT / e) for e in entries], ROOT / CORPUS_DIR, dcfg.max_archive_bytes)
+    hashes = corpus_hashes(records, ROOT / CORPUS_DIR / INDEX_NAME, max_pixels=dcfg.max_pixels)
+    rows = read_table(ROOT / dcfg.out_dir)
+    found: dict[str, list[str]] = {}
+    for corpus_name, eval_name in leaks(hashes.sha, evaluation_records(rows, probe_config(p).mode)):
+        found.setdefault(eval_name, []).append(corpus_name)
+    df["in_pretraining_corpus"] = [f"{n} = {', '.join(found[n])}" if n in found else None for n in df.name]
+    print(f"pretraining corpus: {len(records)} images ({hashes.hashed} hashed now, {len(hashes.errors)} unreadable); "
+          f"{len(found)} evaluation images in it")
+    return {"entries": list(entries), "images": len(records), "unreadable": len(hashes.errors),
+            "unreadable_examples": sorted(hashes.errors)[:5], "evaluation_images_in_corpus": len(found)}
+
+
 def build_suite(gx: Any, gxe: Any, min_rows: int, max_rows: int, min_size: int) -> Any:
     suite = gx.ExpectationSuite(name="prepared_dataset")
     for col in COLUMNS:
@@ -63,6 +88,7 @@ def build_suite(gx: Any, gxe: Any, min_rows: int, max_rows: int, min_size: int) 
     suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="image_readable", value_set=[True]))
     suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column="short_side", min_value=min_size))
     suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="leaks_across_splits", value_set=[False]))
+    suite.add_expectation(gxe.ExpectColumnValuesToBeNull(column="in_pretraining_corpus"))
     return suite
 
 
@@ -103,12 +129,15 @@ def validate() -> None:
     data_dir = ROOT / dcfg.out_dir
     with tracking.stage_run(p, "validate", config={"validate": vcfg}) as _:
         df = table_frame(data_dir)
+        corpus = mark_corpus_leaks(df, p)
         summary = run_suite(df, ROOT / "reports" / "gx", int(vcfg.get("min_rows", 1)),
                             int(vcfg.get("max_rows", 10_000_000)), dcfg.min_size)
+        summary["corpus"] = corpus
         out = ROOT / "metrics" / "validation.json"
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
-        tracking.mlflow.log_metrics({"validation_failed": float(summary["failed"]), "rows": float(summary["rows"])})
+        tracking.mlflow.log_metrics({"validation_failed": float(summary["failed"]), "rows": float(summary["rows"]),
+                                     "corpus_images": float(corpus["images"])})
         tracking.mlflow.log_artifact(str(out))
         if (ROOT / "reports" / "gx").exists():
             tracking.mlflow.log_artifacts(str(ROOT / "reports" / "gx" / "gx" / "uncommitted" / "data_docs"), "gx_docs")

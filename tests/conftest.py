@@ -49,7 +49,7 @@ def tiny_prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def tiny_overrides(method: str) -> dict:
     """Pretraining params for a seconds-long run."""
     base = {"image_size": 32, "patch_size": 8, "epochs": 2, "batch_size": 8, "num_workers": 0,
-            "checkpoint_every": 1, "moco": {"queue_size": 32, "dim": 16}, "clicv2": {"dim": 16, "max_tokens": 64}}
+            "checkpoint_every": 1, "moco": {"queue_size": 8, "dim": 16}, "clicv2": {"dim": 16, "max_tokens": 64}}
     if method == "clicv2":
         base.update(backbone="vit_tiny", depth=1, optim={"name": "adamw", "base_lr": 1e-3, "weight_decay": 0.05})
     else:

@@ -44,7 +44,9 @@ def test_lr_is_scaled_by_global_batch() -> None:
     ({"method": "simclr"}, "method: expected one of"),
     ({"method": "clicv2", "backbone": "resnet18"}, "clicv2 needs a ViT backbone"),
     ({"batch_size": "64"}, "pretrain.batch_size: expected an integer"),
-    ({"shift": {"max_shift": 1.0}}, "max_shift < 1"),
+    ({"shift": {"max_shift": 0.75}}, "max_shift < 0.5"),
+    ({"moco": {"bn_splits": 3}}, "bn_splits=3 must divide batch_size=64"),
+    ({"moco": {"max_queue_fraction": 0}}, "moco.max_queue_fraction must be in"),
     ({"views": {"crop_scale": [0.2]}}, "expected 2 values"),
 ])
 def test_bad_params_name_the_key(raw: dict, message: str) -> None:

@@ -81,9 +81,19 @@ def test_ic9600_names_with_single_spaces(tmp_path: Path) -> None:
     assert [(e.name, e.score, e.category) for e in entries] == [("a_1.jpg", 0.5, "a"), ("b 2_3.jpg", 0.25, "b 2")]
 
 
+def test_ic9600_trailing_whitespace_is_accepted(tmp_path: Path) -> None:
+    """IC9600's own parser strips each line before splitting on two spaces."""
+    entries = read_ic9600(_ic9600(tmp_path, ["a_1.jpg  0.5   ", "b 2_3.jpg  0.25 \t"]))
+    assert [(e.name, e.score) for e in entries] == [("a_1.jpg", 0.5), ("b 2_3.jpg", 0.25)]
+
+
 @pytest.mark.parametrize(("lines", "message"), [
     (["a_1.jpg\t0.5"], r"train.txt:1: expected '<image name><two spaces><score>' \(found a tab\)"),
     (["a_1.jpg 0.5"], r"train.txt:1: .*\(found a single space\)"),
+    (["a_1.jpg  0.5", "b 2_3.jpg 0.25  "], r"train.txt:2: .*\(found a single space\)"),
+    # a name with single spaces and no score is not a separator problem: no hint
+    (["a_1.jpg  0.5", "b 2_3.jpg  "], r"train.txt:2: expected '<image name><two spaces><score>', got 'b 2_3.jpg  '"),
+    (["a_1.jpg  0.5  x"], r"train.txt:1: expected '<image name><two spaces><score>', got"),
     (["a_1.jpg  0.5", "b 2_3.jpg  1.5"], r"train.txt:2: score 1.5 is outside \[0, 1\]"),
     (["a_1.jpg  high"], r"train.txt:1: score 'high' is not a number"),
     (["a_1.jpg  0.5", "a_1.jpg  0.4"], r"duplicate image name 'a_1.jpg'"),

@@ -131,7 +131,7 @@ def test_changed_config_sets_the_old_checkpoint_aside(tiny_prepared: Path, tmp_p
 def test_ddp_two_cpu_processes_fill_the_queue_from_both_ranks(tiny_prepared: Path, tmp_path: Path) -> None:
     params = tmp_path / "params.yaml"
     over = tiny_overrides("moco")
-    over.update(epochs=1, max_images=32, checkpoint_every=100, moco={"queue_size": 64, "dim": 16})
+    over.update(epochs=1, max_images=32, checkpoint_every=100, moco={"queue_size": 16, "dim": 16})
     params.write_text(yaml.safe_dump({"pretrain": {"moco": over}}))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     res = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
@@ -177,3 +177,38 @@ def test_cli_prepare_pretrain_embed(tmp_path: Path, photos: list[Path]) -> None:
     assert res.returncode == 2 and "epochs must be > 0" in res.stderr
     res = clic("pretrain", "--method", "clicv2", "--out", "m3", "--set", "patch_size=7")
     assert res.returncode == 2 and "patch_size=7 must divide image_size=64" in res.stderr
+
+
+def test_a_queue_longer_than_half_the_images_is_refused(tiny_prepared: Path, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"moco.queue_size=16 exceeds moco.max_queue_fraction=0.5 of the 16 "
+                                         r"pretraining images \(at most 8\)"):
+        run(_cfg("moco", epochs=1, max_images=16, moco={"queue_size": 16, "dim": 16}), tiny_prepared, tmp_path,
+            progress=False)
+    assert not (tmp_path / "checkpoint.pt").exists()
+
+
+def _shuffle_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as tdist
+
+    from clic.engine import distributed as dist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(rank)  # different local RNGs: the permutation must still be rank 0's
+    x = torch.arange(4).float().view(4, 1) + 10 * rank  # (B, 1): rank r holds 10r .. 10r+3
+    shuffled, inverse = dist.batch_shuffle(x)
+    back = dist.batch_unshuffle(shuffled, inverse)
+    torch.save({"x": x, "shuffled": shuffled, "back": back}, f"{out}/{rank}.pt")
+    tdist.destroy_process_group()
+
+
+def test_ddp_batch_shuffle_spreads_keys_across_ranks_and_unshuffles(tmp_path: Path) -> None:
+    """MoCo's shuffling BN under DDP: the shuffled slices together are a permutation of the global
+    batch (so BN statistics mix ranks), and unshuffling returns each rank's own samples."""
+    torch.multiprocessing.spawn(_shuffle_worker, args=(2, 29533, str(tmp_path)), nprocs=2, join=True)
+    parts = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    for p in parts:
+        torch.testing.assert_close(p["back"], p["x"])
+    shuffled = torch.cat([p["shuffled"] for p in parts]).flatten().tolist()
+    assert sorted(shuffled) == [0, 1, 2, 3, 10, 11, 12, 13]
+    assert shuffled != [0, 1, 2, 3, 10, 11, 12, 13]

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import io
 import json
 import math
 import subprocess
@@ -15,6 +16,7 @@ from clic.config import PretrainConfig, ProbeConfig, from_dict
 from clic.data.table import read_table
 from clic.evaluation import handcrafted
 from clic.evaluation.evaluate import evaluate_encoder, evaluate_handcrafted, evaluate_random
+from clic.evaluation.icnet import ICNetHead, fit_icnet, icnet_loss, icnet_lr
 from clic.evaluation.metrics import bootstrap_ci, full_report, regression_metrics
 from clic.evaluation.probe import cross_validated_predictions, fit_classifier, fit_ridge, fit_sgd, topk_accuracy
 from clic.evaluation.transfer import transfer_probe
@@ -106,6 +108,114 @@ def test_classifier_on_separable_memmapped_features(tmp_path: Path) -> None:
     assert topk_accuracy(logits, np.array([2, 2]), 2) == 1.0
 
 
+# --------------------------------------------------------------------------- icnet protocol
+def test_icnet_loss_is_ninety_score_ten_map_on_a_hand_computed_case() -> None:
+    score = torch.tensor([0.5, 1.0])
+    target = torch.tensor([0.0, 1.0])
+    cmap = torch.zeros(2, 1, 2, 2)
+    cmap[0] = 0.2  # mean 0.2, error 0.2
+    cmap[1, 0, 0] = 0.6
+    cmap[1, 0, 1] = 1.0  # mean 0.8, error 0.2
+    # MSE(score) = (0.25 + 0) / 2 = 0.125; MSE(mean map) = (0.04 + 0.04) / 2 = 0.04
+    assert float(icnet_loss(score, cmap, target)) == pytest.approx(0.9 * 0.125 + 0.1 * 0.04)
+    assert float(icnet_loss(score, cmap, target, map_weight=0.0)) == pytest.approx(0.125)
+
+
+def test_icnet_schedule_warms_up_then_steps_at_10_and_20() -> None:
+    assert icnet_lr(0.0, 0.05) == 0.0
+    assert icnet_lr(0.5, 0.05) == pytest.approx(0.025)
+    assert icnet_lr(1.0, 0.05) == icnet_lr(9.99, 0.05) == pytest.approx(0.05)
+    assert icnet_lr(10.0, 0.05) == pytest.approx(0.01)
+    assert icnet_lr(29.9, 0.05) == pytest.approx(0.002)
+
+
+def _on_off_grids(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(N, 4, 6, 6) features whose label is the fraction of grid positions "on"; an on position
+    has channel 0 at +1 or -1 (random sign), so pooling cancels it and only the layout tells."""
+    rng = np.random.default_rng(seed)
+    frac = rng.uniform(0.05, 0.95, n)
+    on = rng.uniform(size=(n, 6, 6)) < frac[:, None, None]
+    x = rng.normal(0, 0.1, (n, 4, 6, 6)).astype(np.float32)
+    x[:, 0] += on * rng.choice([-1.0, 1.0], (n, 6, 6))
+    return x, on.mean(axis=(1, 2))
+
+
+def test_icnet_head_learns_a_spatial_pattern_that_pooling_loses() -> None:
+    from clic.config import IcnetProbeConfig
+
+    x, y = _on_off_grids(200, 0)
+    xt, yt = _on_off_grids(100, 1)
+    cfg = IcnetProbeConfig(channels=16, kernel=1, hidden=32, batch_size=32, epochs=40, milestones=(25, 35), lr=0.2)
+    flipped = np.ascontiguousarray(x[..., ::-1])  # the label does not depend on the side
+    head = fit_icnet(x, y, cfg, seed=0, x_flip=flipped)
+    pred = head.predict(xt)
+    assert regression_metrics(pred, yt)["srcc"] > 0.9
+    assert np.mean((pred - yt) ** 2) < 0.3 * np.var(yt)  # far better than the best constant
+    pooled = fit_ridge(x.mean(axis=(2, 3)), y)  # a linear probe on pooled features cannot see it
+    assert regression_metrics(pooled.predict(xt.mean(axis=(2, 3))), yt)["srcc"] < 0.3
+    # deterministic given the seed; another seed is another run
+    np.testing.assert_array_equal(fit_icnet(x, y, cfg, seed=0, x_flip=flipped).predict(xt), pred)
+    assert not np.array_equal(fit_icnet(x, y, cfg, seed=1, x_flip=flipped).predict(xt), pred)
+    # the map is in [0, 1] at the feature grid, and the state round-trips through weights_only
+    with torch.no_grad():
+        score, cmap = head(torch.from_numpy(xt[:3]))
+    assert cmap.shape == (3, 1, 6, 6) and float(cmap.min()) >= 0 and float(cmap.max()) <= 1
+    buf = io.BytesIO()
+    torch.save(head.state(), buf)
+    buf.seek(0)
+    again = ICNetHead.from_state(torch.load(buf, weights_only=True))
+    np.testing.assert_allclose(again.predict(xt), pred, atol=1e-6)
+
+
+def test_whole_input_is_a_resize_without_crop() -> None:
+    from clic.embed import eval_transform
+    from clic.transforms.common import MEAN, STD
+
+    arr = np.zeros((100, 200, 3), np.uint8)  # wide: red | green | blue in vertical bands
+    arr[:, :50, 0] = arr[:, 50:150, 1] = arr[:, 150:, 2] = 255
+    img = Image.fromarray(arr)
+    whole = eval_transform(32, whole=True)(img)
+    assert whole.shape == (3, 32, 32)
+    ref = np.asarray(img.resize((32, 32), Image.Resampling.BILINEAR), np.float32) / 255
+    ref = (ref - np.array(MEAN, np.float32)) / np.array(STD, np.float32)
+    np.testing.assert_allclose(whole.permute(1, 2, 0).numpy(), ref, atol=1e-5)
+    red, blue = (1 - MEAN[0]) / STD[0], (1 - MEAN[2]) / STD[2]
+    assert whole[0, :, 0].min() == pytest.approx(red, abs=1e-4)  # both ends of the wide image survive
+    assert whole[2, :, -1].min() == pytest.approx(blue, abs=1e-4)
+    crop = eval_transform(32)(img)  # the centre square holds the green band only
+    assert crop.shape == (3, 32, 32) and float(crop[0, :, 0].max()) < red - 1
+
+
+def test_probe_reads_the_source_when_the_cache_is_too_small(tmp_path: Path) -> None:
+    from clic.data.table import Record
+    from clic.evaluation.features import input_paths
+
+    Image.new("RGB", (200, 100)).save(tmp_path / "big.png")
+    (tmp_path / "cache").mkdir()
+    Image.new("RGB", (50, 25)).save(tmp_path / "cache" / "big.png")
+    (tmp_path / "meta.json").write_text(json.dumps({"cache_size": 25}))
+    rec = Record("big", "big.png", 0.5, "train", width=200, height=100, cache="cache/big.png")
+    assert input_paths([rec], tmp_path, 16) == ([tmp_path / "cache" / "big.png"], False)
+    assert input_paths([rec], tmp_path, 64) == ([tmp_path / "big.png"], True)
+
+
+def test_icnet_probe_config() -> None:
+    icnet = ProbeConfig(protocol="icnet")
+    assert icnet.whole and icnet.input_size(64) == 512  # ICNet's whole image at 512 px by default
+    assert ProbeConfig(protocol="icnet", image_size=256).input_size(64) == 256
+    assert ProbeConfig(protocol="icnet", input="crop").whole is False
+    assert not ProbeConfig().whole and ProbeConfig().input_size(64) == 64
+    assert ProbeConfig(input="whole").whole  # the linear protocols can see whole images too
+    cfg = from_dict(ProbeConfig, {"protocol": "icnet", "icnet": {"epochs": 5, "milestones": [2, 4]}}, "probe")
+    assert cfg.icnet.epochs == 5 and cfg.icnet.milestones == (2, 4) and cfg.icnet.lr == 0.05
+    for bad, match in [({"protocol": "icnet2"}, "probe.protocol"), ({"input": "half"}, "probe.input"),
+                       ({"icnet": {"kernel": 2}}, "kernel"), ({"icnet": {"milestones": [20, 10]}}, "milestones"),
+                       ({"icnet": {"map_weight": 1.5}}, "map_weight"), ({"icnet": {"epochs": 0}}, "epochs"),
+                       ({"icnet": {"size": 3}}, "unknown key")]:
+        with pytest.raises(ValueError, match=match):
+            from_dict(ProbeConfig, bad, "probe")
+
+
 # ---------------------------------------------------------------------------- hand-crafted
 def test_handcrafted_measures_on_known_images() -> None:
     flat = Image.new("RGB", (64, 64), (120, 80, 40))
@@ -176,6 +286,44 @@ def test_vit_probed_above_its_training_resolution(tiny_prepared: Path, tmp_path:
     rows = (tmp_path / "predictions.csv").read_text().splitlines()[1:]
     np.testing.assert_allclose(scorer(paths), [float(r.split(",")[3]) for r in rows], atol=2e-5)
     assert scorer.map(paths[0]).shape == (6, 6)
+
+
+ICNET_TINY = {"epochs": 3, "milestones": [2], "channels": 8, "kernel": 1, "hidden": 8, "batch_size": 16}
+
+
+def test_icnet_protocol_reports_and_saves_a_scorer_that_reproduces_it(tiny_encoder: Path, tiny_prepared: Path,
+                                                                      tmp_path: Path, photos: list[Path]) -> None:
+    cfg = from_dict(ProbeConfig, {"protocol": "icnet", "image_size": 64, "bootstrap": 0, "workers": 0,
+                                  "icnet": ICNET_TINY}, "probe")
+    report = evaluate_encoder(tiny_encoder, tiny_prepared, cfg, tmp_path, cache_dir=tmp_path / "cache")
+    assert report["n"] == 16 and report["protocol"] == "icnet" and report["input"] == "whole"
+    assert report["feature_dim"] == 512 and report["feature_grid"] == [2, 2]  # ResNet-18 at 64 px: 64 / 32
+    cached = [np.load(f, mmap_mode="r").shape for f in (tmp_path / "cache").glob("features-*.npy")]
+    assert sorted(cached) == [(16, 512, 2, 2), (48, 512, 2, 2), (48, 512, 2, 2)]  # test, train, flipped train
+    scorer = load_scorer(tmp_path / "scorer.pt", "cpu")
+    assert isinstance(scorer.head, ICNetHead) and scorer.whole and scorer.cfg.image_size == 64
+    paths = [r.image_path(tiny_prepared) for r in read_table(tiny_prepared, ["test"])]
+    rows = (tmp_path / "predictions.csv").read_text().splitlines()[1:]
+    saved = [float(r.split(",")[3]) for r in rows]
+    np.testing.assert_allclose(scorer(paths), saved, atol=2e-5)
+    scores, kept, errors = scorer.score_files(paths, 4, 0, progress=False)  # what `clic score` runs
+    np.testing.assert_allclose(scores, saved, atol=2e-5)
+    assert kept == list(range(16)) and not errors
+    cmap = scorer.map(photos[0])
+    assert cmap.shape == (2, 2) and cmap.min() >= 0 and cmap.max() <= 1
+    wide = Image.open(photos[0]).convert("RGB").crop((0, 0, 300, 100))
+    assert scorer.view(wide).size == (300, 100)  # the map covers the whole image
+
+
+def test_icnet_protocol_in_cv_mode(tiny_prepared: Path, tmp_path: Path) -> None:
+    cfg = from_dict(ProbeConfig, {"protocol": "icnet", "mode": "cv", "image_size": 32, "bootstrap": 0,
+                                  "workers": 0, "icnet": {**ICNET_TINY, "flip": False}}, "probe")
+    arch = from_dict(PretrainConfig, {"method": "moco", **tiny_overrides("moco")})
+    first = evaluate_random(arch, tiny_prepared, cfg, tmp_path / "a")
+    assert first["n"] == 64 and first["mode"] == "cv" and first["feature_grid"] == [1, 1]
+    again = evaluate_random(arch, tiny_prepared, cfg, tmp_path / "b")  # deterministic given the seed
+    assert (tmp_path / "a" / "predictions.csv").read_text() == (tmp_path / "b" / "predictions.csv").read_text()
+    assert again["srcc"] == first["srcc"]
 
 
 def test_cross_dataset_scorer_is_not_refitted(tiny_encoder: Path, tiny_prepared: Path, tmp_path: Path) -> None:

@@ -102,3 +102,33 @@ def test_loss_falls_under_a_few_optimiser_steps(kind: str) -> None:
         loss_fn().backward()
         opt.step()
     assert loss_fn().item() < 0.7 * first
+
+
+def test_info_nce_exclusion_equals_dropping_those_negatives() -> None:
+    torch.manual_seed(0)
+    q, k = F.normalize(torch.randn(3, 6), dim=1), F.normalize(torch.randn(3, 6), dim=1)
+    queue = F.normalize(torch.randn(7, 6), dim=1)
+    exclude = torch.zeros(3, 7, dtype=torch.bool)
+    exclude[0, [1, 4]] = True
+    exclude[2, 6] = True
+    got = info_nce(q, k, queue, 0.2, exclude)
+    ref = []
+    for i in range(3):
+        keep = ~exclude[i]
+        ref.append(info_nce(q[i:i + 1], k[i:i + 1], queue[keep], 0.2))
+    assert got.item() == pytest.approx(torch.stack(ref).mean().item(), rel=1e-6)
+    assert got.item() < info_nce(q, k, queue, 0.2).item()
+
+
+def test_patch_info_nce_anchors_restrict_the_queries_not_the_keys() -> None:
+    torch.manual_seed(0)
+    q, k = F.normalize(torch.randn(2, 4, 5), dim=-1), F.normalize(torch.randn(2, 4, 5), dim=-1)
+    anchors = torch.tensor([[True, False, True, False], [False, False, True, True]])
+    got = patch_info_nce(q, k, 0.5, anchors=anchors)
+    qf, kf = q.reshape(8, 5), k.reshape(8, 5)
+    idx = anchors.reshape(8).nonzero().squeeze(1)
+    ref = F.cross_entropy(qf[idx] @ kf.t() / 0.5, idx)  # each anchor against all 8 key tokens
+    assert got.item() == pytest.approx(ref.item(), rel=1e-6)
+    qg = q.clone().requires_grad_(True)
+    patch_info_nce(qg, k, 0.5, anchors=anchors).backward()
+    assert qg.grad is not None and (qg.grad[~anchors] == 0).all() and (qg.grad[anchors] != 0).any()

@@ -59,19 +59,84 @@ def test_momentum_update_moves_key_towards_online() -> None:
             p.add_(1.0)
     pq = next(model.encoder_q.parameters()).detach().clone()
     pk = next(model.encoder_k.parameters()).detach().clone()
-    model({"query": torch.randn(2, 3, 32, 32), "key": torch.randn(2, 3, 32, 32)}, momentum=0.75)
+    model({"query": torch.randn(4, 3, 32, 32), "key": torch.randn(4, 3, 32, 32)}, momentum=0.75)
     assert torch.allclose(next(model.encoder_k.parameters()), 0.75 * pk + 0.25 * pq, atol=1e-6)
 
 
 def test_queue_is_a_ring_buffer_of_keys() -> None:
     model = _moco()
     keys = F.normalize(torch.randn(5, 8), dim=1)
-    for _ in range(3):  # 15 keys into a queue of 12: wraps around
-        model._enqueue(keys)
+    for step in range(3):  # 15 keys into a queue of 12: wraps around
+        model._enqueue(keys, torch.arange(5) + 10 * step)
     assert int(model.queue_ptr) == 15 % 12
     assert int(model.queue_filled) == 15
     assert torch.allclose(model.queue[:3], keys[2:5])  # third write wrapped: rows 10, 11, 0, 1, 2
     assert torch.allclose(model.queue[10:12], keys[0:2])
+    assert model.queue_ids.tolist() == [22, 23, 24, 3, 4, 10, 11, 12, 13, 14, 20, 21]
+
+
+def test_queue_never_offers_a_query_its_own_images_stale_key() -> None:
+    """Same model state, same draws: queued keys of the batch's own images are dropped from the
+    negatives (a smaller denominator), keys of other images are not."""
+    import copy
+
+    torch.manual_seed(0)
+    model = _moco()
+    batch = {"query": torch.randn(4, 3, 32, 32), "key": torch.randn(4, 3, 32, 32), "image_id": torch.arange(4)}
+    model(batch, momentum=0.9)  # the queue now holds keys of images 0..3
+    assert model.queue_ids[:4].tolist() == [0, 1, 2, 3] and (model.queue_ids[4:] == -1).all()
+    other = copy.deepcopy(model)
+    torch.manual_seed(1)
+    own = model(batch, momentum=0.9)["contrast"]
+    torch.manual_seed(1)
+    strangers = other({**batch, "image_id": torch.arange(4) + 100}, momentum=0.9)["contrast"]
+    assert own.item() < strangers.item() - 1e-4
+
+
+def test_split_bn_keeps_a_query_out_of_other_sub_batches_statistics() -> None:
+    """Shuffling BN in one process: sample 0's query is normalised with its own sub-batch only, so
+    changing the images of the other sub-batch leaves it unchanged (full-batch BN would not)."""
+    torch.manual_seed(0)
+    model = _moco(bn_splits=2)
+    xq = torch.randn(4, 3, 32, 32)
+    xq2 = xq.clone()
+    xq2[2:] = torch.randn(2, 3, 32, 32) * 3
+    q = [torch.cat([model.encoder_q(c) for c in x.chunk(model._splits(4))]) for x in (xq, xq2)]
+    torch.testing.assert_close(q[0][:2], q[1][:2])
+    assert not torch.allclose(q[0][2:], q[1][2:])
+    assert _moco(shuffle_bn=False)._splits(4) == 1
+    # keys: computed on a shuffled batch, returned in the batch's order
+    torch.manual_seed(3)
+    perm = torch.randperm(4)
+    torch.manual_seed(3)
+    with torch.no_grad():
+        k = model._keys(xq)
+        ref = torch.cat([model.encoder_k(c) for c in xq[perm].chunk(2)])[torch.argsort(perm)]
+    torch.testing.assert_close(k, ref)
+    assert not torch.equal(perm, torch.arange(4))
+
+
+def test_clicv2_contrasts_visible_tokens_only(monkeypatch: pytest.MonkeyPatch) -> None:
+    import clic.models.clicv2 as m
+
+    seen: dict = {}
+    real = m.patch_info_nce
+
+    def spy(q, k, t, max_anchors=None, generator=None, anchors=None):  # type: ignore[no-untyped-def]
+        seen["anchors"] = anchors
+        return real(q, k, t, max_anchors, generator, anchors)
+
+    monkeypatch.setattr(m, "patch_info_nce", spy)
+    captured: dict = {}
+    real_mask = m.random_mask
+    monkeypatch.setattr(m, "random_mask", lambda *a, **kw: captured.setdefault("mask", real_mask(*a, **kw)))
+    torch.manual_seed(0)
+    model = _clicv2(mask_ratio=0.5)
+    model({"view1": torch.randn(2, 3, 32, 32), "view2": torch.randn(2, 3, 32, 32)}, momentum=0.9)
+    assert torch.equal(seen["anchors"], ~captured["mask"]) and int(captured["mask"].sum()) == 16
+    seen.clear()
+    _clicv2(mem=False)({"view1": torch.randn(2, 3, 32, 32), "view2": torch.randn(2, 3, 32, 32)}, momentum=0.9)
+    assert seen["anchors"] is None
 
 
 def test_vit_mask_tokens_replace_hidden_patches() -> None:

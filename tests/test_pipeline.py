@@ -38,7 +38,7 @@ def make_project(root: Path, tweak=None) -> Path:  # type: ignore[no-untyped-def
     p["pretrain"]["common"].update(batch_size=16, image_size=32, num_workers=0)
     for m in ("moco", "clic", "clicv2"):
         p["pretrain"][m]["epochs"] = 1
-    p["pretrain"]["common"]["moco"]["queue_size"] = 32
+    p["pretrain"]["common"]["moco"]["queue_size"] = 16
     p["pretrain"]["clicv2"]["depth"] = 1
     p["probe"].update(bootstrap=20, workers=1)
     p["transfer"]["epochs"] = 3

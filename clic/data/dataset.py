@@ -9,6 +9,7 @@ have seen, whatever the number of loader workers.
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -17,8 +18,11 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from clic.data.imageio import load_rgb
-from clic.data.table import Record
+from clic.data.imageio import ImageError, load_rgb
+from clic.data.table import Record, resolve
+
+log = logging.getLogger(__name__)
+MAX_SUBSTITUTES = 16  # consecutive unreadable images tolerated before a sample fails
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -31,13 +35,18 @@ class ViewDataset(Dataset):
     ``extra``: a callable producing an extra training image from a source image (CLIC's RCM
     mosaics with ``rcm.pairing`` extra/both); ``extra_per_image`` of them follow the records.
     Each extra image is fixed (seeded by its index only), as if generated once ahead of training.
+    ``decode_side``: JPEGs are decoded at the smallest DCT scale keeping this short side (a corpus
+    of camera photos is decoded 4-30x faster; see :func:`clic.data.imageio.load_rgb`).
+    An unreadable image (a corpus is not checked image by image) is logged by name and replaced by
+    the next readable one, so one bad file never stops a run.
     """
 
     def __init__(self, records: Sequence[Record], root: str | Path, transform: Callable[[Image.Image], dict],
                  seed: int = 0, extra: Callable[[Image.Image], Image.Image] | None = None,
-                 extra_per_image: int = 0) -> None:
+                 extra_per_image: int = 0, decode_side: int | None = None) -> None:
         self.records, self.root, self.transform = list(records), Path(root), transform
-        self.seed = seed
+        self.seed, self.decode_side = seed, decode_side
+        self._unreadable: set[int] = set()
         self.extra, self.extra_per_image = extra, (extra_per_image if extra is not None else 0)
 
     def __len__(self) -> int:
@@ -45,8 +54,13 @@ class ViewDataset(Dataset):
 
     def load(self, index: int) -> Image.Image:
         rec = self.records[index % len(self.records)]
-        img = load_rgb(rec.image_path(self.root))
-        if index >= len(self.records) and self.extra is not None:
+        is_extra = index >= len(self.records) and self.extra is not None
+        path = rec.image_path(self.root)
+        if is_extra and getattr(self.extra, "source_resolution", False):  # RCM tiles at source size
+            source = resolve(self.root, rec.path)
+            path = source if source.is_file() else path
+        img = load_rgb(path, min_size=None if is_extra else self.decode_side)
+        if is_extra and self.extra is not None:
             with _seeded(sample_seed(self.seed, -1, index)):
                 img = self.extra(img)
         return img
@@ -54,11 +68,27 @@ class ViewDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int]) -> dict:
         """``key``: an index (epoch 0) or an ``(epoch, index)`` pair from :class:`EpochBatches`."""
         epoch, index = key if isinstance(key, tuple) else (0, key)
-        img = self.load(index)
+        img, used = self.load_readable(index)
         with _seeded(sample_seed(self.seed, epoch, index)):
             out = self.transform(img)
         out["index"] = index
+        out["image_id"] = used % len(self.records)  # the source image (extra RCM mosaics share it)
         return out
+
+    def load_readable(self, index: int) -> tuple[Image.Image, int]:
+        """(:meth:`load` of ``index``, ``index``), or of the first readable index after it (within
+        the same block of source or extra images) when its file cannot be decoded."""
+        n = len(self.records)
+        for step in range(MAX_SUBSTITUTES):
+            i = (index // n) * n + (index % n + step) % n
+            try:
+                return self.load(i), i
+            except ImageError as exc:
+                if i % n not in self._unreadable:  # once per file and loader worker
+                    self._unreadable.add(i % n)
+                    log.warning("skipping unreadable image %s: %s", self.records[i % n].name, exc)
+        raise ImageError(f"{MAX_SUBSTITUTES} consecutive images from {self.records[index % n].name} on are "
+                         "unreadable; check the pretraining data")
 
 
 class _seeded:

@@ -79,20 +79,34 @@ def read_ic9600(root: Path) -> list[Entry]:
             continue
         found = True
         for lineno, raw in enumerate(ann.read_text(encoding="utf-8-sig").splitlines(), start=1):
-            line = raw.rstrip("\r\n")
-            if not line.strip():
+            line = raw.strip()  # as IC9600's own parser: strip, then split on two spaces
+            if not line:
                 continue
             where = f"{ann}:{lineno}"
             parts = line.split("  ")
             if len(parts) != 2 or not parts[0] or not parts[1].strip():
-                hint = " (found a tab)" if "\t" in line else " (found a single space)" if " " in line else ""
-                raise ValueError(f"{where}: expected '<image name><two spaces><score>'{hint}, got {line!r}")
+                raise ValueError(f"{where}: expected '<image name><two spaces><score>'{_separator_hint(line)}, "
+                                 f"got {raw!r}")
             name, score = parts[0], parts[1].strip()
             category = name.split("_", 1)[0] if "_" in name else ""
             entries.append(Entry(name, images / name, _score(score, where), split, category))
     if not found:
         raise ValueError(f"{root}: neither train.txt nor test.txt found (IC9600 layout)")
     return _require_files(_check_unique(entries, str(root)))
+
+
+def _separator_hint(line: str) -> str:
+    """Why a stripped annotation line did not split into name and score, when it is clear."""
+    if "\t" in line:
+        return " (found a tab)"
+    if "  " not in line and " " in line:
+        score = line.rsplit(" ", 1)[1]
+        try:
+            float(score)
+        except ValueError:
+            return ""  # a name with spaces and no score: not a separator problem
+        return " (found a single space)"
+    return ""
 
 
 # ------------------------------------------------------------------------------------ SAVOIAS

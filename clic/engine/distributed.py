@@ -58,3 +58,31 @@ def all_reduce_mean(value: float, device: torch.device) -> float:
 def barrier() -> None:
     if world_size() > 1:
         dist.barrier()
+
+
+@torch.no_grad()
+def batch_shuffle(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """MoCo's shuffling BN across ranks (He et al. 2020, ``_batch_shuffle_ddp``): gather the global
+    batch, permute it with one permutation shared by every rank, and hand each rank its slice, so
+    a key's BatchNorm statistics come from other images than its query's.
+
+    x: (B, ...) this rank's batch. Returns (this rank's shuffled slice (B, ...), the inverse
+    permutation (B * world,) for :func:`batch_unshuffle`). Identity with one process.
+    """
+    n = world_size()
+    if n == 1:
+        return x, torch.arange(x.shape[0], device=x.device)
+    gathered = concat_all_gather(x)  # (B * world, ...)
+    perm = torch.randperm(gathered.shape[0]).to(x.device)
+    dist.broadcast(perm, src=0)
+    return gathered[perm.view(n, -1)[rank()]], torch.argsort(perm)
+
+
+@torch.no_grad()
+def batch_unshuffle(x: torch.Tensor, inverse: torch.Tensor) -> torch.Tensor:
+    """Undo :func:`batch_shuffle`: (B, ...) shuffled slice -> (B, ...) in this rank's own order."""
+    n = world_size()
+    if n == 1:
+        return x
+    gathered = concat_all_gather(x)  # (B * world, ...)
+    return gathered[inverse.view(n, -1)[rank()]]

@@ -5,6 +5,9 @@ category), ``predictions.csv`` (name, category, human, predicted), ``scatter.png
 ``categories.png`` and, for encoders, ``scorer.pt``. Baselines on the same split/folds:
 a random-initialised encoder of the same architecture and the hand-crafted measures, each
 zero-shot (raw value vs score) and as ridge-probe features.
+
+``probe.protocol: icnet`` runs the same machinery on frozen spatial maps (N, D, h, w) of whole
+images resized to 512 x 512 (``probe.input``, ``probe.image_size``) with ICNet's head.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ import dataclasses
 import json
 import logging
 import os
+import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -26,9 +30,9 @@ from clic.data.imageio import load_rgb
 from clic.data.table import Record, fingerprint, read_table
 from clic.embed import load_encoder
 from clic.evaluation import handcrafted, plots
-from clic.evaluation.features import dataset_features, file_digest
+from clic.evaluation.features import dataset_features, file_digest, input_paths
 from clic.evaluation.metrics import full_report, regression_metrics
-from clic.evaluation.probe import LinearHead, cross_validated_predictions, fit_regression
+from clic.evaluation.probe import Head, cross_validated_predictions, fit_regression
 from clic.models.backbones import at_resolution, build_backbone
 from clic.scorer import Scorer
 
@@ -50,18 +54,20 @@ def labelled(data_dir: Path, cfg: ProbeConfig) -> tuple[list[Record], list[Recor
     return train, test
 
 
-def _fit_kw(cfg: ProbeConfig) -> dict[str, Any]:
-    return {"protocol": cfg.protocol, "alphas": cfg.alphas, "sgd_epochs": cfg.sgd_epochs, "sgd_lr": cfg.sgd_lr}
+def _fit_kw(cfg: ProbeConfig, device: str | torch.device = "cpu") -> dict[str, Any]:
+    return {"protocol": cfg.protocol, "alphas": cfg.alphas, "sgd_epochs": cfg.sgd_epochs, "sgd_lr": cfg.sgd_lr,
+            "icnet": cfg.icnet, "device": device}
 
 
 def probe(x_fit: np.ndarray, fit: list[Record], x_eval: np.ndarray, evaluate: list[Record], cfg: ProbeConfig,
-          seed: int) -> tuple[np.ndarray, LinearHead]:
-    """Predictions for ``evaluate`` and the head fitted on ``fit`` (all labelled images in cv mode)."""
+          seed: int, x_aug: np.ndarray | None = None, device: str | torch.device = "cpu") -> tuple[np.ndarray, Head]:
+    """Predictions for ``evaluate`` and the head fitted on ``fit`` (all labelled images in cv mode).
+    ``x_aug``: training-only features of flipped ``fit`` images (icnet)."""
     y_fit = np.array([r.score for r in fit], np.float64)
-    head = fit_regression(x_fit, y_fit, folds=cfg.folds, seed=seed, **_fit_kw(cfg))
+    head = fit_regression(x_fit, y_fit, folds=cfg.folds, seed=seed, x_aug=x_aug, **_fit_kw(cfg, device))
     if cfg.mode == "cv":
         pred = cross_validated_predictions(x_eval, y_fit, [r.category for r in evaluate], cfg.folds, seed,
-                                           **_fit_kw(cfg))
+                                           x_aug=x_aug, **_fit_kw(cfg, device))
     else:
         pred = head.predict(x_eval)
     return pred, head
@@ -92,7 +98,8 @@ def evaluate_encoder(encoder: str | Path, data_dir: str | Path, cfg: ProbeConfig
     """Probe a pretrained encoder; writes the report and ``scorer.pt``; returns the report."""
     data_dir, out_dir = Path(data_dir), Path(out_dir)
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backbone, pcfg = at_resolution(*load_encoder(encoder, dev), cfg.image_size)
+    backbone, pcfg = load_encoder(encoder, dev)
+    backbone, pcfg = at_resolution(backbone, pcfg, cfg.input_size(pcfg.image_size))
     return evaluate_backbone(backbone, pcfg, file_digest(encoder), data_dir, cfg, out_dir, seed, dev,
                              cache_dir, name or pcfg.method)
 
@@ -102,7 +109,7 @@ def evaluate_random(arch: PretrainConfig, data_dir: str | Path, cfg: ProbeConfig
     """The random-initialised encoder of the same architecture, probed the same way."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
-    arch = dataclasses.replace(arch, image_size=cfg.image_size or arch.image_size)
+    arch = dataclasses.replace(arch, image_size=cfg.input_size(arch.image_size))
     backbone = build_backbone(arch.backbone, arch.image_size, arch.patch_size, arch.depth, arch.pool).to(dev).eval()
     return evaluate_backbone(backbone, arch, f"random-{arch.backbone}-{seed}", Path(data_dir), cfg,
                              Path(out_dir), seed, dev, None, f"random_{arch.backbone}")
@@ -112,15 +119,29 @@ def evaluate_backbone(backbone: torch.nn.Module, pcfg: PretrainConfig, model_key
                       cfg: ProbeConfig, out_dir: Path, seed: int, dev: torch.device,
                       cache_dir: str | Path | None, name: str) -> dict[str, Any]:
     fit, evaluate = labelled(data_dir, cfg)
-    feats = lambda recs: dataset_features(backbone, recs, data_dir, pcfg.image_size, model_key,  # noqa: E731
-                                          cache_dir, cfg.batch_size, cfg.workers, dev)
-    x_fit = feats(fit)
+    spatial = cfg.protocol == "icnet"
+
+    def feats(recs: list[Record], flip: bool = False) -> np.ndarray:
+        return dataset_features(backbone, recs, data_dir, pcfg.image_size, model_key, cache_dir, cfg.batch_size,
+                                cfg.workers, dev, whole=cfg.whole, spatial=spatial, flip=flip)
+
+    start = time.perf_counter()
+    x_fit = feats(fit)  # (N, D), or (N, D, h, w) for icnet
     x_eval = x_fit if evaluate is fit else feats(evaluate)
-    pred, head = probe(x_fit, fit, x_eval, evaluate, cfg, seed)
+    x_aug = feats(fit, flip=True) if spatial and cfg.icnet.flip else None
+    fitted = time.perf_counter()
+    pred, head = probe(x_fit, fit, x_eval, evaluate, cfg, seed, x_aug, dev)
+    log.info("%s: features %s in %.1f s, %s head fits (%s) in %.1f s", name, tuple(x_fit.shape),
+             fitted - start, cfg.protocol, cfg.mode, time.perf_counter() - fitted)
     meta = {"dataset_fingerprint": fingerprint(fit + ([] if evaluate is fit else evaluate)),
-            "protocol": cfg.protocol, "mode": cfg.mode, "alpha": float(head.alpha)}
-    report = write_report(out_dir, name, pred, evaluate, cfg, seed, {**meta, "feature_dim": int(x_fit.shape[1])})
-    scorer = Scorer(backbone, pcfg, head, {**meta, "srcc": report["srcc"], "pcc": report["pcc"]}, dev)  # type: ignore[arg-type]
+            "protocol": cfg.protocol, "mode": cfg.mode, "alpha": float(head.alpha),
+            "input": "whole" if cfg.whole else "crop", "image_size": int(pcfg.image_size)}
+    extra: dict[str, Any] = {**meta, "feature_dim": int(x_fit.shape[1])}
+    if spatial:
+        extra["feature_grid"] = [int(x_fit.shape[2]), int(x_fit.shape[3])]
+    report = write_report(out_dir, name, pred, evaluate, cfg, seed, extra)
+    scorer = Scorer(backbone, pcfg, head, {**meta, "srcc": report["srcc"], "pcc": report["pcc"]}, dev,  # type: ignore[arg-type]
+                    whole=cfg.whole)
     scorer.save(out_dir / "scorer.pt")
     return report
 
@@ -136,8 +157,8 @@ def evaluate_scorer(scorer_path: str | Path, data_dir: str | Path, cfg: ProbeCon
     records = [r for r in read_table(data_dir) if r.score is not None]
     if len(records) < 2:
         raise ValueError(f"{data_dir}: needs at least 2 labelled images, found {len(records)}")
-    scores, kept, errors = scorer.score_files([r.image_path(data_dir) for r in records], cfg.batch_size,
-                                              cfg.workers, progress=False)
+    paths, _ = input_paths(records, data_dir, scorer.cfg.image_size)
+    scores, kept, errors = scorer.score_files(paths, cfg.batch_size, cfg.workers, progress=False)
     if errors:
         raise ValueError(f"{len(errors)} images could not be read: {errors[0]}")
     fitted_on = scorer.meta.get("dataset_fingerprint", "unknown")

@@ -1,12 +1,15 @@
-"""Linear probes on frozen features: complexity regression and classification.
+"""Heads on frozen features: complexity regression and classification.
 
 Protocols for regression (never touching test labels for any choice):
 1. ``ridge``: closed-form ridge regression on standardised features; the penalty is chosen by
    k-fold cross-validation on the training split only (lowest mean squared error).
 2. ``sgd``: the papers' style, a linear head trained by SGD (MSE) on frozen features.
+3. ``icnet``: ICNet's map + score head trained on frozen spatial maps (N, D, h, w), the CLIC
+   paper's IC9600 protocol (:mod:`clic.evaluation.icnet`).
 
-A fitted head is a :class:`LinearHead` (mean, scale, weight, bias): ``pred = ((x - mean) / scale) @ w + b``,
-the same for both protocols, so a scorer stores one format.
+A fitted linear head is a :class:`LinearHead` (mean, scale, weight, bias):
+``pred = ((x - mean) / scale) @ w + b``, the same for ridge and sgd, so a scorer stores one format;
+icnet fits an :class:`~clic.evaluation.icnet.ICNetHead`. Both have ``predict`` and ``state``.
 """
 
 from __future__ import annotations
@@ -14,10 +17,14 @@ from __future__ import annotations
 import dataclasses
 import math
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
 from scipy import linalg
+
+from clic.config import IcnetProbeConfig
+from clic.evaluation.icnet import ICNetHead, fit_icnet
 
 DEFAULT_ALPHAS = tuple(10.0 ** k for k in range(-3, 6))
 
@@ -123,20 +130,30 @@ def fit_sgd(x: np.ndarray, y: np.ndarray, epochs: int = 100, lr: float = 0.01, w
     return LinearHead(mean, scale, head.weight.detach().double().numpy()[0], head.bias.detach().double().numpy()[0])
 
 
+Head = LinearHead | ICNetHead
+
+
 def fit_regression(x: np.ndarray, y: np.ndarray, protocol: str = "ridge", folds: int = 5, seed: int = 0,
-                   alphas: Sequence[float] = DEFAULT_ALPHAS, sgd_epochs: int = 100, sgd_lr: float = 0.01) -> LinearHead:
+                   alphas: Sequence[float] = DEFAULT_ALPHAS, sgd_epochs: int = 100, sgd_lr: float = 0.01,
+                   icnet: IcnetProbeConfig | None = None, x_aug: np.ndarray | None = None,
+                   device: str | torch.device = "cpu") -> Head:
+    """A regression head on (N, D) pooled features (ridge, sgd) or (N, D, h, w) maps (icnet).
+    ``x_aug``: training-only features of augmented images (flipped), row-aligned with ``x``; icnet only."""
     if protocol == "ridge":
         return fit_ridge(x, y, alphas, folds, seed)
     if protocol == "sgd":
         return fit_sgd(x, y, sgd_epochs, sgd_lr, seed=seed)
-    raise ValueError(f"probe.protocol: expected ridge or sgd, got {protocol!r}")
+    if protocol == "icnet":
+        return fit_icnet(x, y, icnet, seed, x_aug, device)
+    raise ValueError(f"probe.protocol: expected ridge, sgd or icnet, got {protocol!r}")
 
 
 def cross_validated_predictions(x: np.ndarray, y: np.ndarray, groups: Sequence[str] | None = None,
-                                folds: int = 5, seed: int = 0, **fit_kw) -> np.ndarray:
+                                folds: int = 5, seed: int = 0, x_aug: np.ndarray | None = None,
+                                **fit_kw: Any) -> np.ndarray:
     """Out-of-fold predictions: k-fold inside each group (e.g. category), the head (and its
-    penalty, by nested CV) fitted on the other folds of that group only."""
-    x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
+    penalty, by nested CV) fitted on the other folds of that group only (``x_aug`` rows too)."""
+    x, y = np.asarray(x), np.asarray(y, np.float64)
     groups_arr = np.asarray(groups if groups is not None else [""] * len(x))
     pred = np.empty(len(x))
     for gname in sorted(set(groups_arr.tolist())):
@@ -144,7 +161,8 @@ def cross_validated_predictions(x: np.ndarray, y: np.ndarray, groups: Sequence[s
         ids = fold_ids(len(members), min(folds, len(members)), seed)
         for f in range(ids.max() + 1):
             tr, te = members[ids != f], members[ids == f]
-            pred[te] = fit_regression(x[tr], y[tr], folds=folds, seed=seed, **fit_kw).predict(x[te])
+            aug = x_aug[tr] if x_aug is not None else None
+            pred[te] = fit_regression(x[tr], y[tr], folds=folds, seed=seed, x_aug=aug, **fit_kw).predict(x[te])
     return pred
 
 

@@ -3,8 +3,8 @@
 Online branch: ViT on view 1 with a random fraction of patches replaced by a learned mask token,
 a per-token projection head, and a small transformer decoder that predicts each patch's grey-level
 entropy. Momentum branch: ViT + head on the unmasked, shifted view 2. Loss =
-patch-wise InfoNCE (token l of view 1 vs token l of view 2, other tokens negatives)
-+ ``mem_weight`` x MSE of the entropy predicted at hidden patches.
+patch-wise InfoNCE (token l of view 1 vs token l of view 2, other tokens negatives; anchors are
+the visible tokens of view 1 only) + ``mem_weight`` x MSE of the entropy predicted at hidden patches.
 
 Ablations: ``shift.enabled`` (in the views), ``loss: patch|image`` (image-wise uses the mean
 token with in-batch negatives), ``mem`` on/off.
@@ -84,10 +84,18 @@ class CLICv2(nn.Module):
             momentum_update(self.head, self.key_head, momentum)
             k = self.key_head(self.key_backbone.forward_tokens(x2))  # (B, L, dim)
         parts: dict[str, torch.Tensor] = {}
+        # anchors are visible tokens only: a mask token's output is MEM's business, and contrasting
+        # it would make MEM on/off change the contrastive task too (a confounded ablation)
+        visible = ~mask if mask is not None else None  # (B, L)
         if self.cfg.loss == "patch":
-            parts["contrast"] = patch_info_nce(q.float(), k.float(), self.cfg.temperature, self.cfg.max_tokens)
+            parts["contrast"] = patch_info_nce(q.float(), k.float(), self.cfg.temperature, self.cfg.max_tokens,
+                                               anchors=visible)
         else:
-            qi = F.normalize(q.float().mean(dim=1), dim=1)  # (B, dim)
+            if visible is not None:  # mean of the visible tokens
+                w = visible.unsqueeze(-1).to(q.dtype)  # (B, L, 1)
+                qi = F.normalize((q.float() * w).sum(dim=1) / w.sum(dim=1).clamp_min(1.0), dim=1)  # (B, dim)
+            else:
+                qi = F.normalize(q.float().mean(dim=1), dim=1)  # (B, dim)
             ki = F.normalize(k.float().mean(dim=1), dim=1)
             parts["contrast"] = info_nce(qi, ki, None, self.cfg.temperature)
         loss = parts["contrast"]

@@ -3,6 +3,15 @@
 
 Stateful parts only: the momentum key encoder and the negative queue. Losses come from
 :mod:`clic.losses`; the momentum coefficient is passed in each step by the engine's schedule.
+
+Two guards of MoCo's that a small dataset makes matter:
+- the queue remembers which image each key came from, and a query never takes a stale key of its
+  own image as a negative (with a queue near the dataset size, most queries would otherwise);
+- shuffling BN (He et al. 2020, sec. 3.3): BatchNorm statistics must not let a query find its
+  key through the batch. Under DDP the key batch is shuffled across ranks (MoCo's
+  ``_batch_shuffle_ddp``); in one process both encoders normalise ``bn_splits`` sub-batches
+  separately and the key batch is shuffled before it is split (MoCo's single-GPU SplitBatchNorm
+  recipe), so a key never shares BN statistics with the sub-batch of its query.
 """
 
 from __future__ import annotations
@@ -14,6 +23,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from clic.config import MocoConfig
+from clic.engine import distributed as dist
 from clic.engine.distributed import concat_all_gather
 from clic.losses import complexity_aware_loss, info_nce
 from clic.models.backbones import ResNetBackbone, ViTBackbone
@@ -55,6 +65,7 @@ class MoCo(nn.Module):
     queue: torch.Tensor  # (K, D) L2-normalised keys
     queue_ptr: torch.Tensor  # () next write position
     queue_filled: torch.Tensor  # () keys written so far (all ranks)
+    queue_ids: torch.Tensor  # (K,) image id of each queued key, -1 = none
 
     def __init__(self, backbone: ResNetBackbone | ViTBackbone, cfg: MocoConfig) -> None:
         super().__init__()
@@ -69,38 +80,69 @@ class MoCo(nn.Module):
         self.register_buffer("queue", F.normalize(torch.randn(cfg.queue_size, cfg.dim), dim=1))  # (K, D)
         self.register_buffer("queue_ptr", torch.zeros((), dtype=torch.long))
         self.register_buffer("queue_filled", torch.zeros((), dtype=torch.long))
+        self.register_buffer("queue_ids", torch.full((cfg.queue_size,), -1, dtype=torch.long))
+        self.split_bn = cfg.shuffle_bn and not backbone.is_vit  # ViTs have no BatchNorm
 
     @property
     def backbone(self) -> nn.Module:
         return self.encoder_q.backbone
 
     @torch.no_grad()
-    def _enqueue(self, keys: torch.Tensor) -> None:
-        """Write keys (from every rank) at the pointer, wrapping around the ring buffer."""
+    def _enqueue(self, keys: torch.Tensor, ids: torch.Tensor | None) -> None:
+        """Write keys (from every rank) and their image ids at the pointer, wrapping around the ring."""
         keys = concat_all_gather(keys)  # (B * world, D)
+        ids = concat_all_gather(ids) if ids is not None else torch.full(
+            (keys.shape[0],), -1, dtype=torch.long, device=keys.device)
         k = self.queue.shape[0]
-        keys = keys[-k:]
+        keys, ids = keys[-k:], ids[-k:]
         idx = (self.queue_ptr + torch.arange(keys.shape[0], device=keys.device)) % k
         self.queue[idx] = keys.to(self.queue.dtype)
+        self.queue_ids[idx] = ids.to(self.queue_ids.dtype)
         self.queue_ptr.copy_((self.queue_ptr + keys.shape[0]) % k)
         self.queue_filled.add_(keys.shape[0])
 
+    def _splits(self, b: int) -> int:
+        """Sub-batches with their own BN statistics (1 = whole batch)."""
+        if not self.split_bn or dist.world_size() > 1:
+            return 1
+        if b % self.cfg.bn_splits:
+            raise ValueError(f"moco.bn_splits={self.cfg.bn_splits} must divide the batch of {b}")
+        return self.cfg.bn_splits
+
+    @torch.no_grad()
+    def _keys(self, xk: torch.Tensor) -> torch.Tensor:
+        """Key embeddings (B, D) in the batch's order, computed on a shuffled batch (shuffling BN)."""
+        if not self.split_bn:
+            return self.encoder_k(xk)
+        if dist.world_size() > 1:
+            shuffled, inverse = dist.batch_shuffle(xk)
+            return dist.batch_unshuffle(self.encoder_k(shuffled), inverse)
+        perm = torch.randperm(xk.shape[0]).to(xk.device)  # (B,)
+        k = torch.cat([self.encoder_k(c) for c in xk[perm].chunk(self._splits(xk.shape[0]))])
+        return k[torch.argsort(perm)]
+
     def forward(self, batch: dict[str, torch.Tensor], momentum: float) -> dict[str, torch.Tensor]:
         xq, xk = batch["query"], batch["key"]
+        ids = batch.get("image_id")  # (B,) source image of each sample, for the queue's exclusion
+        splits = self._splits(xq.shape[0])
         with torch.no_grad():
             momentum_update(self.encoder_q, self.encoder_k, momentum)
-            k = self.encoder_k(xk)  # (B, D)
+            k = self._keys(xk)  # (B, D)
         parts: dict[str, torch.Tensor] = {}
         if self.cfg.complexity_weight > 0:
             enc = self.encoder_q
-            stages = enc.backbone.forward_stages(xq)  # type: ignore[operator]
+            chunks = [enc.backbone.forward_stages(c) for c in xq.chunk(splits)]  # type: ignore[operator]
+            stages = [torch.cat(level) for level in zip(*chunks, strict=True)]
             feat = torch.flatten(F.adaptive_avg_pool2d(stages[-1], 1), 1)  # (B, D)
             q = F.normalize(enc.head(feat), dim=1)
             parts["complexity"] = complexity_aware_loss(stages, image_entropy(denormalize(xq.float())))
         else:
-            q = self.encoder_q(xq)  # (B, D)
+            q = torch.cat([self.encoder_q(c) for c in xq.chunk(splits)])  # (B, D)
         queue = self.queue.clone().detach()
-        parts["contrast"] = info_nce(q.float(), k.float(), queue, self.cfg.temperature)
+        exclude = None
+        if ids is not None:
+            exclude = self.queue_ids.unsqueeze(0) == ids.unsqueeze(1)  # (B, K): own image's stale keys
+        parts["contrast"] = info_nce(q.float(), k.float(), queue, self.cfg.temperature, exclude)
         loss = parts["contrast"] + self.cfg.complexity_weight * parts.get("complexity", 0.0)
-        self._enqueue(k.float())
+        self._enqueue(k.float(), ids)
         return {"loss": loss, **parts}

@@ -37,7 +37,7 @@ class MocoViews:
             key_tail.append(GaussianNoise(cfg.key_noise_std, cfg.key_noise_p))
         key_tail.append(T.Normalize(MEAN, STD))
         if rcm is not None:
-            mix = RandomCropMix(size, rcm.crops, rcm.grid, rcm.aug_p, rcm.rotation_deg, rcm.jitter)
+            mix = RandomCropMix.from_config(rcm, size)  # authors mode: the native mosaic resized to size
             self.key = T.Compose([mix, *photo, flip, *key_geom, *key_tail])
         else:
             self.key = T.Compose([crop, *photo, flip, *key_geom, *key_tail])

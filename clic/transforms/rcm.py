@@ -1,55 +1,131 @@
-"""Random Crop and Mix (CLIC, Liu et al. 2024; reconstructed from the authors' public code).
+"""Random Crop and Mix (CLIC, Liu et al. 2024): mosaics of square crops of one image.
 
-From one image with short side ``s`` take square crops at three scales: ``c`` crops of side
-``s/c``, ``2c`` of side ``s/2c`` and ``4c`` of side ``s/4c`` (``c = 3`` by default). Each crop is
-lightly augmented (flips, rotation up to ``rotation_deg``, colour jitter) with probability
-``aug_p``; ``grid * grid`` of them, shuffled, are resized to one cell and stitched into a
-``grid x grid`` mosaic of side ``out_size``. The mosaic mixes local content of its source image at
-several scales, which CLIC uses as a positive of that image.
+With ``s`` the image's short side and ``c = crops``, crops are square with side ``s/c``, ``s/2c``
+or ``s/4c`` (the three scales). Two constructions, ``rcm.mode``:
+
+``authors``: the construction of the authors' public script (``data/scm.py``, "small-scale crop
+and merge"). One mosaic uses ONE scale, drawn uniformly: two random crops of that side, and the
+other ``grid² - 2`` cells filled with lightly augmented copies of them, alternately (flips with
+p 0.5; rotation up to ``rotation_deg`` and colour jitter ``jitter`` on brightness, contrast,
+saturation and hue, each with probability ``aug_p``). The cells are shuffled and every tile is
+pasted at its native size, so the mosaic's side is ``grid * tile``; the mosaic is resized only as
+a whole (to ``out_size``, or by the view pipeline when ``out_size`` is None). The script writes
+one such mosaic per scale and image as extra training files; here each mosaic draws its scale.
+
+``pool`` (the default; this project's first reading of the authors' code, kept for comparison):
+``c``, ``2c`` and ``4c`` crops of the three sides form one pool, ``grid²`` of them are drawn from
+it shuffled (so scales mix within a mosaic and the smallest dominates), each is augmented with
+probability ``aug_p``, resized to one cell and stitched into a mosaic of side ``out_size``.
+
+Upsampling blurs, and blur changes complexity, so both modes cap it with ``max_upscale``:
+``pool`` uses only the scales whose crops reach ``cell / max_upscale`` (``cell = out_size // grid``)
+and, when fewer than ``grid²`` such crops were drawn, draws more of the largest usable scale;
+``authors`` draws only among the scales whose mosaic reaches ``out_size / max_upscale``. When no
+scale qualifies, the largest is used (the source is too small to avoid it). ``authors`` with
+``out_size`` None is not capped here: the view pipeline that follows decides the final size.
+
+A mosaic mixes local content of its source image, which CLIC uses as a positive of that image
+(``rcm.pairing``: as the key view, or as an extra training image).
 """
 
 from __future__ import annotations
 
+import math
 import random
+from typing import Literal
 
 from PIL import Image
 from torchvision import transforms as T
 
+from clic.config import RCMConfig
+
+Box = tuple[int, int, int, int]  # (left, top, right, bottom)
+
 
 class RandomCropMix:
-    """PIL image -> PIL mosaic of side ``out_size``."""
+    """PIL image -> PIL mosaic of side ``out_size`` (``authors`` with ``out_size`` None: of side
+    ``grid * tile``, the tiles at native size).
 
-    def __init__(self, out_size: int, crops: int = 3, grid: int = 2, aug_p: float = 0.5,
-                 rotation_deg: float = 20.0, jitter: float = 0.2) -> None:
-        if out_size < grid or crops < 1 or grid < 1:
+    ``source_resolution`` is read by :class:`clic.data.dataset.ViewDataset`: extra mosaics are then
+    cut from the record's source file instead of the resized cache (when the file exists).
+    """
+
+    def __init__(self, out_size: int | None, crops: int = 3, grid: int = 2, aug_p: float = 0.5,
+                 rotation_deg: float = 20.0, jitter: float = 0.2, mode: Literal["pool", "authors"] = "pool",
+                 max_upscale: float = 2.0, source_resolution: bool = False) -> None:
+        if mode not in ("pool", "authors"):
+            raise ValueError(f"RandomCropMix: mode must be pool or authors, got {mode!r}")
+        if crops < 1 or grid < 1 or (out_size is not None and out_size < grid):
             raise ValueError(f"RandomCropMix: need out_size >= grid >= 1 and crops >= 1, got "
                              f"out_size={out_size}, grid={grid}, crops={crops}")
-        if grid * grid > 7 * crops:
-            raise ValueError(f"RandomCropMix: {grid}x{grid} cells need more than the {7 * crops} crops drawn")
+        if max_upscale < 1.0:
+            raise ValueError(f"RandomCropMix: max_upscale must be >= 1, got {max_upscale}")
+        if mode == "pool":
+            if out_size is None:
+                raise ValueError("RandomCropMix: pool mode resizes crops to cells of out_size // grid; give out_size")
+            if grid * grid > 7 * crops:
+                raise ValueError(f"RandomCropMix: {grid}x{grid} cells need more than the {7 * crops} crops drawn")
+        elif grid < 2:
+            raise ValueError(f"RandomCropMix: authors mode needs grid >= 2 (two crops and their copies), got {grid}")
         self.out_size, self.crops, self.grid, self.aug_p = out_size, crops, grid, aug_p
+        self.mode, self.max_upscale, self.source_resolution = mode, max_upscale, source_resolution
+        # pool: the whole light recipe, applied to a crop with probability aug_p
         self.light = T.Compose([
             T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
             T.RandomRotation(rotation_deg), T.ColorJitter(jitter, jitter, jitter),
         ])
+        # authors: applied to every copy; rotation and jitter each with probability aug_p
+        self.copy_aug = T.Compose([
+            T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
+            T.RandomApply([T.RandomRotation(rotation_deg)], p=aug_p),
+            T.RandomApply([T.ColorJitter(jitter, jitter, jitter, min(jitter, 0.5))], p=aug_p),
+        ])
 
-    def crop_boxes(self, width: int, height: int) -> list[tuple[int, int, int, int]]:
-        """All multi-scale square crop boxes (left, top, right, bottom) for one image."""
-        s = min(width, height)
-        boxes = []
-        for k in (self.crops, 2 * self.crops, 4 * self.crops):
-            side = max(1, s // k)
-            for _ in range(k):
-                x = random.randint(0, width - side)
-                y = random.randint(0, height - side)
-                boxes.append((x, y, x + side, y + side))
+    @classmethod
+    def from_config(cls, cfg: RCMConfig, out_size: int | None) -> RandomCropMix:
+        """The RCM of ``pretrain.<method>.rcm`` rendering mosaics of side ``out_size``."""
+        return cls(out_size, cfg.crops, cfg.grid, cfg.aug_p, cfg.rotation_deg, cfg.jitter, cfg.mode,
+                   cfg.max_upscale, cfg.source_resolution)
+
+    def sides(self, short: int) -> list[int]:
+        """Crop sides of the three scales, largest first: ``s/c``, ``s/2c``, ``s/4c``."""
+        return [max(1, short // k) for k in (self.crops, 2 * self.crops, 4 * self.crops)]
+
+    def crop_boxes(self, width: int, height: int, min_side: int = 1) -> list[Box]:
+        """The pool: ``c``, ``2c``, ``4c`` random square boxes of the three sides, keeping only the
+        scales with side >= ``min_side`` (the largest scale when none), topped up to ``grid²`` boxes
+        with more of the largest kept scale."""
+        sides = self.sides(min(width, height))
+        counts = (self.crops, 2 * self.crops, 4 * self.crops)
+        kept = [(k, side) for k, side in zip(counts, sides, strict=True) if side >= min_side] or [(counts[0], sides[0])]
+        boxes = [_random_box(width, height, side) for k, side in kept for _ in range(k)]
+        boxes += [_random_box(width, height, kept[0][1]) for _ in range(self.grid ** 2 - len(boxes))]
         return boxes
 
-    def __call__(self, img: Image.Image) -> Image.Image:
-        boxes = self.crop_boxes(*img.size)
+    def draw_boxes(self, width: int, height: int) -> list[Box]:
+        """Pool mode: the ``grid²`` boxes of one mosaic, in cell order (row-major)."""
+        assert self.out_size is not None
+        cell = self.out_size // self.grid
+        min_side = math.ceil(cell / self.max_upscale)  # max_upscale .inf: 0, every scale
+        boxes = self.crop_boxes(width, height, min_side)
         random.shuffle(boxes)
+        return boxes[: self.grid * self.grid]
+
+    def draw_side(self, short: int) -> int:
+        """Authors mode: the tile side of one mosaic, uniform over the scales the cap allows."""
+        sides = self.sides(short)
+        if self.out_size is not None:
+            sides = [t for t in sides if self.grid * t * self.max_upscale >= self.out_size] or sides[:1]
+        return random.choice(sides)
+
+    def __call__(self, img: Image.Image) -> Image.Image:
+        return self._authors(img) if self.mode == "authors" else self._pool(img)
+
+    def _pool(self, img: Image.Image) -> Image.Image:
+        assert self.out_size is not None
         cell = self.out_size // self.grid
         mosaic = Image.new("RGB", (cell * self.grid, cell * self.grid))
-        for i, box in enumerate(boxes[: self.grid * self.grid]):
+        for i, box in enumerate(self.draw_boxes(*img.size)):
             crop = img.crop(box)
             if random.random() < self.aug_p:
                 crop = self.light(crop)
@@ -58,3 +134,28 @@ class RandomCropMix:
         if mosaic.size[0] != self.out_size:
             mosaic = mosaic.resize((self.out_size, self.out_size), Image.Resampling.BICUBIC)
         return mosaic
+
+    def _authors(self, img: Image.Image) -> Image.Image:
+        side = self.draw_side(min(img.size))
+        originals = [img.crop(_random_box(*img.size, side)) for _ in range(2)]
+        tiles = originals + [self.copy_aug(originals[i % 2]) for i in range(self.grid ** 2 - 2)]
+        random.shuffle(tiles)
+        mosaic = Image.new("RGB", (side * self.grid, side * self.grid))
+        for i, tile in enumerate(tiles):  # native size: rotation and jitter keep the tile's size
+            mosaic.paste(tile, ((i % self.grid) * side, (i // self.grid) * side))
+        if self.out_size is not None and mosaic.size[0] != self.out_size:
+            mosaic = mosaic.resize((self.out_size, self.out_size), Image.Resampling.BICUBIC)
+        return mosaic
+
+
+def extra_mosaics(cfg: RCMConfig, image_size: int) -> RandomCropMix:
+    """The RCM that makes extra training images (``rcm.pairing`` extra/both). ``pool`` renders
+    them at twice the view size (at least 64 px); ``authors`` leaves them at native size for the
+    view pipeline to crop and resize, as the authors' mosaics written to disk."""
+    return RandomCropMix.from_config(cfg, max(image_size * 2, 64) if cfg.mode == "pool" else None)
+
+
+def _random_box(width: int, height: int, side: int) -> Box:
+    x = random.randint(0, width - side)
+    y = random.randint(0, height - side)
+    return (x, y, x + side, y + side)

@@ -4,8 +4,11 @@ Positives come from the same image content rather than from different crops: one
 resized crop is rendered on a canvas of side ``size + patch``; view 1 is the window at
 ``origin``, view 2 the window at ``origin + (dy, dx)``. Both views are patchified on their own
 grid, so patch (i, j) of view 2 sees the content of patch (i, j) of view 1 moved by the shift.
-The shift magnitude lies in ``[min_shift, max_shift] * patch`` (below one patch) along a direction
-drawn from horizontal, vertical or diagonal, with a random sign. Colour jitter is drawn
+The shift magnitude lies in ``[min_shift, max_shift] * patch``, strictly below half a patch, along
+a direction drawn from horizontal, vertical or diagonal, with a random sign. Below half a patch
+the positive (the same grid cell) always shares more pixels with the anchor than any negative
+does: along a shifted axis the positive overlaps ``1 - s`` of the patch and the neighbouring cell
+``s``; at ``s >= 1/2`` a negative would be the better match for the anchor's content. Colour jitter is drawn
 independently per view; flips are shared so corresponding patches keep their geometry.
 """
 
@@ -23,11 +26,11 @@ from clic.transforms.common import MEAN, STD, photometric
 
 
 def draw_shift(patch: int, cfg: ShiftConfig) -> tuple[int, int]:
-    """A (dy, dx) offset in pixels, each component in (-patch, patch)."""
+    """A (dy, dx) offset in pixels, each component with ``2 * |d| < patch``."""
     if not cfg.enabled:
         return 0, 0
-    lo = int(round(cfg.min_shift * patch))
-    hi = max(lo, min(patch - 1, int(round(cfg.max_shift * patch))))
+    hi = min((patch - 1) // 2, int(round(cfg.max_shift * patch)))  # strictly below half a patch
+    lo = min(hi, int(round(cfg.min_shift * patch)))
     mag = random.randint(lo, hi)
     direction = random.choice(cfg.directions)
     sy, sx = random.choice((-1, 1)), random.choice((-1, 1))

@@ -1,0 +1,266 @@
+"""The pretraining corpus: unlabelled images kept apart from the evaluation data.
+
+The papers pretrain on large unlabelled collections (CLIC: ~1M ImageNet + Flickr images) and
+evaluate on IC9600. ``pretrain.data`` lists the corpus: image folders (walked recursively),
+``.zip``/``.tar``/``.tar.gz`` archives (safely extracted once) or prepared datasets (folders with a
+``table.csv``, whose resized cache is used and whose labels are ignored). A corpus is only a list
+of paths: images are decoded one per sample by the data loader, so it may be any size.
+
+:func:`corpus_hashes` hashes the decoded pixels of every corpus image (in parallel, remembered in
+an on-disk index keyed by path, size and modification time, so a re-run hashes only new files) and
+:func:`leaks` names the evaluation images whose content is also in the corpus.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import logging
+import os
+import shutil
+from collections import defaultdict
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+from tqdm import tqdm
+
+from clic.data.archive import ARCHIVE_SUFFIXES, is_archive, safe_extract
+from clic.data.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageError, content_hash, is_image_file, load_rgb
+from clic.data.table import Record, read_table, resolve
+
+log = logging.getLogger(__name__)
+
+CORPUS_DIR = "data/corpus"  # extracted archives and the hash index (outside DVC's outputs)
+INDEX_NAME = "hashes.jsonl"
+
+
+def corpus_records(paths: Sequence[str | Path], work_dir: str | Path = CORPUS_DIR,
+                   max_archive_bytes: int = 64 * 2**30) -> list[Record]:
+    """The images of every ``pretrain.data`` entry as unlabelled records (absolute paths).
+
+    Names are ``<entry>/<path inside the entry>`` with ``<entry>`` the entry's folder or archive
+    name (``~i`` appended when two entries share one), so they are unique across entries.
+    ``category`` is the first folder inside the entry (the source, for per-source counts).
+    Relative entries are relative to the working directory; a missing entry is a ``ValueError``
+    naming ``pretrain.data[i]``.
+    """
+    labels: set[str] = set()
+    out: list[Record] = []
+    for i, entry in enumerate(paths):
+        path = Path(entry)
+        if not path.exists():
+            raise ValueError(f"pretrain.data[{i}]: {entry} does not exist (relative to {Path.cwd()})")
+        label = _strip_archive_suffix(path.resolve().name) or f"entry{i}"
+        if label in labels:
+            label = f"{label}~{i}"
+        labels.add(label)
+        if path.is_dir() and (path / "table.csv").is_file():
+            records = _prepared(path, label)
+        elif path.is_dir():
+            records = _folder(path, label)
+        elif is_archive(path):
+            records = _folder(_extracted(path, label, Path(work_dir), max_archive_bytes), label)
+        elif is_image_file(path):
+            records = [Record(f"{label}", str(path.resolve()), None, "unlabeled")]
+        else:
+            raise ValueError(f"pretrain.data[{i}]: {entry} is not a folder, a prepared dataset, an image or "
+                             f"an archive ({', '.join(ARCHIVE_SUFFIXES)})")
+        if not records:
+            raise ValueError(f"pretrain.data[{i}]: {entry} holds no images ({', '.join(IMAGE_SUFFIXES)})")
+        log.info("pretrain.data[%d]: %d images in %s", i, len(records), entry)
+        out.extend(records)
+    return out
+
+
+def _strip_archive_suffix(name: str) -> str:
+    for suffix in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True):
+        if name.lower().endswith(suffix):
+            return name[: -len(suffix)]
+    return name
+
+
+def walk_images(root: Path) -> Iterator[Path]:
+    """Image files under ``root`` in a deterministic order (each folder's files by name, then its
+    sub-folders by name). Hidden files and folders are skipped; symbolic links to folders are not
+    followed, links to files only when they point inside ``root``."""
+    root = root.resolve()
+    stack = [root]
+    while stack:
+        folder = stack.pop()
+        with os.scandir(folder) as it:
+            entries = sorted(it, key=lambda e: e.name)
+        subfolders = []
+        for e in entries:
+            if e.name.startswith("."):
+                continue
+            if e.is_dir(follow_symlinks=False):
+                subfolders.append(Path(e.path))
+            elif is_image_file(e.name) and e.is_file():
+                if e.is_symlink() and not Path(e.path).resolve().is_relative_to(root):
+                    log.debug("skipping %s: a link out of %s", e.path, root)
+                    continue
+                yield Path(e.path)
+        stack.extend(reversed(subfolders))
+
+
+def _folder(root: Path, label: str) -> list[Record]:
+    root = root.resolve()
+    out = []
+    for path in walk_images(root):
+        rel = path.relative_to(root)
+        out.append(Record(f"{label}/{rel.as_posix()}", str(path), None, "unlabeled",
+                          rel.parts[0] if len(rel.parts) > 1 else ""))
+    return out
+
+
+def _prepared(root: Path, label: str) -> list[Record]:
+    """A prepared dataset: every row, labels dropped, its cache used, its pixel hashes kept."""
+    root = root.resolve()
+    return [Record(f"{label}/{r.name}", str(resolve(root, r.path).resolve()), None, "unlabeled", r.category,
+                   r.width, r.height, r.sha256, str(root / r.cache) if r.cache else "")
+            for r in read_table(root)]
+
+
+def _extracted(archive: Path, label: str, work_dir: Path, max_bytes: int) -> Path:
+    """Extract ``archive`` once into ``work_dir/<label>-<key>`` (key: its path, size and mtime).
+    Concurrent callers (DDP ranks) each extract into a private folder; the first rename wins."""
+    st = archive.stat()
+    key = hashlib.sha256(f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
+    dest = work_dir / f"{label}-{key}"
+    if dest.is_dir():
+        return dest
+    work_dir.mkdir(parents=True, exist_ok=True)
+    mine = work_dir / f".{dest.name}.{os.getpid()}"
+    shutil.rmtree(mine, ignore_errors=True)
+    safe_extract(archive, mine, max_total_bytes=max_bytes)
+    try:
+        os.rename(mine, dest)
+    except OSError:  # another process finished first
+        shutil.rmtree(mine, ignore_errors=True)
+        if not dest.is_dir():
+            raise
+    log.info("extracted %s into %s", archive, dest)
+    return dest
+
+
+# ---------------------------------------------------------------------------------- leakage
+@dataclasses.dataclass(frozen=True)
+class CorpusHashes:
+    """Content hashes of a corpus: ``sha`` (name -> SHA-256 of the decoded pixels) for every
+    readable image, ``errors`` (name -> reason) for the others, ``hashed``: how many were decoded
+    now (the rest came from the index or a prepared table)."""
+
+    sha: dict[str, str]
+    errors: dict[str, str]
+    hashed: int
+
+
+def _hash_file(job: tuple[str, int]) -> tuple[str, str]:
+    path, max_pixels = job
+    try:
+        return content_hash(load_rgb(path, max_pixels)), ""
+    except ImageError as exc:
+        return "", str(exc)
+
+
+def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | None = None,
+                  max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> CorpusHashes:
+    """Hash every corpus image's decoded pixels (as ``clic data prepare`` does for its table).
+
+    ``index``: a JSON-lines file of ``{path, size, mtime_ns, sha256, error}``; files whose path,
+    size and modification time are in it are not decoded again. New results are appended as they
+    come (an interrupted run keeps them) and the index is rewritten atomically at the end.
+    """
+    index = Path(index)
+    known = read_index(index)
+    sha: dict[str, str] = {}
+    errors: dict[str, str] = {}
+    todo: list[tuple[Record, str, int, int]] = []
+    for r in records:
+        if r.sha256:  # from a prepared table
+            sha[r.name] = r.sha256
+            continue
+        try:
+            st = os.stat(r.path)
+        except OSError as exc:
+            errors[r.name] = f"{r.path}: {exc.strerror or exc}"
+            continue
+        hit = known.get(r.path)
+        if hit is not None and (hit["size"], hit["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
+            if hit["sha256"]:
+                sha[r.name] = hit["sha256"]
+            else:
+                errors[r.name] = hit["error"]
+            continue
+        todo.append((r, r.path, st.st_size, st.st_mtime_ns))
+    if todo:
+        index.parent.mkdir(parents=True, exist_ok=True)
+        workers = workers or min(len(os.sched_getaffinity(0)), 8)
+        jobs = [(path, max_pixels) for _, path, _, _ in todo]
+        with ProcessPoolExecutor(workers) as pool, index.open("a") as journal:
+            results = pool.map(_hash_file, jobs, chunksize=32)
+            for (r, path, size, mtime), (digest, err) in tqdm(zip(todo, results, strict=True), total=len(todo),
+                                                              desc="hash corpus", unit="img",
+                                                              disable=None if progress else True):
+                entry = {"path": path, "size": size, "mtime_ns": mtime, "sha256": digest, "error": err}
+                known[path] = entry
+                journal.write(json.dumps(entry) + "\n")
+                if digest:
+                    sha[r.name] = digest
+                else:
+                    errors[r.name] = err
+        _write_index(index, known)
+    for name, err in sorted(errors.items())[:20]:
+        log.warning("unreadable corpus image %s: %s", name, err)
+    if len(errors) > 20:
+        log.warning("... and %d more unreadable corpus images", len(errors) - 20)
+    return CorpusHashes(sha, errors, len(todo))
+
+
+def read_index(index: Path) -> dict[str, dict]:
+    """The hash index as ``path -> entry`` (later lines win; malformed lines are ignored)."""
+    known: dict[str, dict] = {}
+    if not index.is_file():
+        return known
+    with index.open() as fh:
+        for line in fh:
+            try:
+                entry = json.loads(line)
+                known[str(entry["path"])] = {"path": str(entry["path"]), "size": int(entry["size"]),
+                                             "mtime_ns": int(entry["mtime_ns"]), "sha256": str(entry["sha256"]),
+                                             "error": str(entry.get("error", ""))}
+            except (ValueError, KeyError, TypeError):
+                continue  # a line cut short by a crash: that file is hashed again
+    return known
+
+
+def _write_index(index: Path, known: Mapping[str, dict]) -> None:
+    tmp = index.with_name(f"{index.name}.{os.getpid()}.tmp")
+    with tmp.open("w") as fh:
+        for path in sorted(known):
+            fh.write(json.dumps(known[path]) + "\n")
+    os.replace(tmp, index)
+
+
+def evaluation_records(table: Iterable[Record], probe_mode: str) -> list[Record]:
+    """The images a probe reports on: the test split, or every labelled image in ``cv`` mode."""
+    if probe_mode == "cv":
+        return [r for r in table if r.score is not None]
+    return [r for r in table if r.split == "test"]
+
+
+def leaks(corpus: Mapping[str, str], evaluation: Iterable[Record]) -> list[tuple[str, str]]:
+    """``(corpus name, evaluation name)`` for every evaluation image whose decoded pixels are also
+    in the corpus (``corpus``: name -> content hash, from :func:`corpus_hashes`)."""
+    by_sha: dict[str, list[str]] = defaultdict(list)
+    for name, digest in corpus.items():
+        by_sha[digest].append(name)
+    return sorted((c, r.name) for r in evaluation if r.sha256 for c in by_sha.get(r.sha256, ()))
+
+
+def find_leaks(records: Sequence[Record], evaluation: Iterable[Record], workers: int | None = None,
+               index: str | Path = Path(CORPUS_DIR) / INDEX_NAME, progress: bool = True) -> list[tuple[str, str]]:
+    """:func:`corpus_hashes` then :func:`leaks`: ``(corpus name, evaluation name)`` pairs."""
+    return leaks(corpus_hashes(records, index, workers, progress=progress).sha, evaluation)
