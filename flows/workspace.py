@@ -44,6 +44,7 @@ def workspace(flow: str, method: str = "", dataset: str = "", overrides: dict[st
         overrides.setdefault("data.source", dataset)
     params = apply_overrides(load_params(root / "params.yaml"), _flat_items(overrides))
     load_check(params, method)
+    _anchor_paths(params, root)
     ws = root / "workspaces" / workspace_key(flow, method, dataset, overrides)
     ws.mkdir(parents=True, exist_ok=True)
     with (ws / ".lock").open("w") as lock:
@@ -63,6 +64,15 @@ def workspace(flow: str, method: str = "", dataset: str = "", overrides: dict[st
         subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "cache.dir", str(shared_cache)],
                        cwd=ws, check=True)
         yield ws
+
+
+def _anchor_paths(params: dict[str, Any], root: Path) -> None:
+    """Make relative ``pretrain.data`` entries absolute: they are written relative to the project
+    root, and the stages run inside ``workspaces/<key>``, where they would point elsewhere."""
+    data = (params.get("pretrain") or {}).get("data")
+    if data:
+        params["pretrain"]["data"] = [str(p) if Path(p).is_absolute() else str((root / p).resolve())
+                                      for p in ([data] if isinstance(data, str) else data)]
 
 
 def _flat_items(overrides: dict[str, Any]) -> list[str]:

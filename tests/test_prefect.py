@@ -85,3 +85,16 @@ def test_workspace_key_isolates_settings(tmp_path: Path) -> None:
     assert a != workspace_key("pretrain", "clicv2", "", {"pretrain.clicv2.epochs": 4})
     assert a != workspace_key("pretrain", "moco", "", {"pretrain.clicv2.epochs": 3})
     assert json.dumps(a).startswith('"pretrain-')
+
+
+def test_workspace_anchors_relative_corpus_paths(tmp_path: Path) -> None:
+    """Stages run inside workspaces/<key>, so a relative pretrain.data must be made absolute."""
+    sys.path.insert(0, str(REPO))
+    from flows.workspace import _anchor_paths
+
+    params = {"pretrain": {"data": ["../corpus", str(tmp_path / "abs")]}}
+    _anchor_paths(params, tmp_path / "project")
+    assert params["pretrain"]["data"] == [str(tmp_path / "corpus"), str(tmp_path / "abs")]
+    single = {"pretrain": {"data": "photos"}}
+    _anchor_paths(single, tmp_path)
+    assert single["pretrain"]["data"] == [str(tmp_path / "photos")]
