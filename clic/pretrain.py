@@ -62,9 +62,21 @@ def build_optimizer(model: nn.Module, cfg: PretrainConfig, lr: float) -> torch.o
             (no_decay if p.ndim <= 1 else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
+    # fused kernels: one launch per step instead of one per parameter (CUDA only)
+    fused = {"fused": True} if next(model.parameters()).is_cuda else {}
     if cfg.optim.name == "sgd":
-        return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum)
-    return torch.optim.AdamW(groups, lr=lr, betas=cfg.optim.betas)
+        return torch.optim.SGD(groups, lr=lr, momentum=cfg.optim.momentum, **fused)
+    return torch.optim.AdamW(groups, lr=lr, betas=cfg.optim.betas, **fused)
+
+
+def intra_op_threads(cfg: PretrainConfig, nprocs: int = 1) -> int:
+    """Threads for the training process: ``cfg.threads``, else the cores this process may use
+    left over after the loader workers (each worker decodes on one core), shared by the
+    ``nprocs`` training processes of the node; at least one."""
+    if cfg.threads:
+        return cfg.threads
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return max(1, cores // max(nprocs, 1) - cfg.num_workers)
 
 
 def backbone_of(model: nn.Module) -> ResNetBackbone | ViTBackbone:
@@ -124,6 +136,8 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
     batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, rank, world)
     steps_per_epoch = batches.steps_per_epoch
 
+    if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
+        torch.set_num_threads(intra_op_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
     model = build_model(cfg).to(dev)
     channels_last = cfg.channels_last == "on" or (cfg.channels_last == "auto" and dev.type == "cuda"
                                                    and not cfg.backbone.startswith("vit"))
@@ -155,6 +169,8 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
     train_model: nn.Module = model
     if distributed:
         train_model = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
+    if cfg.compile:  # checkpoints keep saving ``model``: the compiled wrapper shares its parameters
+        train_model = torch.compile(train_model)  # type: ignore[assignment]
 
     def save(epoch: int, step: int) -> None:
         bad = [n for n, p in model.named_parameters() if not torch.isfinite(p).all()]
@@ -167,10 +183,6 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
                               "step": step, "rng": rngs, "config": resolved, "git": ckpt.git_revision(),
                               "world_size": world, "code_version": code_version}, ckpt_path)
         dist.barrier()
-
-    def on_step(epoch: int, step: int) -> None:
-        if step % cfg.checkpoint_every == 0 and step < steps_per_epoch:
-            save(epoch, step)
 
     if dist.is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -192,7 +204,8 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
             lr_at=lambda t: cosine_lr(t, lr, cfg.epochs, cfg.optim.warmup_epochs, cfg.optim.min_lr_ratio),
             momentum_at=lambda t: cosine_momentum(t, _base_momentum(cfg), cfg.epochs),
             device=dev, amp=cfg.amp, clip_grad=cfg.optim.clip_grad, channels_last=channels_last,
-            on_step=on_step, progress=progress and dist.is_main())
+            on_checkpoint=save, checkpoint_every=cfg.checkpoint_every, sync_every=cfg.sync_every,
+            progress=progress and dist.is_main())
         metrics = {k: dist.all_reduce_mean(v, dev) for k, v in metrics.items()}
         metrics["images_per_s"] *= world
         save(epoch + 1, 0)
@@ -238,8 +251,10 @@ def _base_momentum(cfg: PretrainConfig) -> float:
 
 
 def _without_epochs(config: dict[str, Any]) -> dict[str, Any]:
-    """Settings that must match to resume (epochs may grow; workers do not change results)."""
-    return {k: v for k, v in config.items() if k not in ("epochs", "num_workers", "checkpoint_every")}
+    """Settings that must match to resume (epochs may grow; workers, threads, the host-sync
+    cadence and compilation do not change what is trained)."""
+    return {k: v for k, v in config.items()
+            if k not in ("epochs", "num_workers", "checkpoint_every", "sync_every", "threads", "compile")}
 
 
 def _gather_rng() -> list[dict[str, Any]] | dict[str, Any]:

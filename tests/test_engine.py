@@ -17,8 +17,8 @@ import yaml
 from clic.config import PretrainConfig, from_dict
 from clic.engine import checkpoint as ckpt
 from clic.engine.schedule import cosine_lr, cosine_momentum
-from clic.engine.train import NonFiniteLossError
-from clic.pretrain import run
+from clic.engine.train import NonFiniteLossError, train_one_epoch
+from clic.pretrain import intra_op_threads, run
 
 from .conftest import REPO, tiny_overrides
 
@@ -115,6 +115,56 @@ def test_non_finite_loss_stops_and_keeps_last_good_checkpoint(tiny_prepared: Pat
     assert state["epoch"] == 0 and 1 <= state["step"] < 3  # stopped inside the first epoch
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
     assert not (tmp_path / "encoder.pt").exists()
+
+
+class _Scripted(torch.nn.Module):
+    """Loss = w * x with x given by the batch: the test decides each step's loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.ones(()))
+
+    def forward(self, batch: dict, momentum: float) -> dict:
+        x = batch["x"].mean()
+        return {"loss": self.w * x, "part": x.detach() * 2}
+
+
+def _scripted_epoch(values: list[float], sync_every: int, checkpoint_every: int = 0) -> tuple[dict, list]:
+    model = _Scripted()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    batches = [{"x": torch.full((2, 1, 1, 1), v)} for v in values]
+    saved: list = []
+    metrics = train_one_epoch(model, batches, opt, 0, len(values), 0, lambda t: 0.0, lambda t: 0.0,
+                              torch.device("cpu"), on_checkpoint=lambda e, s: saved.append(s),
+                              checkpoint_every=checkpoint_every, sync_every=sync_every, progress=False)
+    return metrics, saved
+
+
+@pytest.mark.parametrize("sync_every", [1, 3, 100])
+def test_losses_read_in_batches_average_exactly(sync_every: int) -> None:
+    values = [1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0]
+    metrics, saved = _scripted_epoch(values, sync_every, checkpoint_every=2)
+    assert metrics["loss"] == pytest.approx(sum(values) / len(values))
+    assert metrics["part"] == pytest.approx(2 * sum(values) / len(values))
+    assert metrics["steps"] == 7 and saved == [2, 4, 6]
+
+
+def test_non_finite_check_names_the_step_and_precedes_any_checkpoint() -> None:
+    values = [1.0, 1.0, 1.0, 1.0, 1.0, float("nan"), 1.0, 1.0, 1.0, 1.0]
+    saved: list = []
+    with pytest.raises(NonFiniteLossError, match="epoch 0 step 5:"):
+        _, saved = _scripted_epoch(values, sync_every=8, checkpoint_every=4)
+    # step 5's loss is read at the next checkpoint (after step 8), which is then not written
+    metrics, saved = _scripted_epoch(values[:5], sync_every=8, checkpoint_every=4)
+    assert saved == [4]
+
+
+def test_intra_op_threads_leave_cores_to_the_loader() -> None:
+    cores = len(os.sched_getaffinity(0))
+    assert intra_op_threads(_cfg("moco", num_workers=1)) == max(1, cores - 1)
+    assert intra_op_threads(_cfg("moco", num_workers=1, threads=3)) == 3
+    assert intra_op_threads(_cfg("moco", num_workers=cores + 4)) == 1
+    assert intra_op_threads(_cfg("moco", num_workers=0), nprocs=2) == max(1, cores // 2)
 
 
 def test_changed_config_sets_the_old_checkpoint_aside(tiny_prepared: Path, tmp_path: Path) -> None:

@@ -1,7 +1,7 @@
 """One epoch of self-supervised pretraining (MAE ``engine_pretrain.train_one_epoch`` shape).
 
-Knows nothing about where metrics go: it returns a dict of averages and calls ``on_step``
-after every optimiser step (the caller checkpoints there).
+Knows nothing about where metrics go: it returns a dict of averages and calls ``on_checkpoint``
+at the caller's cadence, after the losses so far were checked.
 """
 
 from __future__ import annotations
@@ -43,18 +43,46 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
                     epoch: int, steps_per_epoch: int, start_step: int, lr_at: Callable[[float], float],
                     momentum_at: Callable[[float], float], device: torch.device, amp: str = "auto",
                     clip_grad: float = 0.0, channels_last: bool = False,
-                    on_step: Callable[[int, int], None] | None = None, progress: bool = True) -> dict[str, float]:
+                    on_checkpoint: Callable[[int, int], None] | None = None, checkpoint_every: int = 0,
+                    sync_every: int = 1, progress: bool = True) -> dict[str, float]:
     """Train steps ``start_step..steps_per_epoch-1`` of ``epoch``; returns averaged metrics.
 
-    ``lr_at``/``momentum_at`` map the fractional epoch to this step's values. ``on_step(epoch,
-    step_done)`` runs after each optimiser step with the number of steps done in the epoch.
+    ``lr_at``/``momentum_at`` map the fractional epoch to this step's values.
+    ``on_checkpoint(epoch, steps_done)`` runs every ``checkpoint_every`` steps of the epoch (not
+    at its end, which the caller saves anyway), always after the losses so far were checked.
+
+    No host synchronisation per step: the step's outputs stay on the device and are read every
+    ``sync_every`` steps, before a checkpoint and at the end of the epoch (``float(loss)`` each
+    step would stall a GPU's queue). The non-finite check stays exact: the first offending step is
+    named, and no checkpoint is written after it.
     """
     model.train()
     sums: dict[str, float] = {}
+    pending: list[tuple[int, float, dict[str, torch.Tensor]]] = []  # (step, lr, detached outputs)
     n_steps, n_images = 0, 0
     start = time.perf_counter()
     bar = tqdm(loader, total=steps_per_epoch - start_step, desc=f"epoch {epoch}", unit="step",
                disable=not progress, leave=False)
+
+    def flush() -> None:
+        """Read the pending steps' outputs in one transfer; stop at the first non-finite loss."""
+        if not pending:
+            return
+        keys = list(pending[0][2])
+        values = torch.stack([torch.stack([o[k].float() for k in keys]) for _, _, o in pending]).cpu()  # (S, M)
+        loss_col = keys.index("loss")
+        for (step, lr, _), row in zip(pending, values.tolist(), strict=True):
+            if not math.isfinite(row[loss_col]):
+                parts = dict(zip(keys, row, strict=True))
+                raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {step}: {parts}; stopping, the "
+                                         "last checkpoint holds the last good state (lower the lr or enable "
+                                         "clip_grad)")
+            for k, v in zip(keys, row, strict=True):
+                sums[k] = sums.get(k, 0.0) + v
+            sums["lr"] = sums.get("lr", 0.0) + lr
+        bar.set_postfix(loss=f"{values[-1, loss_col].item():.4f}", lr=f"{pending[-1][1]:.2e}")
+        pending.clear()
+
     for i, batch in enumerate(bar, start=start_step):
         t = epoch + i / steps_per_epoch
         lr = lr_at(t)
@@ -64,11 +92,6 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
         with autocast(device, amp):
             out = model(batch, momentum=momentum_at(t))
         loss = out["loss"]
-        loss_value = float(loss.detach())
-        if not math.isfinite(loss_value):
-            parts = {k: float(v.detach()) for k, v in out.items() if isinstance(v, torch.Tensor)}
-            raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {i}: {parts}; stopping, the last "
-                                     "checkpoint holds the last good state (lower the lr or enable clip_grad)")
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         if clip_grad > 0:
@@ -77,13 +100,16 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
         bsz = next(v for v in batch.values() if isinstance(v, torch.Tensor) and v.dim() == 4).shape[0]
         n_steps += 1
         n_images += bsz
-        for k, v in out.items():
-            if isinstance(v, torch.Tensor):
-                sums[k] = sums.get(k, 0.0) + float(v.detach())
-        sums["lr"] = sums.get("lr", 0.0) + lr
-        bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
-        if on_step is not None:
-            on_step(epoch, i + 1)
+        pending.append((i, lr, {k: v.detach() for k, v in out.items() if isinstance(v, torch.Tensor)
+                                and v.dim() == 0}))
+        done = i + 1
+        checkpoint = (on_checkpoint is not None and checkpoint_every > 0 and done % checkpoint_every == 0
+                      and done < steps_per_epoch)
+        if checkpoint or len(pending) >= sync_every:
+            flush()
+        if checkpoint:
+            on_checkpoint(epoch, done)  # type: ignore[misc]
+    flush()
     elapsed = time.perf_counter() - start
     metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
     metrics["images_per_s"] = n_images / elapsed if elapsed > 0 else math.nan
