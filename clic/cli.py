@@ -190,7 +190,7 @@ def _corpus(args: argparse.Namespace) -> int:
                          f"{'/'.join(pcfg.splits)} split(s); set pretrain.data to a list of image folders or archives")
     work = Path(args.work_dir or CORPUS_DIR)
     start = time.perf_counter()
-    records = corpus_records(pcfg.data, work, dcfg.max_archive_bytes)
+    records = corpus_records(pcfg.data, work, dcfg.max_archive_bytes, dcfg.max_member_bytes, dcfg.max_archive_ratio)
     listed = time.perf_counter() - start
     by_source = Counter((r.name.split("/", 1)[0], r.category) for r in records)
     print(f"corpus: {len(records)} images in {len(pcfg.data)} entr{'y' if len(pcfg.data) == 1 else 'ies'} "

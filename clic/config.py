@@ -310,7 +310,9 @@ class DataConfig:
     cache_size: int = 128  # short side of the resized cache; 0 disables the cache
     min_size: int = 32
     max_pixels: int = 89_478_485  # Pillow's decompression-bomb threshold
-    max_archive_bytes: int = 64 * 2**30
+    max_archive_bytes: int = 64 * 2**30  # an archive's total uncompressed size
+    max_member_bytes: int = 2**30  # one archive member's uncompressed size
+    max_archive_ratio: float = 200.0  # uncompressed/compressed, per zip member or compressed tar (> 1 MiB)
     synthetic: SyntheticConfig = dataclasses.field(default_factory=SyntheticConfig)
 
     def __post_init__(self) -> None:

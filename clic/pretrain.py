@@ -149,6 +149,8 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
 
     start_epoch, start_step = 0, 0
     ckpt_path = out / "checkpoint.pt"
+    if dist.is_main():
+        ckpt.remove_leftovers(ckpt_path)  # temporaries of a run killed while saving
     if ckpt_path.is_file():
         state = ckpt.load(ckpt_path, dev)
         if (_without_epochs(state.get("config", {})) != _without_epochs(resolved)

@@ -62,7 +62,8 @@ def mark_corpus_leaks(df: pd.DataFrame, p: dict[str, Any]) -> dict[str, Any]:
     if not entries:
         return {"entries": [], "images": 0}
     dcfg = data_config(p)
-    records = corpus_records([str(ROOT / e) for e in entries], ROOT / CORPUS_DIR, dcfg.max_archive_bytes)
+    records = corpus_records([str(ROOT / e) for e in entries], ROOT / CORPUS_DIR, dcfg.max_archive_bytes,
+                             dcfg.max_member_bytes, dcfg.max_archive_ratio)
     hashes = corpus_hashes(records, ROOT / CORPUS_DIR / INDEX_NAME, max_pixels=dcfg.max_pixels)
     rows = read_table(ROOT / dcfg.out_dir)
     found: dict[str, list[str]] = {}

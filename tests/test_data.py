@@ -2,7 +2,9 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
+import re
 import tarfile
 import zipfile
 from pathlib import Path
@@ -250,7 +252,7 @@ def test_savoias_reads_xlsx_and_splits_by_seed(tmp_path: Path) -> None:
 # ---------------------------------------------------------------------------------- folder
 def test_folder_source_and_its_errors(tmp_path: Path, photos: list[Path]) -> None:
     for p in photos[:3]:
-        os.symlink(p, tmp_path / p.name)
+        (tmp_path / p.name).write_bytes(p.read_bytes())
     good = tmp_path / "scores.csv"
     good.write_text(f"image,score,split\n{photos[0].name},0.2,train\n{photos[1].name},0.9,test\n{photos[2].name},,train\n")
     entries = read_folder(tmp_path, good, 0, 0.3)
@@ -307,3 +309,222 @@ def test_synthetic_prepare_counts(tiny_prepared: Path) -> None:
     assert len(read_table(tiny_prepared, ["test"])) == 16
     cfg = SyntheticConfig()
     assert cfg.n_train > 0
+
+
+# ------------------------------------------------------------------ reliability (issue 10)
+def _ic9600_tree(root: Path, labels: dict[str, float], shade: int = 0, test: str | None = None) -> Path:
+    """An IC9600-layout folder: one 40x40 image per name (grey level ``shade + 20 i``), labels in
+    train.txt, ``test`` as the whole test.txt (None: no test.txt)."""
+    (root / "images").mkdir(parents=True)
+    for i, name in enumerate(labels):
+        Image.fromarray(np.full((40, 40, 3), (shade + 20 * i) % 256, np.uint8)).save(root / "images" / name)
+    (root / "train.txt").write_text("".join(f"{n}  {v}\n" for n, v in labels.items()))
+    if test is not None:
+        (root / "test.txt").write_text(test)
+    return root
+
+
+def _targz(src: Path, archive: Path) -> Path:
+    with tarfile.open(archive, "w:gz") as tf:
+        tf.add(src, arcname="IC9600")
+    return archive
+
+
+def test_a_changed_archive_under_the_same_name_is_extracted_again(tmp_path: Path) -> None:
+    archive = tmp_path / "IC9600.tar.gz"
+    _targz(_ic9600_tree(tmp_path / "v1", {"a_1.png": 0.1, "a_2.png": 0.2}), archive)
+    cfg = DataConfig(source="ic9600", path=str(archive), raw_dir=str(tmp_path / "raw"),
+                     out_dir=str(tmp_path / "prep"), cache_size=0)
+    first = read_table(prepare(cfg, workers=1))
+    assert [(r.name, r.score) for r in first] == [("a_1.png", 0.1), ("a_2.png", 0.2)]
+    extracted = tmp_path / "raw" / "ic9600-IC9600.tar"
+    inode = extracted.stat().st_ino
+    # the same content written again (new mtime and inode): hashed, found equal, not extracted again
+    copy = tmp_path / "copy.tar.gz"
+    copy.write_bytes(archive.read_bytes())
+    os.replace(copy, archive)
+    assert [r.sha256 for r in read_table(prepare(cfg, workers=1))] == [r.sha256 for r in first]
+    assert extracted.stat().st_ino == inode
+    # a corrected archive under the same name: new labels, one new image, one more row
+    _targz(_ic9600_tree(tmp_path / "v2", {"a_1.png": 0.5, "a_2.png": 0.2, "b_3.png": 0.9}, shade=7), archive)
+    second = read_table(prepare(cfg, workers=1))
+    assert [(r.name, r.score) for r in second] == [("a_1.png", 0.5), ("a_2.png", 0.2), ("b_3.png", 0.9)]
+    assert second[0].sha256 != first[0].sha256
+    marker = json.loads((tmp_path / "raw" / "ic9600-IC9600.tar.source.json").read_text())
+    assert marker["sha256"] == hashlib.sha256(archive.read_bytes()).hexdigest()
+    # --force extracts again even when nothing changed
+    inode = extracted.stat().st_ino
+    assert [r.score for r in read_table(prepare(cfg, workers=1, force=True))] == [0.5, 0.2, 0.9]
+    assert extracted.stat().st_ino != inode
+    assert sorted(p.name for p in (tmp_path / "raw").iterdir()) == [
+        "ic9600-IC9600.tar", "ic9600-IC9600.tar.lock", "ic9600-IC9600.tar.source.json"]
+
+
+def _escape(kind: str, base: Path, host: Path) -> str:
+    """An image name pointing at ``host`` (outside ``base``) by ``kind``."""
+    if kind == "absolute":
+        return str(host)
+    if kind == "dotdot":
+        return os.path.relpath(host, base)
+    (base / "link.png").symlink_to(host)
+    return "link.png"
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_ic9600_names_must_stay_inside_the_dataset(tmp_path: Path, kind: str) -> None:
+    host = tmp_path / "host" / "photo.png"
+    host.parent.mkdir()
+    Image.new("RGB", (40, 40), (1, 2, 3)).save(host)
+    root = _ic9600_tree(tmp_path / "ic", {"a_1.png": 0.1})
+    name = _escape(kind, root / "images", host)
+    with (root / "train.txt").open("a") as fh:
+        fh.write(f"{name}  0.5\n")
+    reason = {"dotdot": "has a '..' component", "absolute": "is an absolute path", "symlink": "is a link to"}[kind]
+    with pytest.raises(ValueError, match=rf"train.txt:2: image '{re.escape(name)}' {reason}"):
+        read_ic9600(root)
+    cfg = DataConfig(source="ic9600", path=str(root), out_dir=str(tmp_path / "prep"), raw_dir=str(tmp_path / "raw"))
+    with pytest.raises(ValueError, match="train.txt:2"):
+        prepare(cfg, workers=1)
+    assert not (tmp_path / "prep").exists()
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute", "symlink"])
+def test_folder_csv_names_must_stay_inside_the_folder(tmp_path: Path, kind: str) -> None:
+    host = tmp_path / "host.png"
+    Image.new("RGB", (40, 40)).save(host)
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    Image.new("RGB", (40, 40)).save(folder / "ok.png")
+    csv_path = tmp_path / "s.csv"
+    csv_path.write_text(f"image,score\nok.png,0.1\n{_escape(kind, folder, host)},0.2\n")
+    with pytest.raises(ValueError, match=r"s.csv:3: image .* (has a '..'|is an absolute|is a link to)"):
+        read_folder(folder, csv_path, 0, 0.3)
+
+
+@pytest.mark.parametrize("kind", ["dotdot", "absolute"])
+def test_an_archive_cannot_list_host_files(tmp_path: Path, kind: str) -> None:
+    """Safe extraction is not bypassed by a train.txt naming files outside the archive."""
+    host = tmp_path / "home" / "someone" / "photo.png"
+    host.parent.mkdir(parents=True)
+    Image.new("RGB", (40, 40), (9, 9, 9)).save(host)
+    src = _ic9600_tree(tmp_path / "src", {"a_1.png": 0.1})
+    raw = tmp_path / "raw"
+    extracted_images = raw / "ic9600-evil.tar" / "IC9600" / "images"
+    name = str(host) if kind == "absolute" else os.path.relpath(host, extracted_images)
+    with (src / "train.txt").open("a") as fh:
+        fh.write(f"{name}  0.9\n")
+    archive = _targz(src, tmp_path / "evil.tar.gz")
+    cfg = DataConfig(source="ic9600", path=str(archive), raw_dir=str(raw), out_dir=str(tmp_path / "prep"))
+    with pytest.raises(ValueError, match=r"train.txt:2: image .* (is an absolute path|has a '..' component)"):
+        prepare(cfg, workers=1)
+    assert not (tmp_path / "prep").exists()
+
+
+def _bomb(tmp_path: Path, size: int) -> Path:
+    """A .tar.gz of one ``size``-byte member of zeros (about 1000 times smaller packed)."""
+    path = tmp_path / "bomb.tar.gz"
+    member = tarfile.TarInfo("IC9600/images/a_1.png")
+    member.size = size
+    with tarfile.open(path, "w:gz") as tf:
+        tf.addfile(member, io.BytesIO(bytes(size)))
+    return path
+
+
+def test_tar_compression_ratio_and_total_size_are_guarded(tmp_path: Path) -> None:
+    bomb = _bomb(tmp_path, 3 * 2**20)
+    packed = bomb.stat().st_size
+    assert packed < 20_000  # 3 MiB in a few KB
+    with pytest.raises(ArchiveError, match=r"expands to over 3145728 bytes from .* ratio limit of 200"):
+        safe_extract(bomb, tmp_path / "out")
+    assert not list(tmp_path.glob("out*"))
+    safe_extract(bomb, tmp_path / "ok", max_ratio=10_000)  # the same archive under a looser limit
+    assert (tmp_path / "ok" / "IC9600" / "images" / "a_1.png").stat().st_size == 3 * 2**20
+    # limits come from params (data.max_archive_ratio / max_archive_bytes / max_member_bytes)
+    common = {"source": "ic9600", "path": str(bomb), "raw_dir": str(tmp_path / "raw"), "out_dir": str(tmp_path / "p")}
+    for limits, message in (({"max_archive_ratio": 50.0}, "ratio limit of 50"),
+                            ({"max_archive_ratio": 1e5, "max_archive_bytes": 2**21}, "exceeds 2097152 bytes"),
+                            ({"max_archive_ratio": 1e5, "max_member_bytes": 2**20}, "over the 1048576-byte limit")):
+        with pytest.raises(ArchiveError, match=message):
+            prepare(DataConfig(**common, **limits), workers=1)  # type: ignore[arg-type]
+    assert not (tmp_path / "p").exists() and not list((tmp_path / "raw").glob("*partial*"))
+
+
+def test_zip_ratio_limit_comes_from_the_argument(tmp_path: Path) -> None:
+    archive = tmp_path / "z.zip"
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("a.bin", bytes(2 * 2**20))
+    with pytest.raises(ArchiveError, match="ratio limit of 200"):
+        safe_extract(archive, tmp_path / "out")
+    assert safe_extract(archive, tmp_path / "out", max_ratio=1e5) == tmp_path / "out"
+
+
+@pytest.mark.parametrize(("train", "test"), [("", "a_1.png  0.1\n"), ("\n  \n", "a_1.png  0.1\n"),
+                                             ("a_1.png  0.1\n", "")])
+def test_an_empty_annotation_file_is_refused(tmp_path: Path, train: str, test: str) -> None:
+    root = _ic9600_tree(tmp_path / "ic", {"a_1.png": 0.1}, test=test)
+    (root / "train.txt").write_text(train)
+    empty = "train.txt" if not train.strip() else "test.txt"
+    cfg = DataConfig(source="ic9600", path=str(root), out_dir=str(tmp_path / "prep"))
+    with pytest.raises(ValueError, match=rf"{empty}: lists no images"):
+        prepare(cfg, workers=1)
+    assert not (tmp_path / "prep").exists()
+
+
+def test_a_csv_without_rows_is_refused(tmp_path: Path) -> None:
+    (tmp_path / "s.csv").write_text("image,score\n\n")
+    with pytest.raises(ValueError, match=r"s.csv: lists no images"):
+        read_folder(tmp_path, tmp_path / "s.csv", 0, 0.3)
+    (tmp_path / "s.csv").write_bytes(b"image,score\n\xff\xfe.png,0.1\n")
+    with pytest.raises(ValueError, match=r"s.csv: not UTF-8 text"):
+        read_folder(tmp_path, tmp_path / "s.csv", 0, 0.3)
+
+
+_CONCURRENT = """
+import logging, sys, time
+from pathlib import Path
+from clic.config import DataConfig
+from clic.data.prepare import prepare
+logging.basicConfig(level=logging.INFO, format="%(message)s")
+root, go = Path(sys.argv[1]), Path(sys.argv[2])
+Path(sys.argv[3]).touch()
+while not go.exists():
+    time.sleep(0.01)
+prepare(DataConfig(source="ic9600", path=str(root), out_dir=str(root.parent / "prep"), cache_size=32), workers=1)
+"""
+
+
+def test_concurrent_prepares_of_one_output(tmp_path: Path) -> None:
+    """Two processes start the same prepare at the same instant: one builds, the other waits for
+    it and reuses the result; both succeed."""
+    import subprocess
+    import sys
+    import time
+
+    root = _ic9600_tree(tmp_path / "ic", {f"a_{i}.png": i / 40 for i in range(24)})
+    go = tmp_path / "go"
+    procs = [subprocess.Popen([sys.executable, "-c", _CONCURRENT, str(root), str(go), str(tmp_path / f"ready{i}")],
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for i in range(2)]
+    deadline = time.monotonic() + 120
+    while not all((tmp_path / f"ready{i}").exists() for i in range(2)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    go.touch()
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], logs
+    assert sum("prepared 24 images" in log for log in logs) == 1, logs
+    assert sum("is up to date" in log for log in logs) == 1, logs
+    rows = read_table(tmp_path / "prep")
+    assert [r.score for r in rows] == pytest.approx([i / 40 for i in range(24)])
+    assert all((tmp_path / "prep" / r.cache).is_file() for r in rows)
+    assert sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("prep")) == ["prep", "prep.lock"]
+
+
+def test_a_corrupt_zip_member_is_named(tmp_path: Path) -> None:
+    archive = tmp_path / "c.zip"
+    with zipfile.ZipFile(archive, "w") as zf:
+        zf.writestr("a.bin", os.urandom(30_000))
+    data = bytearray(archive.read_bytes())
+    data[1000:2000] = bytes(1000)  # damage the stored data, keep the headers
+    archive.write_bytes(bytes(data))
+    with pytest.raises(ArchiveError, match=r"c.zip: member 'a.bin' is corrupt \(Bad CRC-32"):
+        safe_extract(archive, tmp_path / "out")
+    assert not list(tmp_path.glob("out*"))

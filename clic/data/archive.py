@@ -2,21 +2,28 @@
 
 Refused: absolute member paths, ``..`` components, symbolic and hard links, device files, FIFOs,
 members larger than ``max_member_bytes``, archives whose total uncompressed size exceeds
-``max_total_bytes``, and zip members whose compression ratio betrays a zip bomb. Extraction goes
-to a temporary sibling folder renamed into place at the end, so a refused archive leaves nothing.
+``max_total_bytes``, and decompression bombs: a zip member, or a compressed tar as a whole (its
+members share one stream), of over 1 MiB expanding more than ``max_ratio`` times. Everything is
+checked from the headers before a byte is written (a tar's headers are read one by one, so a bomb
+is refused at its first oversized member, without inflating it). Extraction goes to a temporary
+sibling folder renamed into place at the end, so a refused archive leaves nothing.
 """
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import stat
 import tarfile
 import zipfile
+import zlib
 from pathlib import Path, PurePosixPath
 
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
-MAX_RATIO = 200  # uncompressed/compressed, per zip member larger than 1 MiB
+MAX_RATIO = 200.0  # uncompressed/compressed, per zip member or per compressed tar, above 1 MiB
+CORRUPT = (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError)  # damaged data, named by member
+RATIO_FLOOR = 2**20  # smaller members/archives are never called bombs (tiny files compress well)
 
 
 class ArchiveError(ValueError):
@@ -37,20 +44,29 @@ def _check_name(archive: Path, name: str) -> PurePosixPath:
     return p
 
 
+def file_sha256(path: str | Path) -> str:
+    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while chunk := fh.read(1 << 20):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def safe_extract(archive: str | Path, dest: str | Path, max_member_bytes: int = 2**30,
-                 max_total_bytes: int = 64 * 2**30) -> Path:
+                 max_total_bytes: int = 64 * 2**30, max_ratio: float = MAX_RATIO) -> Path:
     """Extract ``archive`` into ``dest`` (created; must not exist yet). Returns ``dest``."""
     archive, dest = Path(archive), Path(dest)
     if dest.exists():
         raise ArchiveError(f"{dest}: extraction target already exists")
-    tmp = dest.with_name(dest.name + ".partial")
+    tmp = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
     try:
         if str(archive).lower().endswith(".zip"):
-            _extract_zip(archive, tmp, max_member_bytes, max_total_bytes)
+            _extract_zip(archive, tmp, max_member_bytes, max_total_bytes, max_ratio)
         elif is_archive(archive):
-            _extract_tar(archive, tmp, max_member_bytes, max_total_bytes)
+            _extract_tar(archive, tmp, max_member_bytes, max_total_bytes, max_ratio)
         else:
             raise ArchiveError(f"{archive}: not a supported archive ({', '.join(ARCHIVE_SUFFIXES)})")
         os.replace(tmp, dest)
@@ -60,7 +76,7 @@ def safe_extract(archive: str | Path, dest: str | Path, max_member_bytes: int = 
     return dest
 
 
-def _extract_zip(archive: Path, dest: Path, max_member: int, max_total: int) -> None:
+def _extract_zip(archive: Path, dest: Path, max_member: int, max_total: int, max_ratio: float) -> None:
     try:
         zf = zipfile.ZipFile(archive)
     except (zipfile.BadZipFile, OSError) as exc:
@@ -73,14 +89,14 @@ def _extract_zip(archive: Path, dest: Path, max_member: int, max_total: int) -> 
             mode = info.external_attr >> 16
             if stat.S_ISLNK(mode):
                 raise ArchiveError(f"{archive}: member {info.filename!r} is a symbolic link")
-            if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # 0: no type recorded
                 raise ArchiveError(f"{archive}: member {info.filename!r} is not a regular file")
             if info.file_size > max_member:
                 raise ArchiveError(f"{archive}: member {info.filename!r} is {info.file_size} bytes, "
                                    f"over the {max_member}-byte limit")
-            if info.file_size > 2**20 and info.file_size > MAX_RATIO * max(info.compress_size, 1):
+            if info.file_size > RATIO_FLOOR and info.file_size > max_ratio * max(info.compress_size, 1):
                 raise ArchiveError(f"{archive}: member {info.filename!r} expands {info.file_size} / "
-                                   f"{info.compress_size} times (zip bomb?)")
+                                   f"{info.compress_size} times, over the ratio limit of {max_ratio:g} (zip bomb?)")
             total += info.file_size
             if total > max_total:
                 raise ArchiveError(f"{archive}: uncompressed size exceeds {max_total} bytes")
@@ -90,24 +106,35 @@ def _extract_zip(archive: Path, dest: Path, max_member: int, max_total: int) -> 
                 target.mkdir(parents=True, exist_ok=True)
                 continue
             target.parent.mkdir(parents=True, exist_ok=True)
-            with zf.open(info) as src, target.open("wb") as out:
-                written = 0
-                while chunk := src.read(1 << 20):
-                    written += len(chunk)
-                    if written > info.file_size:  # the header lied
-                        raise ArchiveError(f"{archive}: member {info.filename!r} exceeds its declared size")
-                    out.write(chunk)
+            try:
+                with zf.open(info) as src, target.open("wb") as out:
+                    written = 0
+                    while chunk := src.read(1 << 20):
+                        written += len(chunk)
+                        if written > info.file_size:  # the header lied
+                            raise ArchiveError(f"{archive}: member {info.filename!r} exceeds its declared size")
+                        out.write(chunk)
+            except CORRUPT as exc:
+                raise ArchiveError(f"{archive}: member {info.filename!r} is corrupt ({exc})") from exc
 
 
-def _extract_tar(archive: Path, dest: Path, max_member: int, max_total: int) -> None:
+def _extract_tar(archive: Path, dest: Path, max_member: int, max_total: int, max_ratio: float) -> None:
+    packed = archive.stat().st_size
     try:
         tf = tarfile.open(archive)  # noqa: SIM115 - closed by the with below
     except (tarfile.TarError, OSError) as exc:
         raise ArchiveError(f"{archive}: not a readable tar archive ({exc})") from exc
     with tf:
-        members = tf.getmembers()
+        members: list[tarfile.TarInfo] = []
         total = 0
-        for m in members:
+        while True:  # header by header: a refused member is never inflated
+            try:
+                m = tf.next()
+            except (tarfile.TarError, OSError, EOFError) as exc:
+                raise ArchiveError(f"{archive}: unreadable after {len(members)} members ({exc})") from exc
+            if m is None:
+                break
+            members.append(m)
             _check_name(archive, m.name)
             if m.issym() or m.islnk():
                 raise ArchiveError(f"{archive}: member {m.name!r} is a link")
@@ -119,6 +146,9 @@ def _extract_tar(archive: Path, dest: Path, max_member: int, max_total: int) -> 
             total += m.size
             if total > max_total:
                 raise ArchiveError(f"{archive}: uncompressed size exceeds {max_total} bytes")
+            if total > RATIO_FLOOR and total > max_ratio * max(packed, 1):
+                raise ArchiveError(f"{archive}: expands to over {total} bytes from {packed} (at member "
+                                   f"{m.name!r}), over the ratio limit of {max_ratio:g} (decompression bomb?)")
         for m in members:
             target = dest / _check_name(archive, m.name)
             if m.isdir():
@@ -128,8 +158,11 @@ def _extract_tar(archive: Path, dest: Path, max_member: int, max_total: int) -> 
             src = tf.extractfile(m)
             if src is None:  # pragma: no cover - regular files always have data
                 raise ArchiveError(f"{archive}: member {m.name!r} has no data")
-            with src, target.open("wb") as out:
-                shutil.copyfileobj(src, out, 1 << 20)
+            try:
+                with src, target.open("wb") as out:
+                    shutil.copyfileobj(src, out, 1 << 20)
+            except CORRUPT as exc:
+                raise ArchiveError(f"{archive}: member {m.name!r} is corrupt ({exc})") from exc
 
 
 def find_root(folder: Path, marker: str) -> Path:

@@ -18,6 +18,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
@@ -26,7 +27,8 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from clic.data.archive import ARCHIVE_SUFFIXES, is_archive, safe_extract
+from clic import atomic
+from clic.data.archive import ARCHIVE_SUFFIXES, MAX_RATIO, is_archive, safe_extract
 from clic.data.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageError, content_hash, is_image_file, load_rgb
 from clic.data.table import Record, read_table, resolve
 
@@ -37,15 +39,18 @@ INDEX_NAME = "hashes.jsonl"
 
 
 def corpus_records(paths: Sequence[str | Path], work_dir: str | Path = CORPUS_DIR,
-                   max_archive_bytes: int = 64 * 2**30) -> list[Record]:
+                   max_archive_bytes: int = 64 * 2**30, max_member_bytes: int = 2**30,
+                   max_archive_ratio: float = MAX_RATIO) -> list[Record]:
     """The images of every ``pretrain.data`` entry as unlabelled records (absolute paths).
 
     Names are ``<entry>/<path inside the entry>`` with ``<entry>`` the entry's folder or archive
     name (``~i`` appended when two entries share one), so they are unique across entries.
     ``category`` is the first folder inside the entry (the source, for per-source counts).
     Relative entries are relative to the working directory; a missing entry is a ``ValueError``
-    naming ``pretrain.data[i]``.
+    naming ``pretrain.data[i]``. Archives are extracted under the ``data.max_*`` limits.
     """
+    limits = {"max_total_bytes": max_archive_bytes, "max_member_bytes": max_member_bytes,
+              "max_ratio": max_archive_ratio}
     labels: set[str] = set()
     out: list[Record] = []
     for i, entry in enumerate(paths):
@@ -61,7 +66,7 @@ def corpus_records(paths: Sequence[str | Path], work_dir: str | Path = CORPUS_DI
         elif path.is_dir():
             records = _folder(path, label)
         elif is_archive(path):
-            records = _folder(_extracted(path, label, Path(work_dir), max_archive_bytes), label)
+            records = _folder(_extracted(path, label, Path(work_dir), limits), label)
         elif is_image_file(path):
             records = [Record(f"{label}", str(path.resolve()), None, "unlabeled")]
         else:
@@ -123,18 +128,21 @@ def _prepared(root: Path, label: str) -> list[Record]:
             for r in read_table(root)]
 
 
-def _extracted(archive: Path, label: str, work_dir: Path, max_bytes: int) -> Path:
+def _extracted(archive: Path, label: str, work_dir: Path, limits: Mapping[str, float]) -> Path:
     """Extract ``archive`` once into ``work_dir/<label>-<key>`` (key: its path, size and mtime).
-    Concurrent callers (DDP ranks) each extract into a private folder; the first rename wins."""
+    Concurrent callers (DDP ranks) each extract into a private folder; the first rename wins.
+    Private folders of killed runs are deleted."""
     st = archive.stat()
     key = hashlib.sha256(f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
     dest = work_dir / f"{label}-{key}"
     if dest.is_dir():
         return dest
     work_dir.mkdir(parents=True, exist_ok=True)
+    atomic.remove_leftovers(work_dir, rf"\.{re.escape(dest.name)}\.(?P<pid>\d+)(\.partial-\d+)?")
     mine = work_dir / f".{dest.name}.{os.getpid()}"
     shutil.rmtree(mine, ignore_errors=True)
-    safe_extract(archive, mine, max_total_bytes=max_bytes)
+    safe_extract(archive, mine, int(limits["max_member_bytes"]), int(limits["max_total_bytes"]),
+                 limits["max_ratio"])
     try:
         os.rename(mine, dest)
     except OSError:  # another process finished first

@@ -1,8 +1,17 @@
 """``clic data prepare``: any source -> the prepared format (table + resized cache).
 
 Every image is decoded once (in a process pool) to check it, measure it, hash its pixels and
-write the short-side cache. The result is built in ``<out>.partial`` and renamed over ``<out>``
-only when complete, so a failed prepare leaves the previous prepared dataset untouched.
+write the short-side cache. Guarantees (see :mod:`clic.atomic`):
+
+- one prepare of an output at a time (``<out>.lock``); a second one waits, then finds the output
+  up to date with its inputs and reuses it;
+- the result is built in ``<out>.partial-<pid>`` and swapped in only when complete, so a failed,
+  interrupted or killed prepare leaves the previous prepared dataset (restored on the next start
+  when the kill fell between the two renames of the swap), and leftovers of killed runs are deleted;
+- an archive is extracted into ``<raw_dir>/ic9600-<stem>`` keyed by its content (size, mtime and
+  inode, then its SHA-256 when those changed; recorded in ``ic9600-<stem>.source.json``): a
+  different archive under the same name is extracted again, as is any archive with ``force``;
+- every listed image lies inside the dataset (:mod:`clic.data.sources`).
 """
 
 from __future__ import annotations
@@ -17,8 +26,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
+from clic import atomic
 from clic.config import DataConfig, to_dict
-from clic.data.archive import find_root, is_archive, safe_extract
+from clic.data.archive import file_sha256, find_root, is_archive, safe_extract
 from clic.data.imageio import ImageError, content_hash, load_rgb, resize_short
 from clic.data.sources import Entry, read_folder, read_ic9600, read_savoias
 from clic.data.synthetic import generate_classification, generate_ic9600
@@ -27,18 +37,19 @@ from clic.data.table import Record, relative_to, write_table
 log = logging.getLogger(__name__)
 
 
-def source_entries(cfg: DataConfig, seed: int) -> tuple[list[Entry], dict[str, str]]:
-    """Locate (generate or extract if needed) the source and list its entries."""
+def source_entries(cfg: DataConfig, seed: int, force: bool = False) -> tuple[list[Entry], dict[str, str]]:
+    """Locate (generate or extract if needed) the source and list its entries; ``force``
+    extracts an archive again even when its content is unchanged."""
     raw = Path(cfg.raw_dir)
     if cfg.source == "synthetic":
         s = cfg.synthetic
         root = raw / f"synthetic-{seed}-{s.n_train}-{s.n_test}-{s.size}-{'-'.join(s.categories)}"
-        if not (root / "train.txt").is_file():
-            tmp = root.with_name(root.name + ".partial")
-            shutil.rmtree(tmp, ignore_errors=True)
-            generate_ic9600(tmp, seed, s.n_train, s.n_test, s.size, s.categories)
-            shutil.rmtree(root, ignore_errors=True)
-            os.replace(tmp, root)
+        with atomic.lock(root, "generating"):
+            atomic.recover_dir(root)
+            if not (root / "train.txt").is_file():
+                tmp = atomic.staging_dir(root)
+                generate_ic9600(tmp, seed, s.n_train, s.n_test, s.size, s.categories)
+                atomic.replace_dir(tmp, root)
         return read_ic9600(root), {"source": "synthetic", "root": str(root)}
     path = Path(cfg.path)
     if not path.exists():
@@ -47,15 +58,53 @@ def source_entries(cfg: DataConfig, seed: int) -> tuple[list[Entry], dict[str, s
         if path.is_file():
             if not is_archive(path):
                 raise ValueError(f"data.path: {path} is neither a folder nor a .zip/.tar/.tar.gz archive")
-            dest = raw / f"ic9600-{path.stem}"
-            if not dest.exists():
-                safe_extract(path, dest, max_total_bytes=cfg.max_archive_bytes)
-            path = find_root(dest, "images")
+            path = find_root(extract_archive(path, raw / f"ic9600-{path.stem}", cfg, force), "images")
         return read_ic9600(path), {"source": "ic9600", "root": str(path)}
     if cfg.source == "savoias":
         return read_savoias(path, cfg.categories, seed, cfg.test_fraction), {"source": "savoias",
                                                                               "root": str(path)}
     return read_folder(path, Path(cfg.csv), seed, cfg.test_fraction), {"source": "folder", "root": str(path)}
+
+
+def _stat_key(path: Path) -> dict[str, int | str]:
+    st = path.stat()
+    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+
+
+def extract_archive(archive: Path, dest: Path, cfg: DataConfig, force: bool = False) -> Path:
+    """``archive`` safely extracted into ``dest``, reusing an earlier extraction of the same
+    content. ``<dest>.source.json`` records the archive's stat key and SHA-256: an unchanged key
+    reuses ``dest`` without reading the archive, a changed one hashes it and extracts again unless
+    the hash is the same. The new extraction replaces the old one atomically."""
+    marker = dest.with_name(f"{dest.name}.source.json")
+    with atomic.lock(dest, "extracting into"):
+        atomic.recover_dir(dest)
+        key = _stat_key(archive)
+        try:
+            known = json.loads(marker.read_text()) if dest.is_dir() else {}
+        except (OSError, ValueError):
+            known = {}
+        if not force and known.get("stat") == key:
+            return dest
+        digest = file_sha256(archive)
+        if not force and known.get("sha256") == digest:
+            _write_json(marker, {"stat": key, "sha256": digest})
+            return dest
+        log.info("extracting %s into %s (%s)", archive, dest,
+                 "forced" if force else "new content" if known else "first time")
+        marker.unlink(missing_ok=True)  # a kill from here on leaves no marker: extracted again next time
+        tmp = atomic.staging_dir(dest)
+        safe_extract(archive, tmp, max_member_bytes=cfg.max_member_bytes, max_total_bytes=cfg.max_archive_bytes,
+                     max_ratio=cfg.max_archive_ratio)
+        atomic.replace_dir(tmp, dest)
+        _write_json(marker, {"stat": key, "sha256": digest})
+    return dest
+
+
+def _write_json(path: Path, obj: dict) -> None:
+    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
+    os.replace(tmp, path)
 
 
 def _process(job: tuple[Entry, str, int, int, int]) -> tuple[Record | None, str | None]:
@@ -80,10 +129,14 @@ def _process(job: tuple[Entry, str, int, int, int]) -> tuple[Record | None, str 
     return Record(entry.name, str(entry.path), entry.score, entry.split, entry.category, w, h, sha, cache), None
 
 
+# settings that never change a prepared folder's content (where it goes, what is refused)
+NOT_SHAPING = ("out_dir", "raw_dir", "max_archive_bytes", "max_member_bytes", "max_archive_ratio")
+
+
 def inputs_signature(cfg: DataConfig, seed: int, entries: list[Entry]) -> str:
     """Hash of everything a prepared folder depends on: the settings that shape it, the seed and
     each entry (name, label, split, category, file size and modification time)."""
-    settings = {k: v for k, v in to_dict(cfg).items() if k not in ("out_dir", "raw_dir", "max_archive_bytes")}
+    settings = {k: v for k, v in to_dict(cfg).items() if k not in NOT_SHAPING}
     h = hashlib.sha256(json.dumps({"settings": settings, "seed": seed}, sort_keys=True).encode())
     for e in entries:
         st = e.path.stat()
@@ -104,17 +157,24 @@ def prepare(cfg: DataConfig, seed: int = 0, workers: int | None = None, force: b
 
     A folder already prepared from the same inputs (:func:`inputs_signature`) is kept as it is
     unless ``force``: re-running is cheap and never pulls files from under a concurrent reader.
+    Concurrent prepares of one folder run one after the other (the second one usually finds the
+    folder up to date); see the module docstring for what survives a failure or a kill.
     """
-    entries, meta = source_entries(cfg, seed)
+    out = Path(cfg.out_dir)
+    with atomic.lock(out, "preparing"):
+        atomic.recover_dir(out)
+        return _prepare_locked(cfg, out, seed, workers, force)
+
+
+def _prepare_locked(cfg: DataConfig, out: Path, seed: int, workers: int | None, force: bool) -> Path:
+    entries, meta = source_entries(cfg, seed, force)
     if not entries:
         raise ValueError(f"{meta.get('root')}: the source lists no images")
-    out = Path(cfg.out_dir)
     signature = inputs_signature(cfg, seed, entries)
     if not force and _up_to_date(out, signature):
         log.info("%s is up to date with %s (%d images)", out, meta.get("root"), len(entries))
         return out
-    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")  # concurrent prepares never share it
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = atomic.staging_dir(out)
     tmp.mkdir(parents=True)
     jobs = [(e, str(tmp), cfg.cache_size, cfg.min_size, cfg.max_pixels) for e in entries]
     workers = workers or min(len(os.sched_getaffinity(0)), 8)
@@ -137,8 +197,7 @@ def prepare(cfg: DataConfig, seed: int = 0, workers: int | None = None, force: b
                    r.sha256, r.cache) for r in records
         ]
         write_table(tmp, records, {**meta, "seed": seed, "cache_size": cfg.cache_size, "inputs": signature})
-        shutil.rmtree(out, ignore_errors=True)
-        os.replace(tmp, out)
+        atomic.replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -149,10 +208,14 @@ def prepare(cfg: DataConfig, seed: int = 0, workers: int | None = None, force: b
 def prepare_transfer(cfg: DataConfig, out_dir: str | Path, seed: int = 0) -> Path:
     """The synthetic labelled classification set (``train/``, ``val/`` class folders)."""
     out = Path(out_dir)
-    tmp = out.with_name(out.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
     s = cfg.synthetic
-    generate_classification(tmp, seed, s.n_classes, s.n_class_train, s.n_class_val, s.size)
-    shutil.rmtree(out, ignore_errors=True)
-    os.replace(tmp, out)
+    with atomic.lock(out, "generating"):
+        atomic.recover_dir(out)
+        tmp = atomic.staging_dir(out)
+        try:
+            generate_classification(tmp, seed, s.n_classes, s.n_class_train, s.n_class_val, s.size)
+            atomic.replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
     return out

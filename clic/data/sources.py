@@ -13,6 +13,7 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import re
 import zipfile
 from collections.abc import Iterable
@@ -59,6 +60,30 @@ def _require_files(entries: list[Entry]) -> list[Entry]:
     return entries
 
 
+def listed_path(base: Path, name: str, where: str) -> Path:
+    """``base / name`` for an image name read at ``where`` (file:line), refused unless it stays
+    inside ``base`` once symbolic links are resolved: no absolute names, no ``..``, no link out.
+    Without this a list could pull any readable host file into the prepared data."""
+    rel = Path(name)
+    if not name:
+        raise ValueError(f"{where}: empty image name")
+    if rel.is_absolute() or name.startswith(("/", "\\")) or (len(name) > 1 and name[1] == ":"):
+        raise ValueError(f"{where}: image {name!r} is an absolute path; names are relative to {base}")
+    if ".." in rel.parts or ".." in Path(name.replace("\\", "/")).parts:
+        raise ValueError(f"{where}: image {name!r} has a '..' component; names must stay inside {base}")
+    path = base / rel
+    if len(rel.parts) > 1 or path.is_symlink():  # a plain name in base can only escape as a link
+        target = path.resolve()
+        if not target.is_relative_to(base.resolve()):
+            raise ValueError(f"{where}: image {name!r} is a link to {target}, outside {base}")
+    return path
+
+
+def _require_rows(entries: list[Entry], path: Path, what: str) -> None:
+    if not entries:
+        raise ValueError(f"{path}: lists no images (expected {what}); an empty list would fail only later")
+
+
 def seeded_split(name: str, seed: int, test_fraction: float) -> str:
     """Deterministic train/test assignment from a hash of (seed, name)."""
     h = int.from_bytes(hashlib.sha256(f"{seed}:{name}".encode()).digest()[:8], "big")
@@ -78,7 +103,8 @@ def read_ic9600(root: Path) -> list[Entry]:
         if not ann.is_file():
             continue
         found = True
-        for lineno, raw in enumerate(ann.read_text(encoding="utf-8-sig").splitlines(), start=1):
+        before = len(entries)
+        for lineno, raw in enumerate(_read_text(ann).splitlines(), start=1):
             line = raw.strip()  # as IC9600's own parser: strip, then split on two spaces
             if not line:
                 continue
@@ -89,10 +115,20 @@ def read_ic9600(root: Path) -> list[Entry]:
                                  f"got {raw!r}")
             name, score = parts[0], parts[1].strip()
             category = name.split("_", 1)[0] if "_" in name else ""
-            entries.append(Entry(name, images / name, _score(score, where), split, category))
+            entries.append(Entry(name, listed_path(images, name, where), _score(score, where), split, category))
+        _require_rows(entries[before:], ann, "lines '<image name><two spaces><score>'")
     if not found:
         raise ValueError(f"{root}: neither train.txt nor test.txt found (IC9600 layout)")
     return _require_files(_check_unique(entries, str(root)))
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise ValueError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot be read ({exc.strerror or exc})") from None
 
 
 def _separator_hint(line: str) -> str:
@@ -172,6 +208,7 @@ def read_savoias(root: Path, categories: Iterable[str], seed: int, test_fraction
             raise ValueError(f"{folder}: {len(files)} numbered images but {xlsx} lists {len(scores)} "
                              "scores; expected images 0..N-1 matching the rows")
         for i, score in enumerate(scores):
+            listed_path(folder, files[i].name, f"{xlsx}: row {i + 2}")
             name = f"{cat.replace(' ', '_')}_{i}{files[i].suffix.lower()}"
             value = _score(str(score / 100.0), f"{xlsx}: row {i + 2}")
             entries.append(Entry(name, files[i], value, seeded_split(name, seed, test_fraction), cat))
@@ -183,7 +220,7 @@ def read_folder(root: Path, csv_path: Path, seed: int, test_fraction: float) -> 
     if not csv_path.is_file():
         raise ValueError(f"{csv_path}: CSV not found")
     entries: list[Entry] = []
-    with csv_path.open(newline="", encoding="utf-8-sig") as fh:
+    with io.StringIO(_read_text(csv_path), newline="") as fh:
         reader = csv.reader(fh)
         header = [h.strip().lower() for h in next(reader, [])]
         if header[:2] != ["image", "score"] or len(header) > 3 or (len(header) == 3 and header[2] != "split"):
@@ -200,5 +237,6 @@ def read_folder(root: Path, csv_path: Path, seed: int, test_fraction: float) -> 
             if split not in ("train", "test", "val", "unlabeled"):
                 raise ValueError(f"{where}: split {split!r} is not one of train, test, val, unlabeled")
             category = Path(name).parent.name if Path(name).parent.name else ""
-            entries.append(Entry(name, root / name, score, split, category))
+            entries.append(Entry(name, listed_path(root, name, where), score, split, category))
+    _require_rows(entries, csv_path, "rows 'image,score[,split]' below the header")
     return _require_files(_check_unique(entries, str(csv_path)))

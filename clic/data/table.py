@@ -95,6 +95,9 @@ def read_table(root: str | Path, splits: Iterable[str] | None = None) -> list[Re
                              sha256=row["sha256"], cache=row["cache"])
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{path}:{lineno}: malformed row ({exc})") from exc
+            cache = Path(rec.cache)
+            if rec.cache and (cache.is_absolute() or ".." in cache.parts):
+                raise ValueError(f"{path}:{lineno}: cache {rec.cache!r} is not a path inside {root}")
             if wanted is None or rec.split in wanted:
                 out.append(rec)
     return out

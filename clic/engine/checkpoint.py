@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import os
 import random
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from clic import atomic
 
 
 def git_revision(cwd: str | Path | None = None) -> str:
@@ -27,10 +30,18 @@ def git_revision(cwd: str | Path | None = None) -> str:
         return "unknown"
 
 
+def remove_leftovers(path: str | Path) -> list[Path]:
+    """Delete the ``.<name>.<pid>.tmp`` siblings of ``path`` left by killed writers (their process
+    is gone); called by every save and when a training run starts. Readers never delete."""
+    path = Path(path)
+    return atomic.remove_leftovers(path.parent, rf"\.{re.escape(path.name)}\.(?P<pid>\d+)\.tmp")
+
+
 def save_atomic(obj: dict[str, Any], path: str | Path) -> None:
     """``torch.save`` to a temporary sibling, fsync, then rename over ``path``."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         with tmp.open("wb") as fh:

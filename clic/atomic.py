@@ -1,0 +1,126 @@
+"""Crash-safe updates of folders: build aside, swap in, recover after a kill, one writer at a time.
+
+A folder ``out`` is rebuilt in ``<out>.partial-<pid>`` and swapped in by :func:`replace_dir`: the
+old folder is renamed to ``<out>.old-<pid>``, the new one renamed to ``out``, then the old one is
+deleted. At every instant either ``out`` is complete (old or new) or, after a kill between the two
+renames, ``out`` is missing and ``<out>.old-<pid>`` holds it; :func:`recover_dir` (run first by
+every writer, under :func:`lock`) puts it back and deletes what killed runs left behind. The pid in
+a leftover's name tells whether its writer is still running.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import glob
+import logging
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+from filelock import FileLock, Timeout
+
+log = logging.getLogger(__name__)
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this id exists on this machine."""
+    if pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def _remove(path: Path) -> None:
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as exc:  # a read-only folder: leave it, say so
+            log.warning("could not remove %s: %s", path, exc.strerror or exc)
+
+
+def remove_leftovers(folder: Path, pattern: str) -> list[Path]:
+    """Delete the entries of ``folder`` whose name matches ``pattern`` (a regular expression whose
+    group ``pid`` is the writer's process id) when that process is gone; returns them."""
+    regex = re.compile(pattern)
+    removed: list[Path] = []
+    if not folder.is_dir():
+        return removed
+    for entry in sorted(folder.iterdir()):
+        m = regex.fullmatch(entry.name)
+        if m and not pid_alive(int(m.group("pid"))):
+            _remove(entry)
+            removed.append(entry)
+    if removed:
+        log.info("removed %d leftovers of killed runs in %s: %s", len(removed), folder,
+                 ", ".join(p.name for p in removed))
+    return removed
+
+
+def _aside_pattern(out: Path) -> str:
+    return rf"{re.escape(out.name)}\.old-(?P<pid>\d+)"
+
+
+def staging_dir(out: Path) -> Path:
+    """The private folder this process builds ``out`` in (``<out>.partial-<pid>``), emptied."""
+    tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
+    _remove(tmp)
+    return tmp
+
+
+def recover_dir(out: Path) -> None:
+    """Undo what a killed writer of ``out`` left: restore ``<out>.old-<pid>`` when ``out`` is
+    missing, delete ``<out>.partial-<pid>*`` and other ``<out>.old-<pid>`` of dead processes."""
+    regex = re.compile(_aside_pattern(out))
+    asides = [p for p in sorted(out.parent.glob(f"{glob.escape(out.name)}.old-*"))
+              if (m := regex.fullmatch(p.name)) and not pid_alive(int(m.group("pid")))]
+    if asides and not (out.exists() or out.is_symlink()):
+        newest = max(asides, key=lambda p: p.lstat().st_mtime_ns)
+        os.rename(newest, out)
+        log.warning("restored %s from %s (left by a killed run)", out, newest.name)
+    remove_leftovers(out.parent, _aside_pattern(out))
+    remove_leftovers(out.parent, rf"{re.escape(out.name)}\.partial-(?P<pid>\d+)(\..*)?")
+
+
+def replace_dir(tmp: Path, out: Path) -> None:
+    """Put the complete folder ``tmp`` in place of ``out`` (see the module docstring). A failure or
+    Ctrl-C during the swap puts the old folder back before the exception propagates."""
+    aside = out.with_name(f"{out.name}.old-{os.getpid()}")
+    _remove(aside)
+    moved = False
+    try:
+        if out.exists() or out.is_symlink():
+            os.rename(out, aside)
+            moved = True
+        os.rename(tmp, out)
+    except BaseException:
+        if moved and not (out.exists() or out.is_symlink()):
+            os.rename(aside, out)
+        raise
+    if moved:
+        _remove(aside)
+
+
+@contextlib.contextmanager
+def lock(path: Path, what: str = "") -> Iterator[None]:
+    """Hold ``<path>.lock`` (an OS file lock, released when the process dies); waits, saying so,
+    while another process holds it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fl = FileLock(f"{path}.lock")
+    try:
+        fl.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process %s %s (%s.lock)", what or "writing", path, path)
+        fl.acquire()
+    try:
+        yield
+    finally:
+        fl.release()
