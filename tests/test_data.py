@@ -528,3 +528,15 @@ def test_a_corrupt_zip_member_is_named(tmp_path: Path) -> None:
     with pytest.raises(ArchiveError, match=r"c.zip: member 'a.bin' is corrupt \(Bad CRC-32"):
         safe_extract(archive, tmp_path / "out")
     assert not list(tmp_path.glob("out*"))
+
+
+def test_a_prepared_table_cannot_point_its_cache_outside(tiny_prepared: Path, tmp_path: Path) -> None:
+    """A prepared dataset may come from someone else (pretrain.data): its cache column is checked."""
+    bad = tmp_path / "shared-prepared"
+    bad.mkdir()
+    lines = (tiny_prepared / "table.csv").read_text().splitlines()
+    row = lines[2].split(",")
+    row[-1] = "../../etc/passwd"
+    (bad / "table.csv").write_text("\n".join([lines[0], lines[1], ",".join(row)]) + "\n")
+    with pytest.raises(ValueError, match=r"table.csv:3: cache '../../etc/passwd' is not a path inside"):
+        read_table(bad)
