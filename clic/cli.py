@@ -17,10 +17,11 @@ Overrides use the dotted paths of ``params.yaml`` (``--set pretrain.clicv2.epoch
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import logging
 import sys
 
-from clic.config import METHODS, data_config, load_params, pretrain_config, to_dict
+from clic.config import METHODS, ParamsFile, data_config, load_params, pretrain_config, to_dict
 
 log = logging.getLogger("clic")
 
@@ -115,8 +116,8 @@ def parser() -> argparse.ArgumentParser:
 
 def _method_overrides(method: str, overrides: list[str]) -> list[str]:
     """``epochs=3`` -> ``pretrain.<method>.epochs=3``; fully dotted keys pass through."""
-    tops = ("seed", "data.", "pretrain.", "probe.", "transfer.", "mlflow.", "eval.")
-    return [o if o.startswith(tops) else f"pretrain.{method}.{o}" for o in overrides]
+    tops = {f.name for f in dataclasses.fields(ParamsFile)}  # every top-level key of a params file
+    return [o if o.split("=", 1)[0].split(".", 1)[0].strip() in tops else f"pretrain.{method}.{o}" for o in overrides]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,17 +17,28 @@ Layout of ``params.yaml`` used here::
 from __future__ import annotations
 
 import dataclasses
+import difflib
 import types
 import typing
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal, TypeVar, get_args, get_origin
+from typing import Any, ClassVar, Literal, TypeVar, get_args, get_origin
 
 import yaml
 
 METHODS = ("moco", "clic", "clicv2")
 Method = Literal["moco", "clic", "clicv2"]
 T = TypeVar("T")
+
+
+class ParamError(ValueError):
+    """A bad parameter. ``key`` is its dotted path (``pretrain.clicv2.epochs``); ``template`` the
+    message with ``{key}`` where the path goes, so that a section built inside another (``rcm`` in
+    ``pretrain.clic``) is reported at its full path."""
+
+    def __init__(self, key: str, template: str) -> None:
+        self.key, self.template = key, template
+        super().__init__(template.replace("{key}", key))
 
 
 # --------------------------------------------------------------------------------------- views
@@ -38,6 +49,8 @@ class MocoViewConfig:
     Blur and noise change an image's complexity, so they default to off here: a complexity
     representation should not be trained to be invariant to them (see docs/design.md).
     """
+
+    SECTION: ClassVar[str] = "views"  # where its keys live in params.yaml
 
     crop_scale: tuple[float, float] = (0.2, 1.0)
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
@@ -54,10 +67,10 @@ class MocoViewConfig:
     key_noise_std: float = 0.05
 
     def __post_init__(self) -> None:
-        _check_range("crop_scale", self.crop_scale, 0.0, 1.0)
+        _check_range("views.crop_scale", self.crop_scale, 0.0, 1.0)
         for name in ("jitter_p", "grayscale_p", "blur_p", "hflip_p", "key_vflip_p", "key_rotation_p",
                      "key_noise_p"):
-            _check_prob(name, getattr(self, name))
+            _check_prob(f"views.{name}", getattr(self, name))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -74,6 +87,8 @@ class RCMConfig:
     than the resized cache, when the file is there.
     """
 
+    SECTION: ClassVar[str] = "rcm"  # where its keys live in params.yaml
+
     mode: Literal["pool", "authors"] = "pool"
     crops: int = 3
     grid: int = 2
@@ -88,15 +103,16 @@ class RCMConfig:
     def __post_init__(self) -> None:
         _choice("rcm.mode", self.mode, ("pool", "authors"))
         if self.crops < 1 or self.grid < 1:
-            raise ValueError("rcm.crops and rcm.grid must be >= 1")
+            raise ParamError("rcm.crops" if self.crops < 1 else "rcm.grid", "{key} must be >= 1, got "
+                             f"{min(self.crops, self.grid)}")
         if self.mode == "pool" and self.grid * self.grid > 7 * self.crops:
-            raise ValueError(f"rcm.grid={self.grid} needs {self.grid ** 2} cells but only "
+            raise ParamError("rcm.grid", f"{{key}}={self.grid} needs {self.grid ** 2} cells but only "
                              f"{7 * self.crops} crops are drawn (crops + 2*crops + 4*crops)")
         if self.mode == "authors" and self.grid < 2:
-            raise ValueError(f"rcm.grid must be >= 2 with rcm.mode authors (two crops and their copies), "
-                             f"got {self.grid}")
+            raise ParamError("rcm.grid", "{key} must be >= 2 with rcm.mode authors (two crops and their "
+                             f"copies), got {self.grid}")
         if not self.max_upscale >= 1.0:
-            raise ValueError(f"rcm.max_upscale must be >= 1 (.inf: no cap), got {self.max_upscale}")
+            raise ParamError("rcm.max_upscale", f"{{key}} must be >= 1 (.inf: no cap), got {self.max_upscale}")
         _check_prob("rcm.aug_p", self.aug_p)
         _non_negative("rcm.rotation_deg", self.rotation_deg)
         _non_negative("rcm.jitter", self.jitter)
@@ -114,6 +130,8 @@ class ShiftConfig:
     patch in pixels), the direction one of ``directions``.
     """
 
+    SECTION: ClassVar[str] = "shift"  # where its keys live in params.yaml
+
     enabled: bool = True
     min_shift: float = 0.125
     max_shift: float = 0.375
@@ -125,13 +143,13 @@ class ShiftConfig:
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.min_shift <= self.max_shift < 0.5:
-            raise ValueError("shift: need 0 <= min_shift <= max_shift < 0.5 (fractions of a patch; at half a "
-                             "patch or more a neighbouring negative overlaps the anchor as much as the "
-                             f"positive), got min_shift={self.min_shift}, max_shift={self.max_shift}")
+            raise ParamError("shift.max_shift", "{key}: need 0 <= min_shift <= max_shift < 0.5 (fractions of a "
+                             "patch; at half a patch or more a neighbouring negative overlaps the anchor as much as "
+                             f"the positive), got min_shift={self.min_shift}, max_shift={self.max_shift}")
         if not self.directions:
-            raise ValueError("shift.directions must name at least one direction")
-        for d in self.directions:
-            _choice("shift.directions[]", d, ("horizontal", "vertical", "diagonal"))
+            raise ParamError("shift.directions", "{key} must name at least one direction")
+        for i, d in enumerate(self.directions):
+            _choice(f"shift.directions[{i}]", d, ("horizontal", "vertical", "diagonal"))
         _check_range("shift.crop_scale", self.crop_scale, 0.0, 1.0)
         _check_prob("shift.jitter_p", self.jitter_p)
 
@@ -139,6 +157,8 @@ class ShiftConfig:
 # ---------------------------------------------------------------------------------- the method
 @dataclasses.dataclass(frozen=True)
 class OptimConfig:
+    SECTION: ClassVar[str] = "optim"  # where its keys live in params.yaml
+
     name: Literal["sgd", "adamw"] = "sgd"
     base_lr: float = 0.03
     lr_batch_ref: int = 256  # lr = base_lr * global_batch / lr_batch_ref
@@ -162,6 +182,8 @@ class OptimConfig:
 class MocoConfig:
     """MoCo v2 queue, momentum encoder and projection head."""
 
+    SECTION: ClassVar[str] = "moco"  # where its keys live in params.yaml
+
     queue_size: int = 4096
     momentum: float = 0.99
     temperature: float = 0.2
@@ -182,9 +204,9 @@ class MocoConfig:
         _positive("moco.queue_size", self.queue_size)
         _positive("moco.bn_splits", self.bn_splits)
         if not 0.0 < self.max_queue_fraction <= 1.0:
-            raise ValueError(f"moco.max_queue_fraction must be in (0, 1], got {self.max_queue_fraction}")
+            raise ParamError("moco.max_queue_fraction", f"{{key}} must be in (0, 1], got {self.max_queue_fraction}")
         if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"moco.momentum must be in [0, 1), got {self.momentum}")
+            raise ParamError("moco.momentum", f"{{key}} must be in [0, 1), got {self.momentum}")
         _positive("moco.temperature", self.temperature)
         _positive("moco.dim", self.dim)
         _choice("moco.head", self.head, ("linear", "mlp"))
@@ -194,6 +216,8 @@ class MocoConfig:
 @dataclasses.dataclass(frozen=True)
 class CLICv2Config:
     """CLICv2 losses and ablation switches."""
+
+    SECTION: ClassVar[str] = "clicv2"  # where its keys live in params.yaml
 
     loss: Literal["patch", "image"] = "patch"
     temperature: float = 0.2
@@ -210,15 +234,17 @@ class CLICv2Config:
         _positive("clicv2.temperature", self.temperature)
         _positive("clicv2.max_tokens", self.max_tokens)
         if not 0.0 < self.mask_ratio < 1.0:
-            raise ValueError(f"clicv2.mask_ratio must be in (0, 1), got {self.mask_ratio}")
+            raise ParamError("clicv2.mask_ratio", f"{{key}} must be in (0, 1), got {self.mask_ratio}")
         _non_negative("clicv2.mem_weight", self.mem_weight)
         if not 0.0 <= self.momentum < 1.0:
-            raise ValueError(f"clicv2.momentum must be in [0, 1), got {self.momentum}")
+            raise ParamError("clicv2.momentum", f"{{key}} must be in [0, 1), got {self.momentum}")
 
 
 @dataclasses.dataclass(frozen=True)
 class PretrainConfig:
     """Everything one pretraining run needs; built from ``pretrain.common`` + ``pretrain.<method>``."""
+
+    SECTION: ClassVar[str] = ""  # where its keys live in params.yaml
 
     method: Method = "moco"
     backbone: str = "resnet18"
@@ -233,6 +259,9 @@ class PretrainConfig:
     amp: Literal["auto", "bf16", "off"] = "auto"
     channels_last: Literal["auto", "on", "off"] = "auto"
     checkpoint_every: int = 50  # optimiser steps; the end of every epoch is always saved
+    sync_every: int = 20  # read losses from the device every N steps (no per-step host sync)
+    compile: bool = False  # torch.compile the training model (CUDA: worth it for long runs)
+    threads: int = 0  # intra-op threads; 0: the cores left after the loader workers (at least 1)
     nprocs: int = 1  # processes per node when the pipeline launches torchrun
     max_images: int = 0  # 0: all images of the pretraining split(s) or corpus
     splits: tuple[str, ...] = ("train",)
@@ -252,24 +281,26 @@ class PretrainConfig:
         _positive("batch_size", self.batch_size)
         _positive("image_size", self.image_size)
         _positive("checkpoint_every", self.checkpoint_every)
+        _positive("sync_every", self.sync_every)
+        _non_negative("threads", self.threads)
         _positive("nprocs", self.nprocs)
         _non_negative("num_workers", self.num_workers)
         _non_negative("max_images", self.max_images)
         for i, entry in enumerate(self.data):  # existence is checked when the corpus is listed
             if not entry.strip():
-                raise ValueError(f"pretrain.data[{i}] is empty; name an image folder, archive or prepared dataset")
+                raise ParamError(f"data[{i}]", "{key} is empty; name an image folder, archive or prepared dataset")
         _choice("amp", self.amp, ("auto", "bf16", "off"))
         _choice("channels_last", self.channels_last, ("auto", "on", "off"))
         is_vit = self.backbone.startswith("vit")
         if is_vit and self.image_size % self.patch_size:
-            raise ValueError(f"patch_size={self.patch_size} must divide image_size={self.image_size}")
+            raise ParamError("patch_size", f"{{key}}={self.patch_size} must divide image_size={self.image_size}")
         if self.method != "clicv2" and not is_vit and self.moco.shuffle_bn and (
                 self.batch_size % self.moco.bn_splits or self.batch_size // self.moco.bn_splits < 2):
-            raise ValueError(f"moco.bn_splits={self.moco.bn_splits} must divide batch_size={self.batch_size} "
-                             "into sub-batches of at least 2 images (or set moco.shuffle_bn: false)")
+            raise ParamError("moco.bn_splits", f"{{key}}={self.moco.bn_splits} must divide batch_size="
+                             f"{self.batch_size} into sub-batches of at least 2 images (or set moco.shuffle_bn: false)")
         if self.method == "clicv2" and not is_vit:
-            raise ValueError(f"method clicv2 needs a ViT backbone (vit_tiny|vit_small|vit_base|vit_large), "
-                             f"got backbone={self.backbone!r}")
+            raise ParamError("backbone", "method clicv2 needs a ViT backbone: {key} must be one of vit_tiny, "
+                             f"vit_small, vit_base, vit_large, got {self.backbone!r}")
 
     def lr(self, world_size: int = 1) -> float:
         """Absolute learning rate from the base rate and the global batch (linear scaling rule)."""
@@ -279,6 +310,8 @@ class PretrainConfig:
 # ----------------------------------------------------------------------------------------- data
 @dataclasses.dataclass(frozen=True)
 class SyntheticConfig:
+    SECTION: ClassVar[str] = "data.synthetic"  # where its keys live in params.yaml
+
     n_train: int = 320
     n_test: int = 160
     size: int = 96
@@ -291,14 +324,16 @@ class SyntheticConfig:
         _positive("data.synthetic.n_train", self.n_train)
         _non_negative("data.synthetic.n_test", self.n_test)
         if self.size < 32:
-            raise ValueError(f"data.synthetic.size must be >= 32, got {self.size}")
+            raise ParamError("data.synthetic.size", f"{{key}} must be >= 32, got {self.size}")
         if not 2 <= self.n_classes <= 6:
-            raise ValueError(f"data.synthetic.n_classes must be in [2, 6], got {self.n_classes}")
+            raise ParamError("data.synthetic.n_classes", f"{{key}} must be in [2, 6], got {self.n_classes}")
 
 
 @dataclasses.dataclass(frozen=True)
 class DataConfig:
     """Which dataset to prepare and how (``clic data prepare``)."""
+
+    SECTION: ClassVar[str] = "data"  # where its keys live in params.yaml
 
     source: Literal["synthetic", "ic9600", "savoias", "folder"] = "synthetic"
     path: str = ""  # ic9600: folder or archive; savoias: clone; folder: image folder
@@ -318,11 +353,11 @@ class DataConfig:
     def __post_init__(self) -> None:
         _choice("data.source", self.source, ("synthetic", "ic9600", "savoias", "folder"))
         if self.source != "synthetic" and not self.path:
-            raise ValueError(f"data.path must name the local {self.source} folder or archive")
+            raise ParamError("data.path", f"{{key}} must name the local {self.source} folder or archive")
         if self.source == "folder" and not self.csv:
-            raise ValueError("data.csv must name the CSV of image,score[,split] for source 'folder'")
+            raise ParamError("data.csv", "{key} must name the CSV of image,score[,split] for source 'folder'")
         if not 0.0 < self.test_fraction < 1.0:
-            raise ValueError(f"data.test_fraction must be in (0, 1), got {self.test_fraction}")
+            raise ParamError("data.test_fraction", f"{{key}} must be in (0, 1), got {self.test_fraction}")
         _non_negative("data.cache_size", self.cache_size)
 
 
@@ -336,6 +371,8 @@ class IcnetProbeConfig:
     ICNet's (IC9600 code): SGD lr 0.05, momentum 0.9, wd 1e-3, batch 64, 30 epochs, 1 warm-up
     epoch, lr x0.2 at epochs 10 and 20, loss 0.9 MSE(score) + 0.1 MSE(mean map), 512-wide 3x3
     branches, horizontal flips."""
+
+    SECTION: ClassVar[str] = "probe.icnet"  # where its keys live in params.yaml
 
     epochs: int = 30
     lr: float = 0.05
@@ -357,9 +394,9 @@ class IcnetProbeConfig:
         for name in ("momentum", "weight_decay", "warmup_epochs"):
             _non_negative(f"probe.icnet.{name}", getattr(self, name))
         if self.kernel < 1 or self.kernel % 2 == 0:
-            raise ValueError(f"probe.icnet.kernel must be a positive odd number, got {self.kernel}")
+            raise ParamError("probe.icnet.kernel", f"{{key}} must be a positive odd number, got {self.kernel}")
         if list(self.milestones) != sorted(set(self.milestones)) or any(m < 1 for m in self.milestones):
-            raise ValueError(f"probe.icnet.milestones must be increasing epochs >= 1, got {self.milestones}")
+            raise ParamError("probe.icnet.milestones", f"{{key}} must be increasing epochs >= 1, got {self.milestones}")
         _check_prob("probe.icnet.map_weight", self.map_weight)
 
 
@@ -376,6 +413,8 @@ class ProbeConfig:
     out-of-fold predictions of k-fold cross-validation inside each category over every labelled
     image (for datasets without an official split, e.g. SAVOIAS).
     """
+
+    SECTION: ClassVar[str] = "probe"  # where its keys live in params.yaml
 
     protocol: Literal["ridge", "sgd", "icnet"] = "ridge"
     mode: Literal["split", "cv"] = "split"
@@ -396,13 +435,14 @@ class ProbeConfig:
         _choice("probe.mode", self.mode, ("split", "cv"))
         _choice("probe.input", self.input, ("auto", "crop", "whole"))
         if self.folds < 2:
-            raise ValueError(f"probe.folds must be >= 2, got {self.folds}")
+            raise ParamError("probe.folds", f"{{key}} must be >= 2, got {self.folds}")
         if self.image_size < 0:
-            raise ValueError(f"probe.image_size must be >= 0 (0 = the pretraining size), got {self.image_size}")
+            raise ParamError("probe.image_size", "{key} must be >= 0 (0 = the pretraining size), "
+                             f"got {self.image_size}")
         if not self.alphas or any(a <= 0 for a in self.alphas):
-            raise ValueError(f"probe.alphas must be positive numbers, got {self.alphas}")
-        for b in self.baselines:
-            _choice("probe.baselines[]", b, ("random", "handcrafted"))
+            raise ParamError("probe.alphas", f"{{key}} must be positive numbers, got {self.alphas}")
+        for i, b in enumerate(self.baselines):
+            _choice(f"probe.baselines[{i}]", b, ("random", "handcrafted"))
 
     @property
     def whole(self) -> bool:
@@ -419,6 +459,8 @@ class ProbeConfig:
 class TransferConfig:
     """Linear classification probe on an ImageFolder (``train/``, ``val/``)."""
 
+    SECTION: ClassVar[str] = "transfer"  # where its keys live in params.yaml
+
     name: str = "synthetic"  # metrics are <name>_top1 / <name>_top5 (imagenet_top1 on ImageNet)
     path: str = "data/transfer"
     epochs: int = 50
@@ -428,73 +470,190 @@ class TransferConfig:
 
     def __post_init__(self) -> None:
         if not self.name.isidentifier():
-            raise ValueError(f"transfer.name must be an identifier (it names metrics), got {self.name!r}")
+            raise ParamError("transfer.name", f"{{key}} must be an identifier (it names metrics), got {self.name!r}")
         _positive("transfer.epochs", self.epochs)
 
 
+# ------------------------------------------------------------------------- the pipeline's own
+@dataclasses.dataclass(frozen=True)
+class ValidateConfig:
+    """Bounds of the ``validate`` stage (stages/validate.py)."""
+
+    SECTION: ClassVar[str] = "validate"
+
+    min_rows: int = 1
+    max_rows: int = 10_000_000
+
+    def __post_init__(self) -> None:
+        _positive("validate.min_rows", self.min_rows)
+        if self.max_rows < self.min_rows:
+            raise ParamError("validate.max_rows", f"{{key}} must be >= validate.min_rows ({self.min_rows}), "
+                             f"got {self.max_rows}")
+
+
+@dataclasses.dataclass(frozen=True)
+class MlflowConfig:
+    """Tracking (stages/tracking.py): experiment, store and whether scorers are registered."""
+
+    SECTION: ClassVar[str] = "mlflow"
+
+    experiment: str = "clic"
+    tracking_uri: str = ""  # empty: $MLFLOW_TRACKING_URI, else sqlite:///<project>/mlflow.db
+    register: bool = True
+
+
+@dataclasses.dataclass(frozen=True)
+class PretrainSection:
+    """``pretrain``: the corpus and the per-method sections, each a partial :class:`PretrainConfig`
+    (``common`` deep-merged with the method's own; see :func:`pretrain_config`)."""
+
+    data: str | tuple[str, ...] = ()
+    common: PretrainConfig | None = None
+    moco: PretrainConfig | None = None
+    clic: PretrainConfig | None = None
+    clicv2: PretrainConfig | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ParamsFile:
+    """Every top-level key of a params file (``extends`` names a base file and is resolved on
+    reading). Used as the schema that :func:`check_params` walks; sections are built from it by
+    :func:`pretrain_config`, :func:`data_config` and the like."""
+
+    seed: int = 0
+    data: DataConfig | None = None
+    pretrain: PretrainSection | None = None
+    validate: ValidateConfig | None = None
+    probe: ProbeConfig | None = None
+    transfer: TransferConfig | None = None
+    mlflow: MlflowConfig | None = None
+
+
 # ------------------------------------------------------------------------------- construction
+_TYPE_NAMES = {int: "int", float: "float", bool: "bool (true/false)", str: "str"}
+
+
+def _join(where: str, name: object) -> str:
+    return f"{where}.{name}" if where else str(name)
+
+
+def _fields(cls: Any) -> dict[str, Any]:
+    """Field name -> resolved type of dataclass ``cls``."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls) if f.init}
+
+
+def _unknown(cls: Any, name: object, where: str) -> ParamError:
+    """An unknown key, with the nearest valid one (``pretrian`` -> ``pretrain``)."""
+    valid = sorted(_fields(cls))
+    near = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
+    hint = f"did you mean {_join(where, near[0])!r}? " if near else ""
+    if not near and cls is ParamsFile and str(name) in _fields(PretrainConfig):
+        hint = f"did you mean 'pretrain.<method>.{name}' (or 'pretrain.common.{name}')? "
+    return ParamError(_join(where, name), "{key}: unknown key; " + hint + f"valid keys here: {', '.join(valid)}")
+
+
 def from_dict(cls: type[T], raw: Mapping[str, Any] | None, where: str = "") -> T:
     """Build dataclass ``cls`` from a mapping, recursing into nested dataclasses.
 
-    Unknown keys and wrongly-typed values raise ``ValueError`` naming the dotted key.
+    Unknown keys, wrongly typed and out-of-range values raise :class:`ParamError` naming the
+    dotted key under ``where`` (``pretrain.clicv2.epochs must be > 0, got 0``).
     """
-    raw = dict(raw or {})
-    fields = {f.name: f for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
-    unknown = sorted(set(raw) - set(fields))
-    if unknown:
-        raise ValueError(f"{where + '.' if where else ''}{unknown[0]}: unknown key; expected one of "
-                         f"{', '.join(sorted(fields))}")
-    hints = typing.get_type_hints(cls)
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ParamError(where or cls.__name__, f"{{key}}: expected a mapping, got {raw!r}")
+    fields = _fields(cls)
     kwargs = {}
-    for name, value in raw.items():
-        kwargs[name] = _coerce(hints[name], value, f"{where}.{name}" if where else name)
+    for name, value in (raw or {}).items():
+        if name not in fields:
+            raise _unknown(cls, name, where)
+        kwargs[name] = _coerce(fields[name], value, _join(where, name))
     try:
         return cls(**kwargs)
-    except TypeError as exc:  # pragma: no cover - guarded by the checks above
-        raise ValueError(f"{where or cls.__name__}: {exc}") from exc
+    except ParamError as exc:  # raised at the section's own path: re-root it at ``where``
+        section = getattr(cls, "SECTION", "")
+        rel = exc.key
+        if section and (rel == section or rel.startswith(section + ".")):
+            rel = rel[len(section) + 1:]
+        raise ParamError(_join(where, rel) if rel else where, exc.template) from None
+
+
+def check_tree(cls: Any, raw: Any, where: str) -> None:
+    """Check the keys and value types of ``raw`` against dataclass ``cls`` without building it
+    (value bounds are checked when a section is built, by the command that uses it)."""
+    if not isinstance(raw, Mapping):
+        raise ParamError(where, f"{{key}}: expected a mapping, got {raw!r}")
+    fields = _fields(cls)
+    for name, value in raw.items():
+        if name not in fields:
+            raise _unknown(cls, name, where)
+        tp, key = fields[name], _join(where, name)
+        if get_origin(tp) in (types.UnionType, typing.Union) and value is None:
+            continue
+        sub = next((a for a in get_args(tp) if dataclasses.is_dataclass(a)), tp)
+        if dataclasses.is_dataclass(sub):
+            if value is not None:
+                check_tree(sub, value, key)
+        else:
+            _coerce(tp, value, key)
+
+
+def check_params(params: Mapping[str, Any]) -> None:
+    """Refuse unknown keys (top-level and in every section) and wrongly typed values anywhere in
+    a params tree, naming the dotted key and the nearest valid one."""
+    check_tree(ParamsFile, params, "")
 
 
 def _coerce(tp: Any, value: Any, key: str) -> Any:
     origin = get_origin(tp)
     if dataclasses.is_dataclass(tp):
-        if not isinstance(value, Mapping):
-            raise ValueError(f"{key}: expected a mapping, got {value!r}")
         return from_dict(tp, value, key)  # type: ignore[arg-type]
     if origin is Literal:
         if value not in get_args(tp):
-            raise ValueError(f"{key}: expected one of {', '.join(map(str, get_args(tp)))}, got {value!r}")
+            raise ParamError(key, f"{{key}}: expected one of {', '.join(map(str, get_args(tp)))}, got {value!r}")
         return value
     if origin in (types.UnionType, typing.Union):
-        for arg in get_args(tp):
-            if arg is type(None) and value is None:
-                return None
-        return _coerce(next(a for a in get_args(tp) if a is not type(None)), value, key)
+        args = get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        errors = []
+        for arg in (a for a in args if a is not type(None)):
+            try:
+                return _coerce(arg, value, key)
+            except ParamError as exc:
+                errors.append(exc)
+        if len(errors) == 1:
+            raise errors[0]
+        names = " or ".join(_type_name(a) for a in args if a is not type(None))
+        raise ParamError(key, f"{{key}}: expected {names}, got {value!r}")
     if origin is tuple:
         if not isinstance(value, list | tuple):
-            raise ValueError(f"{key}: expected a list, got {value!r}")
+            raise ParamError(key, f"{{key}}: expected a list, got {value!r}")
         args = get_args(tp)
         if len(args) == 2 and args[1] is Ellipsis:
             return tuple(_coerce(args[0], v, f"{key}[{i}]") for i, v in enumerate(value))
         if len(value) != len(args):
-            raise ValueError(f"{key}: expected {len(args)} values, got {len(value)}")
+            raise ParamError(key, f"{{key}}: expected a list of {len(args)} values, got {len(value)}: {value!r}")
         return tuple(_coerce(a, v, f"{key}[{i}]") for i, (a, v) in enumerate(zip(args, value, strict=True)))
-    if tp is bool:
-        if not isinstance(value, bool):
-            raise ValueError(f"{key}: expected true/false, got {value!r}")
-        return value
-    if tp is int:
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise ValueError(f"{key}: expected an integer, got {value!r}")
-        return value
-    if tp is float:
-        if isinstance(value, bool) or not isinstance(value, int | float):
-            raise ValueError(f"{key}: expected a number, got {value!r}")
-        return float(value)
-    if tp is str:
-        if not isinstance(value, str):
-            raise ValueError(f"{key}: expected a string, got {value!r}")
-        return value
-    return value
+    if tp is float and isinstance(value, str):
+        try:  # YAML 1.1 (PyYAML) reads 1e-3 as a string; YAML 1.2 and every user read it as a number
+            return float(value)
+        except ValueError:
+            pass
+    ok = {bool: lambda v: isinstance(v, bool),
+          int: lambda v: isinstance(v, int) and not isinstance(v, bool),
+          float: lambda v: isinstance(v, int | float) and not isinstance(v, bool),
+          str: lambda v: isinstance(v, str)}.get(tp)
+    if ok is not None and not ok(value):
+        raise ParamError(key, f"{{key}}: expected {_TYPE_NAMES[tp]}, got {value!r}")
+    return float(value) if tp is float else value
+
+
+def _type_name(tp: Any) -> str:
+    if get_origin(tp) is tuple:
+        return "a list"
+    if dataclasses.is_dataclass(tp):
+        return "a mapping"
+    return _TYPE_NAMES.get(tp, str(tp))
 
 
 def to_dict(cfg: Any) -> dict[str, Any]:
@@ -528,15 +687,26 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
 
 
 def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML) to a params mapping."""
+    """Apply ``key.path=value`` overrides (values parsed as YAML) to a params mapping; an unknown
+    key or a wrongly typed value is refused (:class:`ParamError` naming the override)."""
     params = dict(params)
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value")
         key, text = item.split("=", 1)
-        value = yaml.safe_load(text)
-        node: dict[str, Any] = params
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as exc:
+            raise ValueError(f"--set {item!r}: the value is not valid YAML ({exc})") from exc
         parts = key.strip().split(".")
+        single: dict[str, Any] = {parts[-1]: value}
+        for part in reversed(parts[:-1]):
+            single = {part: single}
+        try:
+            check_params(single)
+        except ParamError as exc:
+            raise ParamError(exc.key, f"--set {item!r}: {exc.template}") from None
+        node: dict[str, Any] = params
         for part in parts[:-1]:
             child = node.get(part)
             child = dict(child) if isinstance(child, Mapping) else {}
@@ -548,7 +718,8 @@ def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, A
 
 def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
     """Read a params file; a top-level ``extends: OTHER.yaml`` (relative to the file) names a base
-    that this file is deep-merged over (profiles such as ``params/real-photos.yaml``)."""
+    that this file is deep-merged over (profiles such as ``params/real-photos.yaml``). Each file
+    and each override is checked for unknown keys and value types (:func:`check_params`)."""
     return apply_overrides(_read_params(Path(path), ()), overrides or [])
 
 
@@ -558,12 +729,19 @@ def _read_params(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if path.resolve() in seen:
         raise ValueError(f"{path}: 'extends' forms a cycle")
     try:
-        params = yaml.safe_load(path.read_text()) or {}
+        params = yaml.safe_load(path.read_text())
     except yaml.YAMLError as exc:
         raise ValueError(f"{path}: not valid YAML: {exc}") from exc
+    if not params:
+        raise ValueError(f"{path}: params file is empty; expected sections such as seed, data, pretrain, probe "
+                         "(see params.yaml), or 'extends: params.yaml' for a profile")
     if not isinstance(params, dict):
-        raise ValueError(f"{path}: expected a mapping at the top level")
+        raise ValueError(f"{path}: expected a mapping at the top level, got {type(params).__name__}")
     base = params.pop("extends", None)
+    try:
+        check_params(params)
+    except ParamError as exc:
+        raise ParamError(exc.key, f"{path}: {exc.template}") from None
     if base:
         params = deep_merge(_read_params(path.parent / str(base), (*seen, path.resolve())), params)
     return params
@@ -577,18 +755,36 @@ def pretrain_config(params: Mapping[str, Any], method: str) -> PretrainConfig:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     section = params.get("pretrain") or {}
     for part in ("common", method):
-        if "data" in (section.get(part) or {}):
-            raise ValueError(f"pretrain.{part}.data: the pretraining corpus is set once, as pretrain.data "
-                             "(it applies to every method)")
+        for key, why in (("data", "the pretraining corpus is set once, as pretrain.data (it applies to every "
+                                  "method)"), ("method", "the method is the section's name")):
+            if key in (section.get(part) or {}):
+                raise ParamError(f"pretrain.{part}.{key}", "{key}: " + why)
     merged = deep_merge(section.get("common") or {}, section.get(method) or {})
     merged.setdefault("seed", params.get("seed", 0))
     data = section.get("data") or []
     data = [data] if isinstance(data, str) else data
     if not isinstance(data, list | tuple) or not all(isinstance(d, str) for d in data):
-        raise ValueError(f"pretrain.data: expected a list of folder/archive paths, got {data!r}")
+        raise ParamError("pretrain.data", f"{{key}}: expected a list of folder/archive paths, got {data!r}")
+    for i, entry in enumerate(data):  # existence is checked when the corpus is listed
+        if not entry.strip():
+            raise ParamError(f"pretrain.data[{i}]", "{key} is empty; name an image folder, archive or prepared dataset")
     merged["data"] = data
     merged["method"] = method
-    return from_dict(PretrainConfig, merged, f"pretrain.{method}")
+    try:
+        return from_dict(PretrainConfig, merged, f"pretrain.{method}")
+    except ParamError as exc:  # a value inherited from pretrain.common is reported there
+        rel = exc.key.removeprefix(f"pretrain.{method}.")
+        if _has_path(section.get("common"), rel) and not _has_path(section.get(method), rel):
+            raise ParamError(f"pretrain.common.{rel}", exc.template) from None
+        raise
+
+
+def _has_path(tree: Any, dotted: str) -> bool:
+    for part in dotted.split("[", 1)[0].split("."):
+        if not isinstance(tree, Mapping) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
 
 
 def probe_config(params: Mapping[str, Any]) -> ProbeConfig:
@@ -603,27 +799,35 @@ def data_config(params: Mapping[str, Any]) -> DataConfig:
     return from_dict(DataConfig, params.get("data") or {}, "data")
 
 
+def validate_config(params: Mapping[str, Any]) -> ValidateConfig:
+    return from_dict(ValidateConfig, params.get("validate") or {}, "validate")
+
+
+def mlflow_config(params: Mapping[str, Any]) -> MlflowConfig:
+    return from_dict(MlflowConfig, params.get("mlflow") or {}, "mlflow")
+
+
 # --------------------------------------------------------------------------------- validators
 def _positive(name: str, v: float) -> None:
-    if v <= 0:
-        raise ValueError(f"{name} must be > 0, got {v}")
+    if not v > 0:
+        raise ParamError(name, f"{{key}} must be > 0, got {v}")
 
 
 def _non_negative(name: str, v: float) -> None:
-    if v < 0:
-        raise ValueError(f"{name} must be >= 0, got {v}")
+    if not v >= 0:
+        raise ParamError(name, f"{{key}} must be >= 0, got {v}")
 
 
 def _check_prob(name: str, v: float) -> None:
     if not 0.0 <= v <= 1.0:
-        raise ValueError(f"{name} must be a probability in [0, 1], got {v}")
+        raise ParamError(name, f"{{key}} must be a probability in [0, 1], got {v}")
 
 
 def _check_range(name: str, v: tuple[float, float], lo: float, hi: float) -> None:
     if not lo <= v[0] <= v[1] <= hi:
-        raise ValueError(f"{name} must satisfy {lo} <= low <= high <= {hi}, got {v}")
+        raise ParamError(name, f"{{key}} must satisfy {lo} <= low <= high <= {hi}, got {list(v)}")
 
 
 def _choice(name: str, v: object, allowed: tuple[object, ...]) -> None:
     if v not in allowed:
-        raise ValueError(f"{name}: expected one of {', '.join(map(str, allowed))}, got {v!r}")
+        raise ParamError(name, f"{{key}}: expected one of {', '.join(map(str, allowed))}, got {v!r}")

@@ -7,7 +7,7 @@ stored config, and extracts features without gradients in batches, decoding in l
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +19,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from clic.config import PretrainConfig, from_dict
-from clic.data.imageio import ImageError, is_image_file, load_rgb
+from clic.data.imageio import ImageError, decode_opened, is_image_file, load_rgb
 from clic.engine import checkpoint as ckpt
 from clic.engine.train import autocast
 from clic.models.backbones import build_backbone
@@ -42,7 +42,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
     else:
         raise ValueError(f"{path}: holds neither 'backbone' nor 'model' weights")
-    backbone.load_state_dict(weights)
+    load_weights(backbone, weights, path, cfg)
     return backbone.to(device).eval(), cfg
 
 
@@ -69,10 +69,34 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     return paths
 
 
-def load_for_model(path: str | Path, size: int) -> Image.Image:
-    """Decode an image that will be resized to ``size``: JPEGs at a reduced DCT scale keeping at
-    least twice that side (scores move by ~1% of their spread, decoding is 4-5x cheaper)."""
-    return load_rgb(path, min_size=2 * size)
+def load_for_model(source: str | Path | Image.Image, size: int) -> Image.Image:
+    """Decode an image (a path, or a PIL image the caller opened) that will be resized to ``size``:
+    EXIF orientation applied, any mode to 8-bit RGB, JPEG files at a reduced DCT scale keeping at
+    least twice that side (scores move by ~1% of their spread, decoding is 4-5x cheaper). Paths and
+    PIL images go through the same decoding (:func:`clic.data.imageio.decode_opened`)."""
+    if isinstance(source, Image.Image):
+        return decode_opened(source, min_size=2 * size)
+    return load_rgb(source, min_size=2 * size)
+
+
+def load_weights(module: nn.Module, weights: Mapping[str, torch.Tensor], path: str | Path, cfg: PretrainConfig) -> None:
+    """``module.load_state_dict(weights)``, or a ``ValueError`` naming the file, the config the
+    model was rebuilt from, and the mismatch (missing and unexpected keys, shape differences)."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in weights]
+    unexpected = [k for k in weights if k not in own]
+    shapes = [f"{k} {tuple(weights[k].shape)} in the file vs {tuple(v.shape)} in the model"
+              for k, v in own.items() if k in weights and tuple(weights[k].shape) != tuple(v.shape)]
+    if missing or unexpected or shapes:
+        def some(keys: list[str]) -> str:
+            return ", ".join(keys[:3]) + (f", ... ({len(keys)} in all)" if len(keys) > 3 else "")
+        problems = [f"{what}: {some(keys)}" for what, keys in
+                    (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", shapes)) if keys]
+        raise ValueError(f"{path}: the stored weights do not fit the stored config (backbone={cfg.backbone}, "
+                         f"image_size={cfg.image_size}, patch_size={cfg.patch_size}, depth={cfg.depth}, "
+                         f"pool={cfg.pool}): {'; '.join(problems)}; the file was edited or written by another "
+                         "version of clic")
+    module.load_state_dict(weights)
 
 
 class _Images(Dataset):

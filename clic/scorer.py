@@ -14,6 +14,9 @@ images are centre-cropped (``crop``) or resized whole to a square (``whole``, IC
 
 from __future__ import annotations
 
+import logging
+import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ import torch
 from PIL import Image
 
 from clic.config import PretrainConfig, from_dict, to_dict
-from clic.embed import eval_transform, extract, load_for_model
+from clic.embed import eval_transform, extract, load_for_model, load_weights
 from clic.engine import checkpoint as ckpt
 from clic.engine.train import autocast
 from clic.evaluation.icnet import ICNetHead
@@ -65,15 +68,23 @@ class Scorer:
             return self.head(spatial.float())[0]
 
     def _tensor(self, item: ImageLike) -> torch.Tensor:
-        if isinstance(item, torch.Tensor):
+        """One model input (3, size, size). Paths and PIL images share one decoding (EXIF
+        orientation, 16-bit, transparency: :func:`clic.embed.load_for_model`); a uint8 (3, H, W)
+        tensor is an RGB image and goes through the same resize and normalisation; a float tensor
+        is taken as already normalised."""
+        if isinstance(item, torch.Tensor) and item.dtype != torch.uint8:
             return item
-        img = item if isinstance(item, Image.Image) else load_for_model(item, self.cfg.image_size)
-        return self.transform(img.convert("RGB"))
+        if isinstance(item, torch.Tensor):
+            if item.dim() != 3 or item.shape[0] != 3:
+                raise ValueError(f"a uint8 image tensor must be (3, H, W) RGB, got shape {tuple(item.shape)}")
+            item = Image.fromarray(item.permute(1, 2, 0).cpu().numpy(), "RGB")
+        return self.transform(load_for_model(item, self.cfg.image_size))
 
     def __call__(self, images: ImageLike | Sequence[ImageLike]) -> np.ndarray:
-        """Scores for PIL images, paths, a (3, H, W) tensor or a normalised (B, 3, H, W) batch."""
+        """Scores for paths, PIL images, a uint8 (3, H, W) or (B, 3, H, W) RGB tensor, or a
+        normalised float (3, H, W) tensor or (B, 3, H, W) batch."""
         if isinstance(images, torch.Tensor) and images.dim() == 4:
-            batch = images
+            batch = torch.stack([self._tensor(i) for i in images]) if images.dtype == torch.uint8 else images
         else:
             items = [images] if isinstance(images, str | Path | Image.Image | torch.Tensor) else list(images)
             batch = torch.stack([self._tensor(i) for i in items])
@@ -126,23 +137,63 @@ def load_scorer(path_or_uri: str | Path, device: str | torch.device | None = Non
     text = str(path_or_uri)
     path = Path(text)
     if "://" in text or text.startswith(("models:/", "runs:/")):
-        try:
-            import mlflow  # noqa: PLC0415 - optional integration, only for URIs
-        except ImportError as exc:
-            raise ValueError(f"{text}: loading a URI needs MLflow (pip install 'clic[pipeline]')") from exc
-        local = Path(mlflow.artifacts.download_artifacts(text))
+        local = _download(text)
         path = local / "scorer.pt" if local.is_dir() else local
     state = ckpt.load(path)
     if state.get("kind") != "clic-scorer":
         raise ValueError(f"{path}: not a clic scorer (kind={state.get('kind')!r}); fit one with `clic probe`")
     cfg = from_dict(PretrainConfig, state["config"], f"{path}:config")
     backbone = build_backbone(cfg.backbone, cfg.image_size, cfg.patch_size, cfg.depth, cfg.pool)
-    backbone.load_state_dict(state["backbone"])
+    load_weights(backbone, state["backbone"], path, cfg)
     head_type, view = state.get("head_type", "linear"), state.get("input", "crop")
     if head_type not in ("linear", "icnet") or view not in ("crop", "whole"):
         raise ValueError(f"{path}: unknown scorer head {head_type!r} or input {view!r}; a newer clic wrote it")
     head = ICNetHead.from_state(state["head"]) if head_type == "icnet" else LinearHead.from_state(state["head"])
     return Scorer(backbone, cfg, head, state.get("meta"), device, whole=view == "whole")
+
+
+def _download(uri: str) -> Path:
+    """Fetch a scorer from MLflow (imported only here: an optional integration). The store is
+    ``MLFLOW_TRACKING_URI`` (or ``MLFLOW_REGISTRY_URI``), else the project's ``./mlflow.db`` when it
+    exists; nothing is created. HTTP calls are bounded (1 retry, 10 s timeout unless the MLflow
+    variables say otherwise), and every failure is one ``ValueError`` naming the URI and the store."""
+    try:
+        import mlflow  # noqa: PLC0415
+        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set  # noqa: PLC0415
+    except ImportError as exc:
+        raise ValueError(f"{uri}: loading a URI needs MLflow (pip install 'clic[pipeline]')") from exc
+    tracking = mlflow.get_tracking_uri() if is_tracking_uri_set() else ""
+    if not tracking:
+        if not Path("mlflow.db").is_file():
+            raise ValueError(f"{uri}: no MLflow store to read it from: set MLFLOW_TRACKING_URI (a tracking server "
+                             "such as http://127.0.0.1:5000, or sqlite:////abs/path/mlflow.db), or run from the "
+                             "project folder that holds mlflow.db")
+        tracking = f"sqlite:///{Path('mlflow.db').resolve()}"
+    registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
+    store = registry if uri.startswith("models:/") else tracking
+    for candidate in {tracking, registry}:
+        if candidate.startswith("sqlite:///") and not Path(candidate.removeprefix("sqlite:///")).is_file():
+            raise ValueError(f"{uri}: the MLflow store {candidate} does not exist")
+        if candidate.startswith(("http://", "https://")):
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
+    retries = logging.getLogger("urllib3.connectionpool")
+    level = retries.level
+    retries.setLevel(logging.ERROR)  # the retry warnings would bury the one error below
+    try:
+        return Path(mlflow.artifacts.download_artifacts(uri, tracking_uri=tracking, registry_uri=registry))
+    except Exception as exc:  # noqa: BLE001 - MLflow, HTTP and SQL errors: one message, no traceback
+        text = str(exc).strip()
+        errno = re.search(r"\[Errno -?\d+\] [^\"')]+", text)
+        first = errno.group(0) if errno else (text.splitlines() or [type(exc).__name__])[0][:300]
+        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or "not found" in first.lower():
+            raise ValueError(f"{uri}: no such model in the MLflow store {store} ({first})") from None
+        if store.startswith(("http://", "https://")):
+            raise ValueError(f"{uri}: the MLflow tracking server {store} is unreachable or failed ({first}); "
+                             "start it or point MLFLOW_TRACKING_URI at a running one") from None
+        raise ValueError(f"{uri}: cannot load it from the MLflow store {store} ({first})") from None
+    finally:
+        retries.setLevel(level)
 
 
 def blend_heatmap(image: Image.Image, values: np.ndarray, alpha: float = 0.5,

@@ -22,10 +22,12 @@ class ScorerModel(mlflow.pyfunc.PythonModel):
         self.scorer = load_scorer(context.artifacts["scorer"], "cpu")
 
     @staticmethod
-    def _image(value: str) -> Image.Image:
+    def _image(value: str) -> str | Image.Image:
+        """A path as is, or the decoded bytes; the scorer decodes both as it does files (EXIF
+        orientation, 16-bit, transparency)."""
         if len(value) < 4096 and Path(value).is_file():
-            return Image.open(value).convert("RGB")
-        return Image.open(io.BytesIO(base64.b64decode(value))).convert("RGB")
+            return value
+        return Image.open(io.BytesIO(base64.b64decode(value)))
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:  # type: ignore[no-untyped-def]
         if "image" not in model_input.columns:

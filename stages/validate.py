@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from clic.config import METHODS, data_config, pretrain_config, probe_config
+from clic.config import METHODS, data_config, pretrain_config, probe_config, to_dict, validate_config
 from clic.data.corpus import CORPUS_DIR, INDEX_NAME, corpus_hashes, corpus_records, evaluation_records, leaks
 from clic.data.imageio import ImageError, load_rgb
 from clic.data.table import COLUMNS, SPLITS, read_table, resolve
@@ -115,6 +115,8 @@ def run_suite(df: pd.DataFrame, site_root: Path, min_rows: int, max_rows: int, m
             cfg = r.expectation_config
             res = r.result or {}
             checks.append({"expectation": cfg.type, "column": cfg.kwargs.get("column"), "success": bool(r.success),
+                           "expected": {k: cfg.kwargs[k] for k in ("min_value", "max_value", "value_set")
+                                        if cfg.kwargs.get(k) is not None},
                            "unexpected_count": res.get("unexpected_count"),
                            "examples": [str(x) for x in (res.get("partial_unexpected_list") or [])[:5]],
                            "observed_value": res.get("observed_value")})
@@ -123,16 +125,44 @@ def run_suite(df: pd.DataFrame, site_root: Path, min_rows: int, max_rows: int, m
             "failed": sum(not c["success"] for c in checks), "data_docs": str(docs.relative_to(ROOT)) if docs else ""}
 
 
+BOUND_KEYS = {"expect_table_row_count_to_be_between": ("validate.min_rows", "validate.max_rows"),
+              "short_side": ("data.min_size", "")}
+
+
+def _plain(v: Any) -> Any:
+    return int(v) if isinstance(v, float) and v.is_integer() else v
+
+
+def describe_failure(check: dict[str, Any]) -> str:
+    """One line for a failed expectation: what was expected (the bounds, and the params that set
+    them), what was found, and example rows."""
+    expected = check.get("expected") or {}
+    lo, hi = (_plain(expected.get(k)) for k in ("min_value", "max_value"))
+    lo_key, hi_key = BOUND_KEYS.get(check["expectation"], BOUND_KEYS.get(check["column"] or "", ("", "")))
+    parts = []
+    if lo is not None:
+        parts.append(f">= {lo}" + (f" ({lo_key})" if lo_key else ""))
+    if hi is not None:
+        parts.append(f"<= {hi}" + (f" ({hi_key})" if hi_key else ""))
+    if "value_set" in expected:
+        parts.append(f"in {expected['value_set']}")
+    want = f"expected {' and '.join(parts)}" if parts else "expected to hold"
+    where = f" on {check['column']}" if check["column"] else ""
+    if check["unexpected_count"] is None:  # a table-level expectation: no rows to count
+        return f"{check['expectation']}{where}: got {check['observed_value']}, {want}"
+    return (f"{check['expectation']}{where}: {check['unexpected_count']} unexpected rows ({want}), "
+            f"e.g. {check['examples'] or check['observed_value']}")
+
+
 def validate() -> None:
     p = params()
     dcfg = data_config(p)
-    vcfg = p.get("validate") or {}
+    vcfg = validate_config(p)
     data_dir = ROOT / dcfg.out_dir
-    with tracking.stage_run(p, "validate", config={"validate": vcfg}) as _:
+    with tracking.stage_run(p, "validate", config={"validate": to_dict(vcfg)}) as _:
         df = table_frame(data_dir)
         corpus = mark_corpus_leaks(df, p)
-        summary = run_suite(df, ROOT / "reports" / "gx", int(vcfg.get("min_rows", 1)),
-                            int(vcfg.get("max_rows", 10_000_000)), dcfg.min_size)
+        summary = run_suite(df, ROOT / "reports" / "gx", vcfg.min_rows, vcfg.max_rows, dcfg.min_size)
         summary["corpus"] = corpus
         out = ROOT / "metrics" / "validation.json"
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -145,11 +175,7 @@ def validate() -> None:
         print(f"data docs: {summary['data_docs']}")
         if not summary["success"]:
             lines = [f"validation failed: {summary['failed']} of {len(summary['checks'])} expectations"]
-            for c in summary["checks"]:
-                if not c["success"]:
-                    where = f" on {c['column']}" if c["column"] else ""
-                    lines.append(f"  - {c['expectation']}{where}: {c['unexpected_count']} unexpected rows, "
-                                 f"e.g. {c['examples'] or c['observed_value']}")
+            lines += [f"  - {describe_failure(c)}" for c in summary["checks"] if not c["success"]]
             message = "\n".join(lines)
             print(message, file=sys.stderr)
             raise ValueError(message.splitlines()[0])

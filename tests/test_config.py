@@ -1,20 +1,28 @@
 from __future__ import annotations
 
+import dataclasses
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from clic.config import (
+    METHODS,
+    ParamsFile,
     PretrainConfig,
     apply_overrides,
+    check_params,
     data_config,
     deep_merge,
     flatten,
     from_dict,
     load_params,
+    mlflow_config,
     pretrain_config,
+    probe_config,
     to_dict,
+    validate_config,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,16 +46,16 @@ def test_lr_is_scaled_by_global_batch() -> None:
 
 
 @pytest.mark.parametrize(("raw", "message"), [
-    ({"epochs": -1}, "epochs must be > 0"),
+    ({"epochs": -1}, "pretrain.epochs must be > 0, got -1"),
     ({"optim": {"lrr": 1}}, "pretrain.optim.lrr: unknown key"),
     ({"backbone": "vit_tiny", "image_size": 30, "patch_size": 8}, "patch_size=8 must divide image_size=30"),
     ({"method": "simclr"}, "method: expected one of"),
     ({"method": "clicv2", "backbone": "resnet18"}, "clicv2 needs a ViT backbone"),
-    ({"batch_size": "64"}, "pretrain.batch_size: expected an integer"),
+    ({"batch_size": "64"}, "pretrain.batch_size: expected int, got '64'"),
     ({"shift": {"max_shift": 0.75}}, "max_shift < 0.5"),
     ({"moco": {"bn_splits": 3}}, "bn_splits=3 must divide batch_size=64"),
     ({"moco": {"max_queue_fraction": 0}}, "moco.max_queue_fraction must be in"),
-    ({"views": {"crop_scale": [0.2]}}, "expected 2 values"),
+    ({"views": {"crop_scale": [0.2]}}, "pretrain.views.crop_scale: expected a list of 2 values"),
 ])
 def test_bad_params_name_the_key(raw: dict, message: str) -> None:
     with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)")):
@@ -102,3 +110,85 @@ def test_profiles_extend_the_base_params(tmp_path: Path) -> None:
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
     with pytest.raises(ValueError, match="'extends' forms a cycle"):
         load_params(tmp_path / "a.yaml")
+
+
+# ------------------------------------------------------------ every key checked, every error located
+@pytest.mark.parametrize(("text", "message"), [
+    ("pretrian:\n  common: {}\n", "pretrian: unknown key; did you mean 'pretrain'?"),
+    ("sede: 1\n", "sede: unknown key; did you mean 'seed'?"),
+    ("epochs: 3\n", "epochs: unknown key; did you mean 'pretrain.<method>.epochs'"),
+    ("probe:\n  icnet:\n    epoch: 3\n", "probe.icnet.epoch: unknown key; did you mean 'probe.icnet.epochs'?"),
+    ("pretrain:\n  clicv2:\n    clicv2:\n      mask_ration: 0.5\n",
+     "pretrain.clicv2.clicv2.mask_ration: unknown key; did you mean 'pretrain.clicv2.clicv2.mask_ratio'?"),
+    ("pretrain:\n  clicc: {}\n", "pretrain.clicc: unknown key; did you mean 'pretrain.clic'?"),
+    ("validate:\n  min_row: 3\n", "validate.min_row: unknown key; did you mean 'validate.min_rows'?"),
+    ("mlflow:\n  experiement: x\n", "mlflow.experiement: unknown key; did you mean 'mlflow.experiment'?"),
+    ("seed: zero\n", "seed: expected int, got 'zero'"),
+    ("data:\n  cache_size: big\n", "data.cache_size: expected int, got 'big'"),
+    ("mlflow:\n  register: 3\n", "mlflow.register: expected bool"),
+    ("pretrain:\n  data: 3\n", "pretrain.data: expected str or a list, got 3"),
+    ("pretrain:\n  common:\n    optim:\n      base_lr: fast\n",
+     "pretrain.common.optim.base_lr: expected float, got 'fast'"),
+])
+def test_params_files_refuse_unknown_keys_and_wrong_types(tmp_path: Path, text: str, message: str) -> None:
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(f"extends: {REPO / 'params.yaml'}\n" + text)
+    with pytest.raises(ValueError, match=re.escape(f"{profile}: {message}")):
+        load_params(profile)
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_an_empty_params_file_is_an_error(tmp_path: Path, text: str) -> None:
+    (tmp_path / "p.yaml").write_text(text)
+    with pytest.raises(ValueError, match="p.yaml: params file is empty"):
+        load_params(tmp_path / "p.yaml")
+
+
+@pytest.mark.parametrize(("overrides", "message"), [
+    (["pretrain.clicv2.epochs=0"], "pretrain.clicv2.epochs must be > 0, got 0"),
+    (["pretrain.common.batch_size=0"], "pretrain.common.batch_size must be > 0, got 0"),
+    (["pretrain.clic.rcm.aug_p=2"], "pretrain.clic.rcm.aug_p must be a probability in [0, 1], got 2"),
+    (["pretrain.clicv2.shift.max_shift=0.5"],
+     "pretrain.clicv2.shift.max_shift: need 0 <= min_shift <= max_shift < 0.5"),
+    (["pretrain.moco.optim.base_lr=-1"], "pretrain.moco.optim.base_lr must be > 0, got -1.0"),
+    (["probe.icnet.kernel=2"], "probe.icnet.kernel must be a positive odd number, got 2"),
+    (["data.synthetic.n_classes=9"], "data.synthetic.n_classes must be in [2, 6], got 9"),
+    (["validate.max_rows=5"], "validate.max_rows must be >= validate.min_rows (10), got 5"),
+])
+def test_value_errors_name_the_full_dotted_key_and_the_bounds(overrides: list[str], message: str) -> None:
+    params = load_params(REPO / "params.yaml", overrides)  # well-typed: refused where the section is built
+    with pytest.raises(ValueError, match=re.escape(message)):
+        for method in METHODS:
+            pretrain_config(params, method)
+        probe_config(params), data_config(params), validate_config(params)
+
+
+@pytest.mark.parametrize(("item", "message"), [
+    ("pretrain.clicv2.epoch=3", "pretrain.clicv2.epoch: unknown key; did you mean 'pretrain.clicv2.epochs'?"),
+    ("sede=1", "sede: unknown key; did you mean 'seed'?"),
+    ("seed=zero", "seed: expected int, got 'zero'"),
+    ("pretrain.clicv2.optim.base_lr=fast", "pretrain.clicv2.optim.base_lr: expected float, got 'fast'"),
+])
+def test_overrides_with_unknown_keys_or_wrong_types_are_refused(item: str, message: str) -> None:
+    with pytest.raises(ValueError, match=re.escape(f"--set {item!r}: {message}")):
+        load_params(REPO / "params.yaml", [item])
+
+
+def test_the_cli_reports_a_bad_key_in_one_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from clic.cli import main
+
+    assert main(["params", str(REPO / "params.yaml"), "--set", "pretrain.clicv2.epoch=3"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("clic: error: --set 'pretrain.clicv2.epoch=3'") and "Traceback" not in err
+    assert main(["params", str(REPO / "params.yaml"), "--set", "pretrain.clicv2.epochs=0"]) == 2
+    assert "pretrain.clicv2.epochs must be > 0, got 0" in capsys.readouterr().err
+
+
+def test_every_repo_params_file_passes_the_key_check() -> None:
+    for name in ("params.yaml", "params/gpu.yaml", "params/real-photos.yaml"):
+        params = load_params(REPO / name)
+        check_params(params)
+        assert validate_config(params).min_rows == 10 and mlflow_config(params).experiment == "clic"
+        assert set(params) <= {f.name for f in dataclasses.fields(ParamsFile)}
+    assert pretrain_config(load_params(REPO / "params.yaml", ["pretrain.clicv2.optim.base_lr=1e-3"]),
+                           "clicv2").optim.base_lr == 1e-3  # PyYAML reads 1e-3 as a string

@@ -62,7 +62,7 @@ def test_rcm_config_guards() -> None:
         RCMConfig(aug_p=1.5)
     with pytest.raises(ValueError, match="pretrain.clic.rcm.mode: expected one of pool, authors, got 'tiles'"):
         from_dict(PretrainConfig, {"method": "clic", "rcm": {"mode": "tiles"}}, "pretrain.clic")
-    with pytest.raises(ValueError, match="pretrain.clic.rcm.max_upscale: expected a number"):
+    with pytest.raises(ValueError, match="pretrain.clic.rcm.max_upscale: expected float, got 'big'"):
         from_dict(PretrainConfig, {"method": "clic", "rcm": {"max_upscale": "big"}}, "pretrain.clic")
     with pytest.raises(ValueError, match="authors mode needs grid >= 2"):
         RandomCropMix(64, grid=1, mode="authors")

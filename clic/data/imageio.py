@@ -56,6 +56,22 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: i
         raise ImageError(f"{path}: cannot decode image ({exc})") from exc
 
 
+def decode_opened(img: Image.Image, min_size: int | None = None) -> Image.Image:
+    """:func:`load_rgb`'s decoding for an image the caller opened or built: EXIF orientation
+    applied, any mode to 8-bit RGB (16-bit rescaled, transparency composited on white). An untouched
+    JPEG opened from a file is decoded from that file exactly as by path (reduced DCT scale for
+    ``min_size``), so a path and ``Image.open(path)`` give the same pixels; the caller's image
+    object is never modified."""
+    filename = getattr(img, "filename", "")
+    if min_size is not None and img.format == "JPEG" and getattr(img, "tile", None) and filename \
+            and Path(filename).is_file():
+        return load_rgb(filename, min_size=min_size)
+    try:
+        return to_rgb(ImageOps.exif_transpose(img))
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{filename or 'image'}: cannot decode image ({exc})") from exc
+
+
 def to_rgb(img: Image.Image) -> Image.Image:
     """Convert any Pillow mode to 8-bit RGB; alpha is composited on a white background."""
     mode = img.mode
