@@ -261,7 +261,7 @@ class PretrainConfig:
     checkpoint_every: int = 50  # optimiser steps; the end of every epoch is always saved
     sync_every: int = 20  # read losses from the device every N steps (no per-step host sync)
     compile: bool = False  # torch.compile the training model (CUDA: worth it for long runs)
-    threads: int = 0  # intra-op threads; 0: the cores left after the loader workers (at least 1)
+    threads: int = 0  # intra-op threads per training process; 0: the cores / processes per node
     nprocs: int = 1  # processes per node when the pipeline launches torchrun
     max_images: int = 0  # 0: all images of the pretraining split(s) or corpus
     splits: tuple[str, ...] = ("train",)

@@ -24,6 +24,8 @@ from torch.utils.data import DataLoader
 from clic.config import MocoConfig, PretrainConfig, to_dict
 from clic.data.corpus import CORPUS_DIR, corpus_records
 from clic.data.dataset import EpochBatches, ViewDataset
+from clic.data.shard_stream import ShardStream
+from clic.data.shards import ShardIndex, is_shard_index
 from clic.data.table import Record, read_table, resolve
 from clic.engine import checkpoint as ckpt
 from clic.engine import distributed as dist
@@ -70,13 +72,16 @@ def build_optimizer(model: nn.Module, cfg: PretrainConfig, lr: float) -> torch.o
 
 
 def intra_op_threads(cfg: PretrainConfig, nprocs: int = 1) -> int:
-    """Threads for the training process: ``cfg.threads``, else the cores this process may use
-    left over after the loader workers (each worker decodes on one core), shared by the
-    ``nprocs`` training processes of the node; at least one."""
+    """Threads for one training process: ``cfg.threads``, else the cores this process may use
+    shared by the node's ``nprocs`` training processes (two processes that each take every core
+    ran 5x slower here). The loader workers' cores are not subtracted: the views need 1/4 to 1/8
+    of the training time (``views_margin`` in bench/bench_pretrain.py), so workers idle most of
+    the time, and giving MoCo 1 thread of 2 beside 2 workers cost 38% (101 -> 63 img/s).
+    Set ``threads`` on nodes where the loader is the bottleneck."""
     if cfg.threads:
         return cfg.threads
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(nprocs, 1) - cfg.num_workers)
+    return max(1, cores // max(nprocs, 1))
 
 
 def backbone_of(model: nn.Module) -> ResNetBackbone | ViTBackbone:
@@ -119,22 +124,8 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
     random.seed(cfg.seed + rank)
     torch.manual_seed(cfg.seed + rank)
 
-    records = pretraining_records(cfg, data_dir, corpus_dir)
-    extra = None
-    if cfg.method == "clic" and cfg.rcm.pairing in ("extra", "both"):
-        extra = extra_mosaics(cfg.rcm, cfg.image_size)
-        missing = 0
-        if cfg.rcm.source_resolution:
-            missing = sum(not resolve(Path(data_dir), r.path).is_file() for r in records)
-        if missing and dist.is_main():
-            log.warning("rcm.source_resolution: %d of %d source images are not at their table path; their extra "
-                        "mosaics are cut from the resized cache", missing, len(records))
-    dataset = ViewDataset(records, data_dir, build_views(cfg), cfg.seed, extra, cfg.rcm.extra_per_image,
-                          decode_side=2 * cfg.image_size)
-    if cfg.method != "clicv2":
-        check_queue(cfg.moco, len(records))
-    batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, rank, world)
-    steps_per_epoch = batches.steps_per_epoch
+    loader, feed, n_images = build_loader(cfg, data_dir, corpus_dir, rank, world, pin_memory=dev.type == "cuda")
+    steps_per_epoch = feed.steps_per_epoch
 
     if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(intra_op_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
@@ -165,6 +156,10 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, start_step = int(state["epoch"]), int(state["step"])
+            if isinstance(feed, ShardStream) and start_step and state["config"].get("num_workers") != cfg.num_workers:
+                raise ValueError(f"{ckpt_path} stopped mid-epoch with num_workers={state['config'].get('num_workers')}"
+                                 f", now {cfg.num_workers}: the shard split follows the worker count, so resume with "
+                                 "the same num_workers (it may change at the next epoch)")
             ckpt.set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
             log.info("resuming from %s at epoch %d step %d", ckpt_path, start_epoch, start_step)
 
@@ -191,15 +186,9 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
         if (start_epoch, start_step) == (0, 0):  # a fresh start: no metrics of an earlier run
             (out / "metrics.jsonl").unlink(missing_ok=True)
         log.info("pretraining %s (%s, %d px) on %d images: %d epochs x %d steps, lr %.4g, %d process(es), %s",
-                 cfg.method, cfg.backbone, cfg.image_size, len(dataset), cfg.epochs, steps_per_epoch, lr, world, dev)
-    # workers persist across epochs (the sampler hands out (epoch, index) keys); the loader has its
-    # own generator so that iterating it never draws from the global RNG (exact resumption)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers,
-                        pin_memory=dev.type == "cuda", persistent_workers=cfg.num_workers > 0,
-                        prefetch_factor=4 if cfg.num_workers else None,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                 cfg.method, cfg.backbone, cfg.image_size, n_images, cfg.epochs, steps_per_epoch, lr, world, dev)
     for epoch in range(start_epoch, cfg.epochs):
-        batches.set_epoch(epoch, skip=start_step if epoch == start_epoch else 0)
+        feed.set_epoch(epoch, skip=start_step if epoch == start_epoch else 0)
         metrics = train_one_epoch(
             train_model, loader, optimizer, epoch, steps_per_epoch,
             start_step if epoch == start_epoch else 0,
@@ -222,6 +211,58 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
         ckpt.save_atomic(encoder_payload(model, cfg), encoder)
     dist.barrier()
     return encoder
+
+
+def build_loader(cfg: PretrainConfig, data_dir: str | Path, corpus_dir: str | Path, rank: int, world: int,
+                 pin_memory: bool) -> tuple[DataLoader, EpochBatches | ShardStream, int]:
+    """The training loader, what sets its epoch (``set_epoch(epoch, skip)``, ``steps_per_epoch``)
+    and the number of images: shards streamed when ``cfg.data`` names shard indexes, else the
+    records of a corpus or prepared dataset."""
+    prefetch = 4 if cfg.num_workers else None
+    if any(is_shard_index(entry) for entry in cfg.data):
+        stream = shard_stream(cfg, rank, world)
+        if cfg.method != "clicv2":
+            check_queue(cfg.moco, stream.index.total)
+        # workers start afresh each epoch and copy the stream's epoch and skip
+        return (DataLoader(stream, batch_size=cfg.batch_size, drop_last=True, num_workers=cfg.num_workers,
+                           pin_memory=pin_memory, prefetch_factor=prefetch), stream, stream.index.total)
+    records = pretraining_records(cfg, data_dir, corpus_dir)
+    extra = None
+    if cfg.method == "clic" and cfg.rcm.pairing in ("extra", "both"):
+        extra = extra_mosaics(cfg.rcm, cfg.image_size)
+        missing = 0
+        if cfg.rcm.source_resolution:
+            missing = sum(not resolve(Path(data_dir), r.path).is_file() for r in records)
+        if missing and dist.is_main():
+            log.warning("rcm.source_resolution: %d of %d source images are not at their table path; their extra "
+                        "mosaics are cut from the resized cache", missing, len(records))
+    dataset = ViewDataset(records, data_dir, build_views(cfg), cfg.seed, extra, cfg.rcm.extra_per_image,
+                          decode_side=2 * cfg.image_size)
+    if cfg.method != "clicv2":
+        check_queue(cfg.moco, len(records))
+    batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, rank, world)
+    # workers persist across epochs (the sampler hands out (epoch, index) keys); the loader has its
+    # own generator so that iterating it never draws from the global RNG (exact resumption)
+    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=pin_memory,
+                        persistent_workers=cfg.num_workers > 0, prefetch_factor=prefetch,
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    return loader, batches, len(dataset)
+
+
+def shard_stream(cfg: PretrainConfig, rank: int, world: int) -> ShardStream:
+    """The shard indexes of ``cfg.data`` streamed as this rank's part of each epoch."""
+    mixed = [f"pretrain.data[{i}]" for i, entry in enumerate(cfg.data) if not is_shard_index(entry)]
+    if mixed:
+        raise ValueError(f"{', '.join(mixed)}: not a shard index, and shard indexes cannot be mixed with folders, "
+                         "archives or prepared datasets; shard those too (clic data shard) and list every index")
+    if cfg.method == "clic" and cfg.rcm.pairing in ("extra", "both"):
+        raise ValueError(f"pretrain.clic.rcm.pairing={cfg.rcm.pairing}: extra mosaics need the image files; with "
+                         "shards (pretrain.data) use pairing 'key'")
+    if cfg.max_images:
+        raise ValueError(f"pretrain.max_images={cfg.max_images} does not apply to shards (pretrain.data); set it to "
+                         "0, or shard fewer images")
+    return ShardStream(ShardIndex.load(cfg.data), build_views(cfg), cfg.batch_size, cfg.seed, rank, world,
+                       decode_side=2 * cfg.image_size)
 
 
 def check_queue(cfg: MocoConfig, n_images: int) -> None:

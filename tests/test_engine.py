@@ -159,12 +159,12 @@ def test_non_finite_check_names_the_step_and_precedes_any_checkpoint() -> None:
     assert saved == [4]
 
 
-def test_intra_op_threads_leave_cores_to_the_loader() -> None:
+def test_intra_op_threads_share_the_cores_between_training_processes() -> None:
     cores = len(os.sched_getaffinity(0))
-    assert intra_op_threads(_cfg("moco", num_workers=1)) == max(1, cores - 1)
+    assert intra_op_threads(_cfg("moco", num_workers=1)) == cores
     assert intra_op_threads(_cfg("moco", num_workers=1, threads=3)) == 3
-    assert intra_op_threads(_cfg("moco", num_workers=cores + 4)) == 1
     assert intra_op_threads(_cfg("moco", num_workers=0), nprocs=2) == max(1, cores // 2)
+    assert intra_op_threads(_cfg("moco", num_workers=0), nprocs=4 * cores) == 1
 
 
 def test_changed_config_sets_the_old_checkpoint_aside(tiny_prepared: Path, tmp_path: Path) -> None:
