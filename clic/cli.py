@@ -2,6 +2,7 @@
 
     clic data prepare [--params params.yaml] [--set key=value ...]
     clic data corpus [--params params.yaml] [--data DIR]     (list and hash pretrain.data; exit 1 on leaks)
+    clic data shard --out DIR [--per-shard N] [ENTRY ...]    (write pretrain.data or ENTRYs as tar shards)
     clic pretrain --method {moco,clic,clicv2} --out DIR [--data DIR] [--set key=value ...]
     clic embed --model CHECKPOINT --out FEATURES.npz IMAGE_OR_FOLDER...
     clic probe --model ENCODER --out DIR [--data DIR]       (also --baseline random|handcrafted)
@@ -61,6 +62,19 @@ def parser() -> argparse.ArgumentParser:
                       "(default: data.out_dir; skipped when it is not prepared)")
     corp.add_argument("--workers", type=int, default=0, help="hashing processes (default: CPUs, at most 8)")
     corp.add_argument("--work-dir", default="", help="extracted archives and the hash index (default: data/corpus)")
+    shd = data_sub.add_parser("shard", help="write a pretraining corpus as tar shards with an index "
+                              "(resumable: a re-run completes a killed one)")
+    _common(shd)
+    shd.add_argument("--out", required=True, help="shard folder (index.shards.json, shard-NNNNNN.tar)")
+    shd.add_argument("--per-shard", type=int, default=1000, help="images per shard (default: 1000)")
+    shd.add_argument("--side", type=int, default=0, help="downsize images to this short side (default: keep)")
+    shd.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default: 90)")
+    shd.add_argument("--workers", type=int, default=0, help="encoding processes (default: all CPUs)")
+    shd.add_argument("--work-dir", default="", help="extracted archives (default: data/corpus)")
+    shd.add_argument("--force", action="store_true", help="delete shards of a different listing in --out")
+    shd.add_argument("--no-progress", action="store_true")
+    shd.add_argument("entries", nargs="*", metavar="ENTRY",
+                     help="image folders, archives or prepared datasets (default: pretrain.data)")
 
     pre = sub.add_parser("pretrain", help="self-supervised pretraining (resumes from DIR/checkpoint.pt)")
     _common(pre)
@@ -127,6 +141,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.command == "data" and args.data_command == "corpus":
             return _corpus(args)
+        if args.command == "data" and args.data_command == "shard":
+            return _shard(args)
         if args.command == "data":
             from clic.data.prepare import prepare, prepare_transfer
 
@@ -217,6 +233,26 @@ def _corpus(args: argparse.Namespace) -> int:
     if len(found) > 20:
         print(f"  ... and {len(found) - 20} more")
     return 1 if found else 0
+
+
+def _shard(args: argparse.Namespace) -> int:
+    from pathlib import Path
+
+    from clic.data.corpus import CORPUS_DIR, corpus_records
+    from clic.data.shards import write_shards
+
+    params = load_params(args.params, args.overrides)
+    entries = args.entries or list(pretrain_config(params, METHODS[0]).data)
+    if not entries:
+        raise ValueError("nothing to shard: name image folders, archives or prepared datasets, or set pretrain.data")
+    dcfg = data_config(params)
+    records = corpus_records(entries, Path(args.work_dir or CORPUS_DIR), dcfg.max_archive_bytes,
+                             dcfg.max_member_bytes, dcfg.max_archive_ratio)
+    summary = write_shards(records, args.out, args.per_shard, args.side, args.quality, int(params.get("seed", 0)),
+                           args.workers or None, dcfg.max_pixels, args.force, not args.no_progress)
+    print(f"{summary.images} images in {summary.shards} shards ({summary.written} written now, "
+          f"{summary.unreadable} unreadable skipped) -> {summary.index}")
+    return 0
 
 
 def _probe(args: argparse.Namespace) -> None:

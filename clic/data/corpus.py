@@ -30,6 +30,7 @@ from tqdm import tqdm
 from clic import atomic
 from clic.data.archive import ARCHIVE_SUFFIXES, MAX_RATIO, is_archive, safe_extract
 from clic.data.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageError, content_hash, is_image_file, load_rgb
+from clic.data.shards import is_shard_index, shard_records
 from clic.data.table import Record, read_table, resolve
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ def corpus_records(paths: Sequence[str | Path], work_dir: str | Path = CORPUS_DI
 
     Names are ``<entry>/<path inside the entry>`` with ``<entry>`` the entry's folder or archive
     name (``~i`` appended when two entries share one), so they are unique across entries.
+    A shard index (:mod:`clic.data.shards`) lists its images as ``shards<i>/<name>``, their pixel hashes known.
     ``category`` is the first folder inside the entry (the source, for per-source counts).
     Relative entries are relative to the working directory; a missing entry is a ``ValueError``
     naming ``pretrain.data[i]``. Archives are extracted under the ``data.max_*`` limits.
@@ -54,6 +56,9 @@ def corpus_records(paths: Sequence[str | Path], work_dir: str | Path = CORPUS_DI
     labels: set[str] = set()
     out: list[Record] = []
     for i, entry in enumerate(paths):
+        if is_shard_index(entry):  # written by clic data shard: listed with hashes from its summaries
+            out.extend(shard_records(entry, f"shards{i}"))
+            continue
         path = Path(entry)
         if not path.exists():
             raise ValueError(f"pretrain.data[{i}]: {entry} does not exist (relative to {Path.cwd()})")

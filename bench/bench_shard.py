@@ -1,0 +1,93 @@
+"""Preparing a large corpus: ``clic data shard`` throughput and memory; prints JSON (a script, not a test).
+
+Generates ``--n`` small synthetic JPEGs (default 100,000) in folders of 1,000 (an ImageNet-like
+layout), lists them (:func:`clic.data.corpus.corpus_records`) and writes them as shards
+(:func:`clic.data.shards.write_shards`, every core). Reports images/s (overall and per core) and
+peak RSS of this process and of the largest worker (``ru_maxrss``), so memory growth with ``n``
+shows by running two sizes. ``--resume`` then deletes the second half of the shards (as a kill
+would leave them) and times the re-run that completes them.
+
+    python bench/bench_shard.py [--n 100000] [--size 96x72] [--side 0] [--per-shard 1000] [--workers 0] [--resume]
+
+``--size 500x375`` gives ImageNet-sized files (decode-bound rather than overhead-bound).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from clic.data.corpus import corpus_records
+from clic.data.shards import INDEX_NAME, write_shards
+
+
+def make_jpegs(root: Path, n: int, size: tuple[int, int] = (96, 72)) -> None:
+    """``n`` distinct JPEGs of ``size`` (a gradient plus noise, so each decodes differently)."""
+    rng = np.random.default_rng(0)
+    w, h = size
+    ramp = np.linspace(0, 180, w, dtype=np.float32)[None, :, None]
+    for i in range(n):
+        folder = root / f"{i // 1000:04d}"
+        if i % 1000 == 0:
+            folder.mkdir(parents=True)
+        noise = rng.integers(0, 64, (h, w, 3), dtype=np.uint8)
+        arr = (ramp + noise + (i % 7) * 4).clip(0, 255).astype(np.uint8)
+        Image.fromarray(arr).save(folder / f"{i:07d}.jpg", quality=90)
+
+
+def peak_rss_mb() -> dict[str, float]:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest reaped child
+    return {"peak_rss_main_mb": round(own, 1), "peak_rss_largest_worker_mb": round(children, 1)}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, default=100_000)
+    ap.add_argument("--size", default="96x72", help="WIDTHxHEIGHT of the generated JPEGs")
+    ap.add_argument("--per-shard", type=int, default=1000)
+    ap.add_argument("--side", type=int, default=0)
+    ap.add_argument("--workers", type=int, default=0, help="default: every core this process may use")
+    ap.add_argument("--resume", action="store_true", help="also time completing a run killed half-way")
+    args = ap.parse_args()
+    workers = args.workers or len(os.sched_getaffinity(0))
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp) / "src", Path(tmp) / "shards"
+        start = time.perf_counter()
+        w, h = (int(x) for x in args.size.split("x"))
+        make_jpegs(src, args.n, (w, h))
+        generated = time.perf_counter() - start
+        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+        start = time.perf_counter()
+        records = corpus_records([src])
+        listed = time.perf_counter() - start
+        start = time.perf_counter()
+        summary = write_shards(records, out, args.per_shard, args.side, workers=workers, progress=False)
+        seconds = time.perf_counter() - start
+        report = {"n": args.n, "size": args.size, "workers": workers, "per_shard": args.per_shard, "side": args.side,
+                  "generate_seconds": round(generated, 1), "list_seconds": round(listed, 2),
+                  "shard_seconds": round(seconds, 2), "images_per_s": round(args.n / seconds, 1),
+                  "images_per_s_per_core": round(args.n / seconds / workers, 1),
+                  "shards": summary.shards, "shard_bytes_mb": round(sum(p.stat().st_size for p in
+                                                                        out.glob("*.tar")) / 2**20, 1),
+                  "rss_before_listing_mb": round(rss_before, 1), **peak_rss_mb()}
+        if args.resume:
+            for p in sorted(out.glob("shard-*.tar"))[summary.shards // 2:]:
+                p.unlink()
+            (out / INDEX_NAME).unlink()
+            start = time.perf_counter()
+            again = write_shards(records, out, args.per_shard, args.side, workers=workers, progress=False)
+            report.update(resume_seconds=round(time.perf_counter() - start, 2), resume_written=again.written)
+        print(json.dumps(report, indent=1))
+
+
+if __name__ == "__main__":
+    main()

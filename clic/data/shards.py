@@ -1,0 +1,425 @@
+"""A pretraining corpus as tar shards, for corpora beyond one disk (``clic data shard``).
+
+Format (webdataset-compatible): ``shard-NNNNNN.tar`` files whose members come in pairs
+``<key>.jpg`` (the image, JPEG) and ``<key>.json`` (``name``, ``source``, ``sha256`` of the decoded
+source pixels as in the prepared table, ``width``, ``height`` of the source), ``per_shard`` pairs per
+shard (fewer in the last one, or where a source image was unreadable); keys are the image's position
+in the written order, zero-padded. ``index.shards.json`` lists the shards with their counts:
+
+    {"format": "clic-shards", "version": 1, "total": N, "shards": [{"url": "shard-000000.tar", "count": n}, ...]}
+
+Shard URLs are relative to the index (or absolute: paths, ``http(s)://``, any ``fsspec`` URL such as
+``s3://`` with its package installed, or ``pipe:COMMAND`` whose standard output is the tar stream).
+
+Writing is parallel over all cores (decode, hash, optional resize and encode in worker processes,
+in bounded chunks, so memory stays flat in the number of images: only the listing is held, a
+path per image), shows a progress bar with ETA, and survives a kill: each shard is written to a
+temporary file and renamed when complete, so a re-run skips the complete shards and rewrites
+the rest byte for byte as an uninterrupted run would have (the images are dealt into shards in
+a seeded permutation of the sorted listing, so a shard mixes every source folder).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import hashlib
+import io
+import json
+import logging
+import os
+import random
+import subprocess
+import tarfile
+import urllib.parse
+import urllib.request
+from collections import deque
+from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ProcessPoolExecutor
+from pathlib import Path
+from typing import IO, Any
+
+from filelock import FileLock, Timeout
+from PIL import Image
+from tqdm import tqdm
+
+from clic.data.imageio import DEFAULT_MAX_PIXELS, ImageError, content_hash, load_rgb, resize_short
+from clic.data.table import Record
+
+log = logging.getLogger(__name__)
+
+INDEX_NAME = "index.shards.json"
+INDEX_SUFFIX = ".shards.json"
+PLAN_NAME = "plan.json"
+FORMAT, VERSION = "clic-shards", 1
+CHUNK = 32  # images per worker task
+
+
+# ------------------------------------------------------------------------------------ reading
+def is_url(entry: str) -> bool:
+    return entry.startswith("pipe:") or "://" in entry
+
+
+def is_shard_index(entry: str | Path) -> bool:
+    """``entry`` names a shard index: a ``*.shards.json`` file or URL, or a folder holding one."""
+    text = str(entry)
+    if text.endswith(INDEX_SUFFIX):
+        return True
+    return not is_url(text) and (Path(text) / INDEX_NAME).is_file()
+
+
+def index_location(entry: str | Path) -> str:
+    text = str(entry)
+    return text if text.endswith(INDEX_SUFFIX) else str(Path(text) / INDEX_NAME)
+
+
+@contextlib.contextmanager
+def open_url(url: str) -> Iterator[IO[bytes]]:
+    """A readable binary stream of a local path, ``file://``, ``http(s)://``, ``pipe:COMMAND``
+    (webdataset's convention, e.g. ``pipe:aws s3 cp s3://bucket/shard-000000.tar -``) or any other
+    ``scheme://`` URL through fsspec (``s3://`` needs ``s3fs``, ``gs://`` needs ``gcsfs``)."""
+    if url.startswith("pipe:"):
+        proc = subprocess.Popen(url[5:], shell=True, stdout=subprocess.PIPE)  # noqa: S602 (the user's command)
+        assert proc.stdout is not None
+        try:
+            yield proc.stdout
+        finally:
+            proc.stdout.close()
+            if proc.wait() not in (0, -13):  # -13: SIGPIPE when we stopped reading early
+                raise OSError(f"{url}: command exited with status {proc.returncode}")
+    elif url.startswith(("http://", "https://")):
+        with urllib.request.urlopen(url, timeout=120) as fh:  # noqa: S310 (http(s) only)
+            yield fh
+    elif url.startswith("file://"):
+        with open(urllib.parse.urlparse(url).path, "rb") as fh:
+            yield fh
+    elif "://" in url:
+        try:
+            import fsspec  # a torch dependency; the protocol's own package (s3fs, gcsfs) is the user's
+        except ImportError as exc:
+            raise OSError(f"{url}: reading this URL needs fsspec (pip install fsspec and its protocol package)") \
+                from exc
+        with fsspec.open(url, "rb") as fh:
+            yield fh
+    else:
+        with open(url, "rb") as fh:
+            yield fh
+
+
+def join_url(base: str, rel: str) -> str:
+    """``rel`` (a shard URL from an index) relative to the index at ``base``."""
+    if is_url(rel) or os.path.isabs(rel):
+        return rel
+    if is_url(base):
+        return base.rsplit("/", 1)[0] + "/" + rel
+    return str(Path(base).parent / rel)
+
+
+@dataclasses.dataclass(frozen=True)
+class ShardIndex:
+    """Shards (absolute URLs) and their sample counts, in index order (one or several indexes
+    concatenated); ``offsets[i]``: the id of shard i's first sample (ids run 0..total-1)."""
+
+    urls: tuple[str, ...]
+    counts: tuple[int, ...]
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts)
+
+    @property
+    def offsets(self) -> tuple[int, ...]:
+        out, at = [], 0
+        for c in self.counts:
+            out.append(at)
+            at += c
+        return tuple(out)
+
+    @classmethod
+    def load(cls, entries: Sequence[str | Path]) -> ShardIndex:
+        """Read and validate the indexes ``entries`` (files, folders or URLs), concatenated."""
+        urls: list[str] = []
+        counts: list[int] = []
+        for entry in entries:
+            where = index_location(entry)
+            try:
+                with open_url(where) as fh:
+                    raw = json.loads(fh.read())
+            except (OSError, ValueError) as exc:
+                raise ValueError(f"{where}: cannot read the shard index ({exc})") from exc
+            if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("shards"), list):
+                raise ValueError(f"{where}: not a shard index (expected a JSON object with format {FORMAT!r} "
+                                 "and a 'shards' list, as written by clic data shard)")
+            for i, shard in enumerate(raw["shards"]):
+                if (not isinstance(shard, dict) or not isinstance(shard.get("url"), str)
+                        or not isinstance(shard.get("count"), int) or shard["count"] < 0):
+                    raise ValueError(f"{where}: shards[{i}] must be {{'url': str, 'count': int >= 0}}, got {shard!r}")
+                urls.append(join_url(where, shard["url"]))
+                counts.append(shard["count"])
+        index = cls(tuple(urls), tuple(counts))
+        if index.total == 0:
+            raise ValueError(f"{', '.join(map(str, entries))}: the shard index lists no images")
+        return index
+
+
+def summary_url(shard_url: str) -> str:
+    """The per-shard summary (``shard-NNNNNN.json``) next to a shard (``.tar``), also in a pipe command."""
+    head, sep, tail = shard_url.rpartition(".tar")
+    if not sep:
+        raise ValueError(f"{shard_url}: a shard URL must name a .tar file")
+    return f"{head}.json{tail}"
+
+
+def shard_records(entry: str | Path, label: str) -> list[Record]:
+    """The images of a shard index as unlabelled records, with their source pixel hashes, read
+    from the small per-shard summaries (the shards themselves are not read): the leak check of
+    :mod:`clic.data.corpus` works on a sharded corpus. ``path`` is ``<shard URL>#<key>``."""
+    index = ShardIndex.load([entry])
+    out = []
+    for url in index.urls:
+        where = summary_url(url)
+        try:
+            with open_url(where) as fh:
+                samples = json.loads(fh.read())["samples"]
+            out += [Record(f"{label}/{name}", f"{url}#{key}", None, "unlabeled", source, int(w), int(h), digest)
+                    for key, name, source, digest, w, h in samples]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{where}: cannot read the shard summary ({exc}); rewrite the shards with "
+                             "clic data shard") from exc
+    return out
+
+
+def iter_shard(url: str) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    """``(key, jpeg bytes, metadata)`` of each sample of one shard, streamed in member order."""
+    with open_url(url) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
+        key, image, meta = "", b"", None
+        for member in tar:
+            if not member.isfile():
+                continue
+            stem, _, ext = member.name.rpartition(".")
+            data = tar.extractfile(member)
+            payload = data.read() if data is not None else b""
+            if stem != key:
+                key, image, meta = stem, b"", None
+            if ext == "jpg":
+                image = payload
+            elif ext == "json":
+                meta = json.loads(payload)
+            if image and meta is not None:
+                yield key, image, meta
+                key, image, meta = "", b"", None
+
+
+# ------------------------------------------------------------------------------------ writing
+@dataclasses.dataclass(frozen=True)
+class ShardSummary:
+    """What :func:`write_shards` did: ``images`` in ``shards``; ``written`` shards now (the
+    others were complete already); ``unreadable`` source images skipped."""
+
+    index: Path
+    images: int
+    shards: int
+    written: int
+    unreadable: int
+
+
+def _encode(job: tuple[list[tuple[str, str, str]], int, int, int]) -> list[tuple[str, str, bytes, str, int, int]]:
+    """Worker: ``(name, source, jpeg bytes, sha256 or error, width, height)`` per image."""
+    items, side, quality, max_pixels = job
+    out = []
+    for name, path, source in items:
+        try:
+            img = load_rgb(path, max_pixels)
+            digest, (w, h) = content_hash(img), img.size
+            if side and min(w, h) > side:
+                img = resize_short(img, side)
+            elif _is_plain_jpeg(path):  # stored as is: no second lossy encoding
+                out.append((name, source, Path(path).read_bytes(), digest, w, h))
+                continue
+            buf = io.BytesIO()
+            img.save(buf, format="JPEG", quality=quality)
+            out.append((name, source, buf.getvalue(), digest, w, h))
+        except (ImageError, OSError) as exc:
+            out.append((name, source, b"", str(exc), 0, 0))
+    return out
+
+
+def _is_plain_jpeg(path: str) -> bool:
+    """A baseline-decodable RGB JPEG without an EXIF rotation (its bytes decode to what load_rgb gives)."""
+    with Image.open(path) as img:
+        return img.format == "JPEG" and img.mode == "RGB" and img.getexif().get(0x0112, 1) == 1
+
+
+def _add(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mtime, info.mode = len(data), 0, 0o644  # fixed metadata: identical bytes on a re-run
+    tar.addfile(info, io.BytesIO(data))
+
+
+def shard_plan(records: Sequence[Record], per_shard: int, seed: int) -> list[tuple[str, str, str]]:
+    """``(name, path, source)`` in the written order: a seeded permutation of the listing."""
+    items = [(r.name, r.path, r.category) for r in records]
+    random.Random(seed).shuffle(items)
+    return items
+
+
+def write_shards(records: Sequence[Record], out: str | Path, per_shard: int = 1000, side: int = 0,
+                 quality: int = 90, seed: int = 0, workers: int | None = None,
+                 max_pixels: int = DEFAULT_MAX_PIXELS, force: bool = False, progress: bool = True) -> ShardSummary:
+    """Write ``records`` (from :func:`clic.data.corpus.corpus_records`) as shards into ``out``.
+
+    ``side``: images with a longer short side are downsized to it (0: keep; JPEGs are then stored
+    byte for byte, other formats encoded at ``quality``). A folder holding shards of a different
+    listing or settings is refused unless ``force`` (which deletes its shards first).
+    """
+    if per_shard < 1:
+        raise ValueError(f"per_shard must be >= 1, got {per_shard}")
+    if not 1 <= quality <= 100:
+        raise ValueError(f"quality must be in [1, 100], got {quality}")
+    out = Path(out)
+    items = shard_plan(records, per_shard, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(out / ".writer.lock")  # one writer per folder (an OS lock, freed if the writer dies)
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log.info("waiting for another process writing shards into %s", out)
+        lock.acquire()
+    try:
+        return _write(items, out, per_shard, side, quality, seed, workers, max_pixels, force, progress)
+    finally:
+        lock.release()
+
+
+def _write(items: list[tuple[str, str, str]], out: Path, per_shard: int, side: int, quality: int, seed: int,
+           workers: int | None, max_pixels: int, force: bool, progress: bool) -> ShardSummary:
+    n_shards = -(-len(items) // per_shard)
+    plan = _plan_signature(items, per_shard, side, quality, seed)
+    _claim(out, plan, force)
+    done = {i for i in range(n_shards) if (out / _shard_name(i)).is_file()}
+    todo = [i for i in range(n_shards) if i not in done]
+    log.info("sharding %d images into %d shards of %d in %s (%d complete already)", len(items), n_shards,
+             per_shard, out, len(done))
+    workers = workers or len(os.sched_getaffinity(0))
+    remaining = sum(len(items[i * per_shard:(i + 1) * per_shard]) for i in todo)
+    with ProcessPoolExecutor(workers) as pool, tqdm(total=len(items), initial=len(items) - remaining,
+                                                    desc="shard", unit="img", disable=None if progress else True,
+                                                    smoothing=0.05) as bar:
+        pending: deque[tuple[int, bool, Future]] = deque()  # (shard, last chunk of it, result)
+        writer: _ShardWriter | None = None
+        for shard, last, future in _bounded(_chunks(items, todo, per_shard), pending, pool, side, quality,
+                                            max_pixels, 4 * workers):
+            if writer is None:
+                writer = _ShardWriter(out, shard, per_shard)
+            for name, source, data, digest, w, h in future.result():
+                writer.add(name, source, data, digest, w, h)
+                bar.update()
+            if last:
+                writer.close()
+                writer = None
+    shards, skipped = [], []
+    for i in range(n_shards):
+        summary = json.loads((out / _meta_name(i)).read_text())
+        shards.append({"url": _shard_name(i), "count": summary["count"]})
+        skipped += summary["unreadable"]
+    unreadable = len(skipped)
+    index = {"format": FORMAT, "version": VERSION, "total": sum(s["count"] for s in shards), "per_shard": per_shard,
+             "side": side, "seed": seed, "unreadable": unreadable, "shards": shards}
+    _write_atomic(out / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+    for name, err in skipped[:20]:
+        log.warning("unreadable corpus image %s skipped: %s", name, err)
+    return ShardSummary(out / INDEX_NAME, index["total"], n_shards, len(todo), unreadable)
+
+
+def _chunks(items: Sequence[tuple[str, str, str]], shards: Sequence[int],
+            per_shard: int) -> Iterator[tuple[int, bool, list[tuple[str, str, str]]]]:
+    """``(shard, last chunk of the shard, items)`` for each chunk of ``CHUNK`` images of ``shards``."""
+    for i in shards:
+        members = items[i * per_shard:(i + 1) * per_shard]
+        for s in range(0, len(members), CHUNK):
+            yield i, s + CHUNK >= len(members), list(members[s:s + CHUNK])
+
+
+def _bounded(jobs: Iterator[tuple[int, bool, list]], pending: deque, pool: ProcessPoolExecutor, side: int,
+             quality: int, max_pixels: int, limit: int) -> Iterator[tuple[int, bool, Future]]:
+    """Submit ``jobs`` keeping at most ``limit`` in flight; yield them in order as they finish
+    (flat memory: the results of at most ``limit`` chunks exist at once)."""
+    for shard, last, chunk in jobs:
+        pending.append((shard, last, pool.submit(_encode, (chunk, side, quality, max_pixels))))
+        if len(pending) >= limit:
+            yield pending.popleft()
+    while pending:
+        yield pending.popleft()
+
+
+class _ShardWriter:
+    """One shard being written to a temporary file; :meth:`close` publishes it atomically
+    (its ``.json`` summary first, then the ``.tar``: a shard is complete when its tar exists)."""
+
+    def __init__(self, out: Path, shard: int, per_shard: int) -> None:
+        self.out, self.shard, self.per_shard = out, shard, per_shard
+        self.tmp = out / f".{_shard_name(shard)}.{os.getpid()}.tmp"
+        self.tar = tarfile.open(self.tmp, "w", format=tarfile.USTAR_FORMAT)  # noqa: SIM115 (see close)
+        self.seen, self.count = 0, 0
+        self.unreadable: list[tuple[str, str]] = []
+        self.samples: list[list] = []  # the members' metadata, readable without the shard
+
+    def add(self, name: str, source: str, data: bytes, digest: str, w: int, h: int) -> None:
+        key = f"{self.shard * self.per_shard + self.seen:09d}"
+        self.seen += 1
+        if not data:
+            self.unreadable.append((name, digest))
+            return
+        meta = {"name": name, "source": source, "sha256": digest, "width": w, "height": h}
+        _add(self.tar, f"{key}.jpg", data)
+        _add(self.tar, f"{key}.json", json.dumps(meta, sort_keys=True).encode())
+        self.samples.append([key, name, source, digest, w, h])
+        self.count += 1
+
+    def close(self) -> None:
+        self.tar.close()
+        with open(self.tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        summary = {"count": self.count, "unreadable": self.unreadable, "samples": self.samples}
+        _write_atomic(self.out / _meta_name(self.shard), json.dumps(summary) + "\n")
+        os.replace(self.tmp, self.out / _shard_name(self.shard))
+
+
+def _shard_name(i: int) -> str:
+    return f"shard-{i:06d}.tar"
+
+
+def _meta_name(i: int) -> str:
+    return f"shard-{i:06d}.json"
+
+
+def _plan_signature(items: Sequence[tuple[str, str, str]], per_shard: int, side: int, quality: int,
+                    seed: int) -> str:
+    digest = hashlib.sha256(f"{FORMAT}:{VERSION}:{per_shard}:{side}:{quality}:{seed}\n".encode())
+    for name, path, source in items:
+        digest.update(f"{name}\t{path}\t{source}\n".encode())
+    return digest.hexdigest()
+
+
+def _claim(out: Path, plan: str, force: bool) -> None:
+    """Make ``out`` the home of ``plan``'s shards: refuse another plan's shards (unless ``force``),
+    drop temporary files of killed runs."""
+    plan_file = out / PLAN_NAME
+    if plan_file.is_file() and json.loads(plan_file.read_text()).get("plan") != plan:
+        if not force:
+            raise ValueError(f"{out} holds shards of a different listing or settings ({plan_file}); "
+                             "use a new folder, or --force to delete them and start over")
+        for p in out.glob("shard-*"):
+            p.unlink()
+        (out / INDEX_NAME).unlink(missing_ok=True)
+    out.mkdir(parents=True, exist_ok=True)
+    for tmp in out.glob(".shard-*.tmp"):  # a killed run's unfinished shard
+        tmp.unlink()
+    if not plan_file.is_file() or json.loads(plan_file.read_text()).get("plan") != plan:
+        _write_atomic(plan_file, json.dumps({"plan": plan}) + "\n")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)

@@ -1,0 +1,251 @@
+"""Sharded corpora: the writer (parallel, resumable, webdataset layout) and the streaming reader
+(deterministic per epoch, resumable at a step, split across ranks and workers without duplicates)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import socket
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torch.utils.data import DataLoader
+
+from clic.config import PretrainConfig, from_dict
+from clic.data.corpus import corpus_records
+from clic.data.imageio import content_hash, load_rgb
+from clic.data.shard_stream import ShardStream
+from clic.data.shards import INDEX_NAME, ShardIndex, is_shard_index, iter_shard, write_shards
+from clic.engine import checkpoint as ckpt
+from clic.pretrain import run
+
+from .conftest import tiny_overrides
+
+N_JPEG, N_PNG = 46, 2  # 48 readable images (+1 unreadable), 7 per shard -> 7 shards
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Two source folders of tiny images, one PNG per folder and one broken file."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = np.random.default_rng(0)
+    for i in range(N_JPEG + N_PNG):
+        folder = root / ("a" if i % 2 else "b")
+        folder.mkdir(exist_ok=True)
+        arr = rng.integers(0, 256, (20 + i % 5, 24, 3), dtype=np.uint8)
+        Image.fromarray(arr).save(folder / (f"{i:03d}.png" if i < N_PNG else f"{i:03d}.jpg"))
+    (root / "a" / "broken.jpg").write_bytes(b"\xff\xd8 not a jpeg")
+    return root
+
+
+@pytest.fixture(scope="module")
+def shards(corpus: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("shards")
+    write_shards(corpus_records([corpus]), out, per_shard=7, seed=5, workers=2, progress=False)
+    return out
+
+
+def _sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_writer_layout_contents_and_mixing(corpus: Path, shards: Path) -> None:
+    index = json.loads((shards / INDEX_NAME).read_text())
+    assert index["format"] == "clic-shards" and index["total"] == N_JPEG + N_PNG and index["unreadable"] == 1
+    assert [s["url"] for s in index["shards"]] == [f"shard-{i:06d}.tar" for i in range(7)]
+    assert sum(s["count"] for s in index["shards"]) == 48 and is_shard_index(shards)
+    with tarfile.open(shards / "shard-000000.tar") as tar:
+        names = tar.getnames()
+    assert names[:2] == ["000000000.jpg", "000000000.json"] and all(n.endswith((".jpg", ".json")) for n in names)
+    seen = {}
+    for url in ShardIndex.load([shards]).urls:
+        for _, data, meta in iter_shard(url):
+            seen[meta["name"]] = (data, meta)
+    assert len(seen) == 48 and not any(n.endswith("broken.jpg") for n in seen)
+    for name, (data, meta) in seen.items():
+        src = corpus / name.split("/", 1)[1]
+        assert meta["sha256"] == content_hash(load_rgb(src))  # the leak check's hash of the source pixels
+        assert (meta["width"], meta["height"]) == load_rgb(src).size and meta["source"] == src.parent.name
+        if src.suffix == ".jpg":
+            assert data == src.read_bytes()  # JPEGs stored byte for byte
+        else:
+            assert data[:2] == b"\xff\xd8"  # PNGs re-encoded as JPEG
+    first = [m["source"] for _, _, m in iter_shard(str(shards / "shard-000000.tar"))]
+    assert set(first) == {"a", "b"}  # a seeded permutation mixes the source folders
+
+
+def test_killed_run_resumes_with_identical_shards(corpus: Path, shards: Path, tmp_path: Path) -> None:
+    out = tmp_path / "shards"
+    write_shards(corpus_records([corpus]), out, per_shard=7, seed=5, workers=2, progress=False)
+    before = {p.name: _sha(p) for p in out.glob("shard-*")}
+    assert before == {p.name: _sha(p) for p in shards.glob("shard-*")}  # deterministic bytes
+    # a kill during shard 4: shards 4-6 unpublished, a half-written temp file, no index
+    for i in (4, 5, 6):
+        (out / f"shard-{i:06d}.tar").unlink()
+    (out / f".shard-{4:06d}.tar.999.tmp").write_bytes(b"half")
+    (out / INDEX_NAME).unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-00000[0-3].tar")}
+    summary = write_shards(corpus_records([corpus]), out, per_shard=7, seed=5, workers=2, progress=False)
+    assert (summary.written, summary.shards, summary.images, summary.unreadable) == (3, 7, 48, 1)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-00000[0-3].tar")} == kept  # not rewritten
+    assert {p.name: _sha(p) for p in out.glob("shard-*")} == before
+    assert not list(out.glob(".*tmp")) and json.loads((out / INDEX_NAME).read_text())["total"] == 48
+
+
+def test_another_listing_is_refused_unless_forced(corpus: Path, shards: Path) -> None:
+    with pytest.raises(ValueError, match="different listing or settings"):
+        write_shards(corpus_records([corpus]), shards, per_shard=5, seed=5, workers=1, progress=False)
+
+
+def test_bad_index_names_the_file(tmp_path: Path, shards: Path) -> None:
+    bad = tmp_path / "x.shards.json"
+    bad.write_text('{"shards": []}')
+    with pytest.raises(ValueError, match=r"x.shards.json: not a shard index"):
+        ShardIndex.load([bad])
+    index = json.loads((shards / INDEX_NAME).read_text())
+    index["shards"][0]["count"] = 9  # the index promises more than the shard holds
+    lying = tmp_path / "lying.shards.json"
+    lying.write_text(json.dumps({**index, "shards": [{**s, "url": str(shards / s["url"])} for s in index["shards"]]}))
+    stream = ShardStream(ShardIndex.load([lying]), _ident, batch_size=50)
+    with pytest.raises(ValueError, match=r"shard-000000.tar: holds 7 samples, its index says 9"):
+        list(stream.samples())
+
+
+def _ident(img: Image.Image) -> dict:
+    return {"size": torch.tensor(img.size)}
+
+
+def _ids(stream: ShardStream, workers: int) -> list[int]:
+    loader = DataLoader(stream, batch_size=stream.batch_size, num_workers=workers, drop_last=True)
+    return [i for batch in loader for i in batch["index"].tolist()]
+
+
+@pytest.mark.parametrize("batch_size", [4, 8])  # 3 batches per worker, and 2 + 1
+def test_two_ranks_two_workers_see_every_sample_once(shards: Path, batch_size: int) -> None:
+    index = ShardIndex.load([shards])
+    for epoch in (0, 1):
+        seen = []
+        for rank in (0, 1):
+            stream = ShardStream(index, _ident, batch_size, seed=1, rank=rank, world=2, shuffle_buffer=5)
+            stream.set_epoch(epoch)
+            ids = _ids(stream, workers=2)
+            assert len(ids) == stream.steps_per_epoch * batch_size == 24
+            seen += ids
+        assert sorted(seen) == list(range(48))
+
+
+def test_order_is_a_function_of_seed_and_epoch(shards: Path) -> None:
+    index = ShardIndex.load([shards])
+
+    def order(seed: int, epoch: int) -> list[int]:
+        stream = ShardStream(index, _ident, 8, seed=seed, shuffle_buffer=5)
+        stream.set_epoch(epoch)
+        return [i for i, _, _ in stream.samples()]
+
+    assert order(1, 0) == order(1, 0) and sorted(order(1, 0)) == list(range(48))
+    assert order(1, 1) != order(1, 0) and order(2, 0) != order(1, 0)
+    stream = ShardStream(index, _ident, 8, seed=1, shuffle_buffer=5)
+    stream.set_epoch(3)
+    a = next(iter(stream))
+    b = next(iter(stream))
+    assert a["index"] == b["index"] and torch.equal(a["size"], b["size"])
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_resume_at_a_step_gives_the_uninterrupted_remainder(shards: Path, workers: int) -> None:
+    index = ShardIndex.load([shards])
+    for rank in (0, 1):
+        stream = ShardStream(index, _ident, 8, seed=4, rank=rank, world=2, shuffle_buffer=5)
+        stream.set_epoch(2)
+        full = _ids(stream, workers)
+        assert stream.steps_per_epoch == 3 and len(full) == 24
+        for skip in (1, 2, 3):
+            stream.set_epoch(2, skip=skip)
+            assert _ids(stream, workers) == full[skip * 8:], (rank, skip)
+
+
+def test_stream_from_http_and_pipe_urls(shards: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = subprocess.Popen([sys.executable, "-m", "http.server", str(port), "--bind", "127.0.0.1",
+                               "--directory", str(shards)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        url = f"http://127.0.0.1:{port}/{INDEX_NAME}"
+        for _ in range(100):
+            try:
+                remote = ShardIndex.load([url])
+                break
+            except ValueError:
+                time.sleep(0.05)
+        local = ShardIndex.load([shards])
+        assert remote.urls[0] == f"http://127.0.0.1:{port}/shard-000000.tar" and remote.counts == local.counts
+        a, b = (ShardStream(ix, _ident, 8, seed=2, shuffle_buffer=5) for ix in (remote, local))
+        assert [(i, d) for i, d, _ in a.samples()] == [(i, d) for i, d, _ in b.samples()]
+    finally:
+        server.kill()
+        server.wait()
+    piped = iter_shard(f"pipe:cat {shards / 'shard-000001.tar'}")  # webdataset's pipe: convention
+    assert [k for k, _, _ in piped] == [k for k, _, _ in iter_shard(str(shards / "shard-000001.tar"))]
+
+
+def test_pretrain_streams_from_shards(shards: Path, tmp_path: Path) -> None:
+    raw = {**tiny_overrides("moco"), "epochs": 1, "num_workers": 2, "data": [str(shards / INDEX_NAME)]}
+    cfg = from_dict(PretrainConfig, {"method": "moco", **raw})
+    run(cfg, tmp_path / "unused", tmp_path / "run", progress=False)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and metrics[0]["steps"] == 48 // 8 and np.isfinite(metrics[0]["loss"])
+    state = ckpt.load(tmp_path / "run" / "checkpoint.pt")
+    ckpt.save_atomic({**state, "epoch": 0, "step": 2}, tmp_path / "run" / "checkpoint.pt")  # as if killed at step 2
+    fewer = from_dict(PretrainConfig, {"method": "moco", **raw, "num_workers": 0})
+    with pytest.raises(ValueError, match="stopped mid-epoch with num_workers=2, now 0"):
+        run(fewer, tmp_path / "unused", tmp_path / "run", progress=False)
+    bad = from_dict(PretrainConfig, {"method": "moco", **raw, "data": [str(shards), str(tmp_path)]})
+    with pytest.raises(ValueError, match=r"pretrain.data\[1\]: not a shard index"):
+        run(bad, tmp_path / "unused", tmp_path / "run2", progress=False)
+
+
+def test_cli_shard_and_one_writer_per_folder(corpus: Path, shards: Path, tmp_path: Path) -> None:
+    from clic.cli import main
+
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 5\n")
+    out = tmp_path / "cli"
+    assert main(["data", "shard", "--params", str(params), "--out", str(out), "--per-shard", "7", "--workers", "2",
+                 "--no-progress", str(corpus)]) == 0
+    assert (out / INDEX_NAME).read_text() == (shards / INDEX_NAME).read_text()  # same seed: same shards
+    hold = (f"import time; from filelock import FileLock; lock = FileLock({str(out / '.writer.lock')!r}); "
+            "lock.acquire(); print('held', flush=True); time.sleep(1.5)")
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout is not None and holder.stdout.readline() == "held\n"
+        start = time.perf_counter()  # another writer holds the folder: this one waits for it
+        summary = write_shards(corpus_records([corpus]), out, per_shard=7, seed=5, workers=1, progress=False)
+        assert time.perf_counter() - start > 0.8 and summary.written == 0
+    finally:
+        holder.kill()
+        holder.wait()
+    assert main(["data", "shard", "--params", str(params), "--out", str(out), "--per-shard", "5",
+                 str(corpus)]) == 2  # a different plan in the same folder: refused, nothing deleted
+    assert len(list(out.glob("shard-*.tar"))) == 7
+
+
+def test_leak_check_lists_shards_from_their_summaries(corpus: Path, shards: Path, tmp_path: Path) -> None:
+    from clic.data.corpus import corpus_hashes, leaks
+    from clic.data.table import Record
+
+    records = corpus_records([shards / INDEX_NAME])
+    assert len(records) == 48 and all(r.path.split("#")[0].endswith(".tar") for r in records)
+    hashes = corpus_hashes(records, tmp_path / "hashes.jsonl", workers=1, progress=False)
+    assert hashes.hashed == 0 and len(hashes.sha) == 48  # nothing decoded: the summaries hold the hashes
+    src = corpus / "b" / "000.png"
+    evaluation = [Record("eval/x.png", str(src), 0.5, "test", sha256=content_hash(load_rgb(src))),
+                  Record("eval/y.png", "y.png", 0.5, "test", sha256="0" * 64)]
+    assert leaks(hashes.sha, evaluation) == [("shards0/corpus0/b/000.png", "eval/x.png")]
