@@ -9,7 +9,7 @@ export MLFLOW_DISABLE_TELEMETRY=true MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK=true DVC
        GX_ANALYTICS_ENABLED=false PREFECT_SERVER_ANALYTICS_ENABLED=false \
        PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS=90
 
-.PHONY: venv demo test lint bench clean pipeline mlflow-ui prefect-up prefect-down
+.PHONY: venv demo test lint bench clean clean-workspaces clean-prefect pipeline mlflow-ui prefect-up prefect-down
 
 venv: $(STAMP)
 
@@ -26,7 +26,9 @@ pipeline: venv
 	@test -d .dvc || $(VENV)/bin/dvc init -q --no-scm
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" $(VENV)/bin/dvc repro
 
-prefect-up: venv  ## local Prefect server + gpu pool + deployments + worker (state in .prefect/)
+PREFECT_PORT ?= 4200
+export PREFECT_PORT
+prefect-up: venv  ## local Prefect server on http://127.0.0.1:$(PREFECT_PORT) + gpu pool + deployments + worker (state in .prefect/)
 	flows/local.sh up
 
 prefect-down:  ## stop the local Prefect server and worker (by process id)
@@ -34,6 +36,10 @@ prefect-down:  ## stop the local Prefect server and worker (by process id)
 
 MLFLOW_PORT ?= 5000
 mlflow-ui: venv  ## browse runs, metrics, plots and registered scorers on http://127.0.0.1:$(MLFLOW_PORT)
+	@$(PY) -c "import sqlite3; db = sqlite3.connect('file:mlflow.db?mode=ro', uri=True); \
+	  row = db.execute(\"select experiment_id from experiments where name = 'clic'\").fetchone(); \
+	  print(f'runs of experiment clic: http://127.0.0.1:$(MLFLOW_PORT)/#/experiments/{row[0]}?workflowType=machine_learning')" \
+	  2>/dev/null || true
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db \
 	  --default-artifact-root $(CURDIR)/mlartifacts --host 127.0.0.1 --port $(MLFLOW_PORT) --workers 1
 
@@ -49,3 +55,12 @@ bench: venv  ## throughput benchmark, prints JSON
 
 clean:
 	rm -rf data models metrics plots mlartifacts mlflow.db bench/results
+
+KEEP ?= 0
+clean-workspaces:  ## remove Prefect flow workspaces (KEEP=N keeps each flow's newest N; running ones stay)
+	$(PY) -c "from pathlib import Path; from flows.workspace import prune_workspaces; \
+	  [print('removed', p) for f in ('pretrain', 'evaluate', 'pipeline') \
+	   for p in prune_workspaces(Path('workspaces'), f, $(KEEP))]"
+
+clean-prefect: prefect-down  ## stop the local Prefect server and worker and delete their state (.prefect/)
+	rm -rf .prefect

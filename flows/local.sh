@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
 # Local Prefect for real: `flows/local.sh up` starts a server on 127.0.0.1 with its state in
 # $PREFECT_HOME (default .prefect/ in the project), creates the `gpu` process pool and the `gpu`
-# concurrency limit, deploys prefect.yaml and starts a worker; `flows/local.sh down` stops the
-# server and the worker by their process ids.
+# concurrency limit, deploys prefect.yaml and starts a worker, and writes $PREFECT_HOME/env.sh
+# (`source .prefect/env.sh`: every `prefect` command then talks to this server, not to an empty
+# ephemeral one); `flows/local.sh down` stops the server and the worker by their process ids.
+# PREFECT_PORT (default 4200) picks the port; CLIC_GPU_SLOTS (default 1) the size of the `gpu` limit.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PROJECT=$(pwd)
@@ -47,13 +49,23 @@ case "${1:-}" in
     "$BIN/prefect" work-pool inspect gpu >/dev/null 2>&1 || "$BIN/prefect" work-pool create gpu --type process
     "$BIN/prefect" global-concurrency-limit inspect gpu >/dev/null 2>&1 \
       || "$BIN/prefect" global-concurrency-limit create gpu --limit "$GPUS"
-    "$BIN/prefect" --no-prompt deploy --all
-    if ! { [ -f "$PREFECT_HOME/worker.pid" ] && kill -0 "$(cat "$PREFECT_HOME/worker.pid")" 2>/dev/null; }; then
+    # deploy's own advice ("start a worker") is moot here: the worker is started below
+    if ! "$BIN/prefect" --no-prompt deploy --all >"$PREFECT_HOME/deploy.log" 2>&1; then
+      cat "$PREFECT_HOME/deploy.log"; exit 1
+    fi
+    grep -o "Deployment '[^']*' successfully created[^.]*" "$PREFECT_HOME/deploy.log" | sed 's/^/deployed: /' || true
+    if [ -f "$PREFECT_HOME/worker.pid" ] && kill -0 "$(cat "$PREFECT_HOME/worker.pid")" 2>/dev/null; then
+      echo "worker already running (pid $(cat "$PREFECT_HOME/worker.pid"), pool gpu)"
+    else
       setsid "$BIN/prefect" worker start --pool gpu --name "gpu-$(hostname)" >"$PREFECT_HOME/worker.log" 2>&1 &
       echo $! >"$PREFECT_HOME/worker.pid"
+      echo "worker started (pid $!, pool gpu, log $PREFECT_HOME/worker.log)"
     fi
+    echo "export PREFECT_API_URL=$PREFECT_API_URL" >"$PREFECT_HOME/env.sh"
     echo "Prefect UI and API: http://127.0.0.1:$PORT (state in $PREFECT_HOME)"
-    echo "run:  PREFECT_API_URL=$PREFECT_API_URL prefect deployment run pretrain/clicv2"
+    echo "point your shell's prefect commands at it (else they talk to an empty ephemeral server):"
+    echo "  export PREFECT_API_URL=$PREFECT_API_URL      # or: source $PREFECT_HOME/env.sh"
+    echo "run:  prefect deployment run pretrain/clicv2 --param overrides='{\"epochs\": 1}'"
     ;;
   down)
     stop "$PREFECT_HOME/worker.pid"

@@ -4,45 +4,86 @@
 - ``evaluate(dataset, methods, alias)``: re-probe the registered scorers on a dataset;
 - ``pipeline(dataset, overrides)``: every stage (all methods, baselines, transfer, comparison).
 
-Each task runs ``dvc repro <stage>`` in the flow's isolated workspace (so DVC decides what is
-already done). Fetching retries; GPU stages hold one slot of the global concurrency limit
-``gpu`` (``make prefect-up`` creates it with one slot per GPU of the worker). Each run publishes a
-markdown artifact with its metrics and the MLflow run ids, and its MLflow runs carry the flow-run
-id as tag ``prefect.flow_run_id``.
+Each task runs ``dvc repro --single-item <stage>`` in the flow's isolated workspace (so DVC decides
+what is already done) and streams the stage's output into the flow's logs line by line as it comes
+(progress-bar redraws and library noise left out). Fetching retries. A flow run takes one slot of
+the global concurrency limit ``gpu`` (``make prefect-up`` creates it with one slot per GPU of the
+worker) for all its GPU stages at once, logging "waiting for a gpu slot" while the limit is full.
+Its MLflow runs are grouped under one parent run named by what it is (``pretrain clicv2``,
+``evaluate``, ``pipeline``) and tagged ``prefect.flow_run_id``; once the parent is closed the flow
+publishes a markdown artifact with the metrics and links to the runs in the MLflow UI.
+
+``overrides`` are ``params.yaml`` dotted keys (``{"pretrain.clicv2.epochs": 1}``, or ``{"epochs": 1}``
+relative to the method's section in ``pretrain``); unknown keys fail the run before any work.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import os
 import subprocess
+import time
+from collections import deque
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact
+from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
-from clic.config import METHODS
+from clic.config import METHODS, load_params
 from flows.workspace import ROOT, stage_env, workspace
 
 GPU_STAGES = ("pretrain", "probe", "baselines", "transfer")
+# log lines that tell a person nothing: GX's import-time registry chatter, MLflow's system-metrics
+# thread, DVC's remote hints (workspaces have no remote) and an empty list some libraries print
+NOISE = ("Skipping registering function", "system_metrics", "Use `dvc push`", "to send your updates to remote",
+         "To enable auto staging")
+
+
+def clean_line(raw: bytes | str) -> str | None:
+    """One output line as worth logging, or None: a progress bar's carriage-return redraws reduce to
+    their last state, noise and blank lines go."""
+    text = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+    parts = [p for p in text.rstrip("\n").split("\r") if p.strip()]
+    if not parts:
+        return None
+    line = parts[-1].rstrip()
+    if line.strip() in ("[]", "{}") or any(n in line for n in NOISE):
+        return None
+    return line
+
+
+def stream(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, list[str]]:
+    """Run ``cmd`` and log its output (stdout and stderr merged) line by line as it comes; returns
+    the exit code and the last 200 kept lines."""
+    logger = get_run_logger()
+    tail: deque[str] = deque(maxlen=200)
+    with subprocess.Popen(cmd, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT) as proc:
+        assert proc.stdout is not None
+        for raw in proc.stdout:  # binary: split on \n only, so \r redraws stay within their line
+            line = clean_line(raw)
+            if line is not None:
+                logger.info(line)
+                tail.append(line)
+        rc = proc.wait()
+    return rc, list(tail)
 
 
 def _run_dvc(ws: Path, target: str) -> str:
-    logger = get_run_logger()
-    cmd = ["dvc", "repro", "--single-item", target] if target != "all" else ["dvc", "repro"]
-    env = stage_env(ROOT, str(flow_run.id or "local"))
-    proc = subprocess.run(cmd, cwd=ws, env=env, capture_output=True, text=True)
-    for line in (proc.stdout + proc.stderr).splitlines():
-        if line.strip() and "system_metrics" not in line:
-            logger.info(line)
-    if proc.returncode != 0:
-        errors = [x for x in proc.stderr.splitlines() if "error" in x.lower() or "failed" in x.lower()]
-        raise RuntimeError(f"stage {target} failed: {' | '.join(errors[-4:]) or proc.stderr[-1500:]}")
-    return proc.stdout
+    rc, tail = stream(["dvc", "repro", "--single-item", target], ws, _env())
+    if rc != 0:
+        errors = [x for x in tail if "error" in x.lower() or "failed" in x.lower()]
+        raise RuntimeError(f"stage {target} failed: {' | '.join(errors[-4:]) or chr(10).join(tail[-20:])}")
+    return "\n".join(tail)
+
+
+def _env() -> dict[str, str]:
+    return stage_env(ROOT, str(flow_run.id or "local"), os.environ.get("CLIC_RUN_NAME", ""))
 
 
 @task(retries=2, retry_delay_seconds=10, task_run_name="fetch")
@@ -53,60 +94,121 @@ def fetch(ws: Path) -> str:
 
 @task(task_run_name="{target}")
 def stage(ws: Path, target: str) -> str:
-    if target.split("@")[0] in GPU_STAGES or target == "all":
-        with concurrency("gpu", occupy=1):
-            return _run_dvc(ws, target)
     return _run_dvc(ws, target)
 
 
-def _mlflow_runs(env: dict[str, str]) -> list[tuple[str, str, str]]:
-    """(run name, run id, status) of this flow run's MLflow runs."""
-    import mlflow
-
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(experiment_names=["clic"], output_format="list",
-                              filter_string=f"tags.`prefect.flow_run_id` = '{env['CLIC_PREFECT_FLOW_RUN_ID']}'")
-    return [(r.info.run_name, r.info.run_id, r.info.status) for r in runs]
+def _locked(exc: BaseException) -> bool:
+    response = getattr(exc.__cause__, "response", None)
+    return getattr(response, "status_code", None) == 423
 
 
 @contextlib.contextmanager
-def closes_mlflow_parent() -> Iterator[None]:
-    """End this flow run's MLflow parent run FINISHED, or FAILED when the flow raises."""
-    status = "FINISHED"
+def gpu_slot(poll_s: float = 1.0) -> Iterator[None]:
+    """Hold one slot of the ``gpu`` limit for the block: taken once for all of a flow run's GPU
+    stages (a finishing stage cannot hand it to itself again), polled every ``poll_s`` seconds
+    while full rather than after the server's back-off (no idle slot between holders)."""
+    logger = get_run_logger()
+    start, told = time.monotonic(), 0.0
+    with contextlib.ExitStack() as stack:
+        while True:
+            try:
+                stack.enter_context(concurrency("gpu", occupy=1, max_retries=0))
+                break
+            except ConcurrencySlotAcquisitionError as exc:
+                if not _locked(exc):
+                    raise
+                if not told or time.monotonic() - told > 60:
+                    logger.info("waiting for a gpu slot (concurrency limit 'gpu' is full), %.0f s so far",
+                                time.monotonic() - start)
+                    told = time.monotonic()
+                time.sleep(poll_s)
+        if told:
+            logger.info("got a gpu slot after %.0f s", time.monotonic() - start)
+        yield
+
+
+@contextlib.contextmanager
+def _environ(values: dict[str, str]) -> Iterator[None]:
+    old = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
     try:
         yield
-    except BaseException:
-        status = "FAILED"
+    finally:
+        for k, v in old.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+@contextlib.contextmanager
+def mlflow_parent(name: str) -> Iterator[None]:
+    """Name this flow run's MLflow parent run ``name``; on leaving, end it FINISHED, or FAILED with
+    the error text as its artifact ``error.txt`` when the flow raises."""
+    os.environ["CLIC_RUN_NAME"] = name
+    status, error = "FINISHED", ""
+    try:
+        yield
+    except BaseException as exc:
+        status, error = "FAILED", f"{type(exc).__name__}: {exc}"
         raise
     finally:
         try:
             import mlflow
 
-            env = stage_env(ROOT, str(flow_run.id or "local"))
+            env = _env()
             mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
             client = mlflow.MlflowClient()
             exp = client.get_experiment_by_name("clic")
             if exp is not None:
                 query = f"tags.`clic.invocation` = '{env['CLIC_PIPELINE_ID']}' and tags.`clic.kind` = 'pipeline'"
                 for run in client.search_runs([exp.experiment_id], query):
+                    if error:
+                        client.log_text(run.info.run_id, error + "\n", "error.txt")
+                        client.set_tag(run.info.run_id, "clic.error", error[:5000])
                     client.set_terminated(run.info.run_id, status)
         except Exception as exc:  # noqa: BLE001 - never hide the flow's own outcome
             get_run_logger().warning("could not close the MLflow parent run: %s", exc)
 
 
+def mlflow_ui(tracking_uri: str) -> str:
+    """Base address of the MLflow UI for the store: the server itself, else ``make mlflow-ui``'s."""
+    if os.environ.get("MLFLOW_UI_URL"):
+        return os.environ["MLFLOW_UI_URL"].rstrip("/")
+    if tracking_uri.startswith(("http://", "https://")):
+        return tracking_uri.rstrip("/")
+    return f"http://127.0.0.1:{os.environ.get('MLFLOW_PORT', '5000')}"
+
+
+def _mlflow_runs(env: dict[str, str]) -> list[tuple[str, str, str, str, bool]]:
+    """(run name, run id, status, experiment id, is parent) of this flow run's MLflow runs."""
+    import mlflow
+
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    runs = mlflow.search_runs(experiment_names=["clic"], output_format="list",
+                              filter_string=f"tags.`prefect.flow_run_id` = '{env['CLIC_PREFECT_FLOW_RUN_ID']}'")
+    return [(r.info.run_name, r.info.run_id, r.info.status, r.info.experiment_id,
+             r.data.tags.get("clic.kind") == "pipeline") for r in runs]
+
+
 def publish(ws: Path, title: str, metric_files: dict[str, Path], extra: str = "") -> dict[str, Any]:
-    """A markdown artifact: one row per model with its metrics, then the MLflow runs."""
-    env = stage_env(ROOT, str(flow_run.id or "local"))
+    """A markdown artifact: one row per model with its metrics, then this flow run's MLflow runs
+    (parent first) linked to the MLflow UI. Call it after the parent run is closed."""
+    env = _env()
     rows, results = [], {}
     for name, f in metric_files.items():
         m = json.loads(f.read_text()) if f.exists() else {}
         results[name] = m
         cells = " | ".join(f"{m.get(k, float('nan')):.4f}" for k in ("pcc", "srcc", "krcc", "rmse"))
         rows.append(f"| {name} | {cells} |")
-    runs = _mlflow_runs(env)
+    ui = mlflow_ui(env["MLFLOW_TRACKING_URI"])
+    runs = sorted(_mlflow_runs(env), key=lambda r: (not r[4], r[0]))
+    links = [f"| [{n}]({ui}/#/experiments/{e}/runs/{i}) | `{i}` | {s} |" for n, i, s, e, _ in runs]
+    exp = runs[0][3] if runs else ""
     md = [f"# {title}", "", "| model | PCC | SRCC | KRCC | RMSE |", "|---|---|---|---|---|", *rows, "",
-          f"MLflow store: `{env['MLFLOW_TRACKING_URI']}`, workspace: `{ws}`", "", "| MLflow run | id | status |",
-          "|---|---|---|", *[f"| {n} | `{i}` | {s} |" for n, i, s in sorted(runs)], "", extra]
+          f"MLflow store: `{env['MLFLOW_TRACKING_URI']}`, workspace: `{ws}`; runs of experiment clic in the UI: "
+          f"[{ui}]({ui}/#/experiments/{exp}?workflowType=machine_learning)", "",
+          "| MLflow run | id | status |", "|---|---|---|", *links, "", extra]
     create_markdown_artifact(markdown="\n".join(md), key=title.lower().replace(" ", "-").replace("/", "-")[:60],
                              description=title)
     return results
@@ -114,50 +216,87 @@ def publish(ws: Path, title: str, metric_files: dict[str, Path], extra: str = ""
 
 @flow(name="pretrain", log_prints=True)
 def pretrain(method: str = "clicv2", dataset: str = "", overrides: dict[str, Any] | None = None) -> dict:
-    """Fetch, validate, pretrain and probe one method in an isolated workspace."""
+    """Fetch, validate, pretrain and probe one method in an isolated workspace.
+
+    ``overrides``: params.yaml keys, e.g. ``{"pretrain.clicv2.epochs": 1}`` or, relative to the
+    method, ``{"epochs": 1}``."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
-    with workspace("pretrain", method, dataset, overrides) as ws, closes_mlflow_parent():
-        fetch(ws)
-        stage(ws, "validate")
-        stage(ws, f"pretrain@{method}")
-        stage(ws, f"probe@{method}")
+    with workspace("pretrain", method, dataset, overrides) as ws:
+        with mlflow_parent(f"pretrain {method}"):
+            fetch(ws)
+            stage(ws, "validate")
+            with gpu_slot():
+                stage(ws, f"pretrain@{method}")
+                stage(ws, f"probe@{method}")
         return publish(ws, f"pretrain {method}", {method: ws / "metrics" / "probe" / f"{method}.json"})
+
+
+@task(task_run_name="evaluate clic-{method}@{alias}")
+def reprobe(ws: Path, method: str, alias: str) -> Path:
+    """Re-probe the registered scorer ``clic-<method>@<alias>`` on the workspace's dataset and log
+    the metrics to MLflow, linked to the model version."""
+    import mlflow
+
+    from stages import tracking
+
+    env = _env()
+    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    local = mlflow.artifacts.download_artifacts(f"models:/clic-{method}@{alias}",
+                                                dst_path=str(ws / "registry" / method))
+    scorer = next(Path(local).rglob("scorer.pt"))
+    out = ws / "reports" / "evaluate" / method
+    rc, tail = stream(["clic", "probe", "--model", str(scorer), "--out", str(out)], ws, env)
+    if rc != 0:
+        raise RuntimeError(f"re-probing clic-{method}@{alias} failed: {' | '.join(tail[-4:])}")
+    report = json.loads((out / "metrics.json").read_text())
+    metrics = {k: float(report[k]) for k in ("pcc", "srcc", "krcc", "rmse", "rmae", "mae") if k in report}
+    with _environ(env):
+        run_id, version = tracking.log_evaluation(load_params(ws / "params.yaml"), method, alias, metrics,
+                                                  [out / f for f in ("metrics.json", "predictions.csv", "scatter.png")])
+    get_run_logger().info("clic-%s@%s (version %s): SRCC %.4f, logged to MLflow run %s", method, alias, version,
+                          metrics.get("srcc", float("nan")), run_id)
+    return out / "metrics.json"
 
 
 @flow(name="evaluate", log_prints=True)
 def evaluate(dataset: str = "", methods: list[str] | None = None, alias: str = "champion",
              overrides: dict[str, Any] | None = None) -> dict:
     """Re-probe the registered scorers ``clic-<method>@<alias>`` on a dataset."""
-    import mlflow
-
     methods = list(methods or METHODS)
-    with workspace("evaluate", "", dataset, overrides) as ws, closes_mlflow_parent():
-        fetch(ws)
-        stage(ws, "validate")
-        env = stage_env(ROOT, str(flow_run.id or "local"))
-        mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise ValueError(f"methods: unknown {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
+    with workspace("evaluate", "", dataset, overrides) as ws:
         files = {}
-        for m in methods:
-            local = mlflow.artifacts.download_artifacts(f"models:/clic-{m}@{alias}", dst_path=str(ws / "registry" / m))
-            scorer = next(Path(local).rglob("scorer.pt"))
-            out = ws / "reports" / "evaluate" / m
-            with concurrency("gpu", occupy=1):
-                proc = subprocess.run(["clic", "probe", "--model", str(scorer), "--out", str(out)], cwd=ws, env=env,
-                                      capture_output=True, text=True)
-            get_run_logger().info(proc.stdout + proc.stderr[-2000:])
-            if proc.returncode != 0:
-                raise RuntimeError(f"re-probing clic-{m}@{alias} failed: {proc.stderr.strip().splitlines()[-1:]}")
-            files[f"clic-{m}@{alias}"] = out / "metrics.json"
+        with mlflow_parent("evaluate"):
+            fetch(ws)
+            stage(ws, "validate")
+            with gpu_slot():
+                for m in methods:
+                    files[f"clic-{m}@{alias}"] = reprobe(ws, m, alias)
         return publish(ws, f"evaluate {dataset or 'default'}", files)
 
 
 @flow(name="pipeline", log_prints=True)
 def pipeline(dataset: str = "", overrides: dict[str, Any] | None = None) -> dict:
-    """Every stage for every method and baseline; publishes the comparison table."""
-    with workspace("pipeline", "", dataset, overrides) as ws, closes_mlflow_parent():
-        fetch(ws)
-        stage(ws, "all")
+    """Every stage for every method and baseline, one task per stage; publishes the comparison."""
+    with workspace("pipeline", "", dataset, overrides) as ws:
+        with mlflow_parent("pipeline"):
+            names = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=ws, env=_env(), check=True,
+                                   capture_output=True, text=True).stdout.split()
+            gpu = [i for i, n in enumerate(names) if n.split("@")[0] in GPU_STAGES]
+            first, last = (gpu[0], gpu[-1] + 1) if gpu else (len(names), len(names))
+            for n in names[:first]:
+                if n == "fetch":
+                    fetch(ws)
+                else:
+                    stage(ws, n)
+            with gpu_slot():
+                for n in names[first:last]:
+                    stage(ws, n)
+            for n in names[last:]:
+                stage(ws, n)
         table = (ws / "metrics" / "comparison.md").read_text()
         return publish(ws, "pipeline", {m: ws / "metrics" / f"{m}.json" for m in METHODS},
                        extra="## Comparison\n\n" + table)

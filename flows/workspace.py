@@ -5,7 +5,13 @@ A workspace is a copy of the project's code and params (``clic/``, ``stages/``, 
 hash covers the flow, method, dataset and overrides. Runs with identical settings share (and
 reuse, via DVC's up-to-date checks) one workspace, serialised by a file lock; runs with other
 settings get their own, so two concurrent runs can never write the same outputs. All workspaces
-share the project's DVC cache and MLflow store.
+share the project's DVC cache and MLflow store. Only the newest ``CLIC_KEEP_WORKSPACES`` (default
+5) workspaces of each flow are kept: older ones are removed when a new one is made (``make
+clean-workspaces`` removes them all).
+
+Overrides are a mapping of ``params.yaml`` dotted keys to values (``{"pretrain.clicv2.epochs": 1}``);
+for a ``pretrain`` run a key may be relative to the method's section (``{"epochs": 1}``), as with
+``clic pretrain --set``. Unknown keys are refused before any work.
 """
 
 from __future__ import annotations
@@ -39,16 +45,19 @@ def workspace_key(flow: str, method: str, dataset: str, overrides: dict[str, Any
 def workspace(flow: str, method: str = "", dataset: str = "", overrides: dict[str, Any] | None = None,
               root: Path = ROOT) -> Iterator[Path]:
     """Create or refresh the workspace and hold its lock for the duration of the block."""
-    overrides = dict(overrides or {})
+    base = load_params(root / "params.yaml")
+    overrides = resolve_overrides(overrides or {}, method, base)
     if dataset:
         overrides.setdefault("data.source", dataset)
-    params = apply_overrides(load_params(root / "params.yaml"), _flat_items(overrides))
+    params = apply_overrides(base, _flat_items(overrides))
     load_check(params, method)
     _anchor_paths(params, root)
     ws = root / "workspaces" / workspace_key(flow, method, dataset, overrides)
     ws.mkdir(parents=True, exist_ok=True)
     with (ws / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
+        os.utime(ws)  # newest first when pruning
+        prune_workspaces(root / "workspaces", flow, keep_count(), keep=ws)
         for item in CODE:
             src, dst = root / item, ws / item
             if src.is_dir():
@@ -75,23 +84,89 @@ def _anchor_paths(params: dict[str, Any], root: Path) -> None:
                                       for p in ([data] if isinstance(data, str) else data)]
 
 
+def resolve_overrides(overrides: Any, method: str, params: dict[str, Any]) -> dict[str, Any]:
+    """Full dotted keys for the overrides; ``ValueError`` naming the key for one that ``params.yaml``
+    does not have (a key relative to the method's section counts for a ``pretrain`` run)."""
+    if not isinstance(overrides, dict):
+        raise ValueError(f"overrides: expected a mapping of params.yaml keys to values, e.g. "
+                         f'{{"pretrain.clicv2.epochs": 1}}, got {type(overrides).__name__} {overrides!r}')
+    out: dict[str, Any] = {}
+    for key, value in overrides.items():
+        full = key if key.split(".")[0] in params or not method else f"pretrain.{method}.{key}"
+        if not _known(params, full):
+            hint = (f" (or {key!r} relative to pretrain.{method})" if method else
+                    "; method-relative keys such as 'epochs' are for pretrain runs only")
+            raise ValueError(f"overrides: unknown key {key!r}: not in params.yaml; expected a dotted params.yaml "
+                             f"path such as 'pretrain.clicv2.epochs' or 'probe.bootstrap'{hint}; top-level "
+                             f"sections: {', '.join(params)}")
+        out[full] = value
+    return out
+
+
+def _known(params: dict[str, Any], key: str) -> bool:
+    """Whether ``key`` names an entry of ``params``; ``pretrain.<method>.<x>`` also when ``x`` is a
+    ``pretrain.common`` key (a method's section overrides the common one)."""
+    parts = key.split(".")
+    candidates = [parts]
+    if len(parts) > 2 and parts[0] == "pretrain" and parts[1] in (params.get("pretrain") or {}):
+        candidates.append(["pretrain", "common", *parts[2:]])
+    for path in candidates:
+        node: Any = params
+        for part in path:
+            if not isinstance(node, dict) or part not in node:
+                break
+            node = node[part]
+        else:
+            return True
+    return False
+
+
+def keep_count() -> int:
+    raw = os.environ.get("CLIC_KEEP_WORKSPACES", "5")
+    if not raw.isdigit() or int(raw) < 1:
+        raise ValueError(f"CLIC_KEEP_WORKSPACES={raw!r}: expected a whole number >= 1")
+    return int(raw)
+
+
+def prune_workspaces(folder: Path, flow: str, count: int, keep: Path | None = None) -> list[Path]:
+    """Remove all but the ``count`` most recently used workspaces of ``flow`` (never ``keep``, nor
+    one whose lock another run holds); returns the removed ones."""
+    others = sorted((p for p in folder.glob(f"{flow}-*") if p.is_dir() and p != keep),
+                    key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = []
+    for old in others[max(count - (keep is not None), 0):]:
+        with (old / ".lock").open("a") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                continue  # in use by a running flow
+            shutil.rmtree(old, ignore_errors=True)
+        removed.append(old)
+    return removed
+
+
 def _flat_items(overrides: dict[str, Any]) -> list[str]:
     return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in overrides.items()]
 
 
 def load_check(params: dict[str, Any], method: str) -> None:
     """Fail before any work when the overrides make the params invalid."""
-    from clic.config import data_config, pretrain_config, probe_config
+    from clic.config import METHODS, data_config, pretrain_config, probe_config, transfer_config
 
     data_config(params)
     probe_config(params)
-    if method:
-        pretrain_config(params, method)
+    transfer_config(params)
+    for m in [method] if method else METHODS:
+        pretrain_config(params, m)
 
 
-def stage_env(root: Path, flow_run_id: str) -> dict[str, str]:
-    """Environment for the stage commands: the project's MLflow store, grouped per flow run."""
+def stage_env(root: Path, flow_run_id: str, run_name: str = "") -> dict[str, str]:
+    """Environment for the stage commands: the project's MLflow store, one parent run per flow run
+    named ``run_name``, unbuffered output (streamed into the flow's logs as it comes)."""
     env = dict(os.environ)
+    env["PYTHONUNBUFFERED"] = "1"
+    if run_name:
+        env["CLIC_RUN_NAME"] = run_name
     env.setdefault("MLFLOW_TRACKING_URI", f"sqlite:///{root / 'mlflow.db'}")
     env["CLIC_PIPELINE_ID"] = f"prefect-{flow_run_id}"
     env["CLIC_PREFECT_FLOW_RUN_ID"] = flow_run_id

@@ -14,6 +14,7 @@ from clic.config import METHODS, load_params
 ROOT = Path(__file__).resolve().parents[1]
 PARAMS = ROOT / "params.yaml"
 log = logging.getLogger("stages")
+QUIET = ("great_expectations", "mlflow.system_metrics")
 
 
 def params() -> dict[str, Any]:
@@ -30,6 +31,8 @@ def main(stage: str, fn: Callable[[], None]) -> None:
     """Run ``fn``; a ValueError (bad input, bad params, unreachable store) exits 2 with one line,
     anything else exits 1 with the traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in QUIET:  # their INFO lines are import-time chatter, not the stage's progress
+        logging.getLogger(noisy).setLevel(logging.WARNING)
     try:
         fn()
     except ValueError as exc:

@@ -71,16 +71,28 @@ def register(method: str, scorer_path: str, report: dict, fingerprint: str) -> s
     # MLflow 3 reserves the alias name "latest" (models:/clic-<method>/latest already resolves to the
     # newest version), so the moving "newest version" alias is called "current"
     client.set_registered_model_alias(name, "current", version)
+    promote, champion = beats_champion(client, name, float(report["srcc"]), fingerprint)
+    if promote:
+        client.set_registered_model_alias(name, "champion", version)
+    log.info("registered %s version %s (champion: %s)", name, version, version if promote else champion)
+    return version
+
+
+def beats_champion(client: tracking.MlflowClient, name: str, srcc: float, fingerprint: str) -> tuple[bool, str]:
+    """Whether a new version with this SRCC takes the ``champion`` alias of model ``name``, and
+    the champion's version. Compares like with like: the champion's SRCC as its probe run logged it
+    (full precision; the model-version tag is rounded for display), on the same dataset fingerprint;
+    a tie keeps the champion."""
     try:
         champ = client.get_model_version_by_alias(name, "champion")
     except Exception:  # noqa: BLE001 - no champion yet
-        champ = None
-    promote = champ is None or (champ.tags.get("dataset_fingerprint") == fingerprint
-                                and report["srcc"] > float(champ.tags.get("srcc", "-inf")))
-    if promote:
-        client.set_registered_model_alias(name, "champion", version)
-    log.info("registered %s version %s (champion: %s)", name, version, version if promote else champ.version)
-    return version
+        return True, ""
+    if champ.tags.get("dataset_fingerprint") != fingerprint:
+        return False, str(champ.version)
+    best = client.get_run(champ.run_id).data.metrics.get("srcc") if champ.run_id else None
+    if best is None:  # a version registered without its probe run: the tag is all there is
+        best = float(champ.tags.get("srcc", "-inf"))
+    return srcc > best, str(champ.version)
 
 
 def probe() -> None:

@@ -5,7 +5,13 @@
 - One run per stage execution in experiment ``mlflow.experiment``, nested under a parent run per
   pipeline invocation. The invocation is ``CLIC_PIPELINE_ID`` when set (Prefect flows and
   ``make pipeline`` set it), else the ``dvc`` process that launched the stage (pid + start time).
-- A stage that raises marks its run and the parent FAILED, never leaves them RUNNING.
+- The parent run is named by what the invocation is (``CLIC_RUN_NAME``: ``pretrain clicv2``,
+  ``evaluate``; ``pipeline`` by default) and carries each method's key metrics
+  (``<method>_pcc``, ``<method>_srcc``, ``<method>_<dataset>_top1``) so the runs list shows them.
+- The experiment is tagged as model training (``mlflow.experimentKind``), so the MLflow 3 UI opens
+  on its runs rather than on the GenAI traces view.
+- A stage that raises marks its run and the parent FAILED, never leaves them RUNNING, and logs the
+  error text as the artifact ``error.txt``.
 """
 
 from __future__ import annotations
@@ -13,7 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import os
-import time
+import traceback
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -27,6 +33,9 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 
 from clic.config import flatten  # noqa: E402
 from clic.engine.checkpoint import git_revision  # noqa: E402
+
+EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI: training runs vs GenAI traces
+KEY_METRICS = ("pcc", "srcc")  # with every ``<dataset>_top1``: copied onto the parent run
 
 
 def tracking_uri(params: dict[str, Any]) -> str:
@@ -44,16 +53,25 @@ def setup(params: dict[str, Any]) -> str:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     name = (params.get("mlflow") or {}).get("experiment", "clic")
     client = MlflowClient()
+    kind = {EXPERIMENT_KIND: "custom_model_development"}
     try:
         exp = client.get_experiment_by_name(name)
     except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
         raise ValueError(f"MLflow tracking store {uri} is unreachable or unusable ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200]}); start the server or unset MLFLOW_TRACKING_URI") from exc
     if exp is not None:
+        if exp.tags.get(EXPERIMENT_KIND) != kind[EXPERIMENT_KIND]:  # stores made before the tag
+            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, kind[EXPERIMENT_KIND])
         return exp.experiment_id
     artifacts = Path(os.environ.get("CLIC_ARTIFACT_ROOT") or ROOT / "mlartifacts")
     location = artifacts.as_uri() if uri.startswith("sqlite:") else None
-    return client.create_experiment(name, artifact_location=location)
+    try:
+        return client.create_experiment(name, artifact_location=location, tags=kind)
+    except mlflow.exceptions.MlflowException:  # a concurrent stage created it first
+        exp = client.get_experiment_by_name(name)
+        if exp is None:
+            raise
+        return exp.experiment_id
 
 
 def _proc_start(pid: int) -> str:
@@ -86,7 +104,7 @@ def parent_run(experiment_id: str) -> str:
                                max_results=1)
     if found:
         return found[0].info.run_id
-    run = client.create_run(experiment_id, run_name=f"pipeline {time.strftime('%Y-%m-%d %H:%M:%S')}",
+    run = client.create_run(experiment_id, run_name=os.environ.get("CLIC_RUN_NAME") or "pipeline",
                             tags={"clic.invocation": inv, "clic.kind": "pipeline", "git.commit": git_revision(ROOT),
                                   **_prefect_tag()})
     return run.info.run_id
@@ -129,12 +147,26 @@ def stage_run(params: dict[str, Any], stage: str, method: str = "", config: dict
                 mlflow.log_params(dict(items[i:i + 100]))
         yield run
     except BaseException as exc:
-        mlflow.set_tag("clic.error", f"{type(exc).__name__}: {exc}"[:5000])
+        text = f"{type(exc).__name__}: {exc}"
+        mlflow.set_tag("clic.error", text[:5000])
+        with contextlib.suppress(Exception):  # the tag above already holds the error
+            mlflow.log_text(text + "\n\n" + traceback.format_exc(), "error.txt")
         mlflow.end_run("FAILED")
         MlflowClient().set_terminated(parent, "FAILED")
         raise
     else:
+        _copy_key_metrics(run.info.run_id, parent, method)
         mlflow.end_run("FINISHED")
+
+
+def _copy_key_metrics(run_id: str, parent: str, method: str) -> None:
+    """``pcc``/``srcc``/``<dataset>_top1`` of a method's stage onto the parent as ``<method>_<key>``."""
+    if not method:
+        return
+    metrics = MlflowClient().get_run(run_id).data.metrics
+    keep = {f"{method}_{k}": v for k, v in metrics.items() if k in KEY_METRICS or k.endswith("_top1")}
+    if keep:
+        mlflow.log_metrics(keep, run_id=parent)
 
 
 def finish_parent(params: dict[str, Any]) -> str:
@@ -143,3 +175,21 @@ def finish_parent(params: dict[str, Any]) -> str:
     parent = parent_run(exp)
     MlflowClient().set_terminated(parent, "FINISHED")
     return parent
+
+
+def log_evaluation(params: dict[str, Any], method: str, alias: str, metrics: dict[str, float],
+                   artifacts: list[Path]) -> tuple[str, str]:
+    """A child run ``evaluate <method>`` for a re-probed registered scorer ``clic-<method>@<alias>``:
+    its metrics linked to the model version (tags, and MLflow 3's ``model_id`` so they also show on
+    the logged model's page). Returns (run id, model version)."""
+    setup(params)
+    name = f"clic-{method}"
+    mv = MlflowClient().get_model_version_by_alias(name, alias)
+    tags = {"clic.model": name, "clic.model_version": str(mv.version), "clic.alias": alias,
+            "clic.model_run_id": mv.run_id or "", "clic.model_id": getattr(mv, "model_id", None) or ""}
+    with stage_run(params, "evaluate", method, tags=tags) as run:
+        mlflow.log_metrics(metrics, model_id=getattr(mv, "model_id", None))
+        for f in artifacts:
+            if f.exists():
+                mlflow.log_artifact(str(f), "report")
+    return run.info.run_id, str(mv.version)

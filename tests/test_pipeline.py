@@ -82,7 +82,7 @@ def test_repro_writes_metrics_runs_and_models(project: Path) -> None:
     runs = _runs(project)
     parents = [r for r in runs if r.data.tags.get("clic.kind") == "pipeline"]
     stages = [r for r in runs if r.data.tags.get("clic.kind") == "stage"]
-    assert len(parents) == 1 and parents[0].info.status == "FINISHED"
+    assert len(parents) == 1 and parents[0].info.status == "FINISHED" and parents[0].info.run_name == "pipeline"
     assert len(stages) == 1 + 1 + 3 + 3 + 1 + 3 + 1  # fetch validate pretrain probe baselines transfer compare
     assert all(r.info.status == "FINISHED" and r.data.tags["mlflow.parentRunId"] == parents[0].info.run_id
                for r in stages)
@@ -91,6 +91,9 @@ def test_repro_writes_metrics_runs_and_models(project: Path) -> None:
     assert "loss" in pre.data.metrics and "mem" in pre.data.metrics
     probe = next(r for r in stages if r.info.run_name == "probe clic")
     assert {"pcc", "srcc", "krcc", "rmse"} <= set(probe.data.metrics)
+    key = parents[0].data.metrics  # the runs list shows each method's key metrics on the parent
+    assert key["clic_srcc"] == probe.data.metrics["srcc"] and key["clic_pcc"] == probe.data.metrics["pcc"]
+    assert {f"{m}_synthetic_top1" for m in ("moco", "clic", "clicv2")} <= set(key)
     from mlflow import MlflowClient
 
     client = MlflowClient()
@@ -177,6 +180,53 @@ def test_mlflow_server_serves_the_pipeline_store(project: Path) -> None:
         proc.wait(timeout=30)
 
 
+def _chromium_dom(url: str) -> str:
+    """The page's DOM after its scripts ran, from headless Chromium (Debian's package)."""
+    exe = shutil.which("chromium") or shutil.which("chromium-browser")
+    assert exe
+    res = subprocess.run([exe, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
+                          "--window-size=1600,1000", "--virtual-time-budget=20000", "--dump-dom", url],
+                         capture_output=True, text=True, timeout=180)
+    return res.stdout
+
+
+@pytest.mark.skipif(not (shutil.which("chromium") or shutil.which("chromium-browser")),
+                    reason="headless Chromium is not installed (Debian: apt-get install chromium): no browser check")
+def test_mlflow_ui_shows_training_runs_in_a_browser(project: Path) -> None:
+    """The MLflow UI in a real browser: experiment `clic` is a training experiment whose runs page
+    lists the pipeline run, a probe run's page shows its metrics and its scatter-plot artifact."""
+    import mlflow
+
+    _runs(project)
+    client = mlflow.MlflowClient()
+    exp = client.get_experiment_by_name("clic")
+    assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+    probe = next(r for r in _runs(project) if r.info.run_name == "probe clicv2")
+    port = _free_port()
+    proc = subprocess.Popen([BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}",
+                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
+    ui = f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}"
+    try:
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(0.5)
+        runs_page = _chromium_dom(f"{ui}?workflowType=machine_learning")
+        assert ">pipeline<" in runs_page and "Run Name" in runs_page, runs_page[-2000:]
+        assert "No data available" not in runs_page  # not the empty GenAI traces overview
+        run_page = _chromium_dom(f"{ui}/runs/{probe.info.run_id}")
+        assert "probe clicv2" in run_page and ">srcc<" in run_page
+        assert f"{probe.data.metrics['srcc']:.3f}"[:-1] in run_page  # its value, as shown
+        artifacts = _chromium_dom(f"{ui}/runs/{probe.info.run_id}/artifacts")
+        assert "scatter.png" in artifacts
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
 def test_corrupt_dataset_stops_at_validate(tmp_path: Path, photos: list[Path]) -> None:
     folder = tmp_path / "imgs"
     folder.mkdir()
@@ -223,3 +273,29 @@ def test_bad_params_and_unreachable_server_fail_clearly(tmp_path: Path) -> None:
     res = run("stages.fetch", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
     assert res.returncode == 2 and "unreachable" in res.stderr and f"127.0.0.1:{port}" in res.stderr
     assert not (root / "data" / "prepared").exists()
+
+
+def test_champion_tie_at_full_precision_keeps_the_champion(tmp_path: Path) -> None:
+    """The champion's SRCC is compared as logged (full precision), not as its 6-decimal tag:
+    0.1234564 against a champion of 0.1234564 is a tie (kept), though it beats the tag 0.123456."""
+    import mlflow
+    from mlflow import MlflowClient
+
+    sys.path.insert(0, str(REPO))
+    from stages.probe import beats_champion
+
+    mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    client = MlflowClient()
+    exp = client.create_experiment("clic", artifact_location=(tmp_path / "art").as_uri())
+    run = client.create_run(exp)
+    client.log_metric(run.info.run_id, "srcc", 0.1234564)
+    client.set_terminated(run.info.run_id)
+    client.create_registered_model("clic-x")
+    mv = client.create_model_version("clic-x", f"runs:/{run.info.run_id}/scorer", run.info.run_id,
+                                     tags={"srcc": f"{0.1234564:.6f}", "dataset_fingerprint": "fp"})
+    client.set_registered_model_alias("clic-x", "champion", mv.version)
+    assert beats_champion(client, "clic-x", 0.1234564, "fp") == (False, "1")  # tie: champion stays
+    assert beats_champion(client, "clic-x", 0.1234563, "fp") == (False, "1")
+    assert beats_champion(client, "clic-x", 0.1234565, "fp") == (True, "1")
+    assert beats_champion(client, "clic-x", 0.9, "other") == (False, "1")  # other dataset: no contest
+    assert beats_champion(client, "clic-y", 0.1, "fp") == (True, "")  # no model yet: first is champion

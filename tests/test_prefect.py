@@ -9,14 +9,23 @@ import os
 import re
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from .test_pipeline import BIN, _free_port, _runs, make_project
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
+HOLD_GPU = """import pathlib, sys, time
+from prefect.concurrency.sync import concurrency
+with concurrency("gpu", occupy=1, strict=True):
+    pathlib.Path(sys.argv[1]).write_text("held")
+    while not pathlib.Path(sys.argv[2]).exists():
+        time.sleep(0.2)
+"""
 
 
 def _alive(pid: int) -> bool:
@@ -26,6 +35,13 @@ def _alive(pid: int) -> bool:
         return False
     stat = Path(f"/proc/{pid}/stat")
     return not (stat.exists() and stat.read_text().rsplit(")", 1)[1].split()[0] == "Z")
+
+
+FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
+
+
+def _state(prefect, flow_id: str) -> str:  # type: ignore[no-untyped-def]
+    return json.loads(prefect("flow-run", "inspect", flow_id, "--output", "json").stdout)["state_type"]
 
 
 def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
@@ -41,6 +57,7 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
                PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PATH=f"{BIN}:{env['PATH']}")
     script = root / "flows" / "local.sh"
     pids: list[int] = []
+    holder: subprocess.Popen | None = None
     try:
         up = subprocess.run([script, "up"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
@@ -51,15 +68,62 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
             return subprocess.run([BIN / "prefect", *args], cwd=root, env=env, capture_output=True, text=True,
                                   timeout=timeout)
 
-        ok = prefect("deployment", "run", "pretrain/clicv2", "--watch", "--watch-timeout", "540")
-        assert "Completed" in ok.stdout, ok.stdout[-3000:] + ok.stderr[-2000:]
-        flow_id = re.search(r"UUID: ([0-9a-f-]{36})", ok.stdout).group(1)  # type: ignore[union-attr]
+        # another holder has the only gpu slot: the run logs that it waits, then runs once it is free
+        held, release = tmp_path / "held", tmp_path / "release"
+        holder = subprocess.Popen([sys.executable, "-c", HOLD_GPU, str(held), str(release)], env=env)
+        for _ in range(300):
+            if held.exists() or holder.poll() is not None:
+                break
+            time.sleep(0.2)
+        assert held.exists(), "could not take the gpu slot"
+        started = prefect("deployment", "run", "pretrain/clicv2", "--param", 'overrides={"checkpoint_every": 3}')
+        flow_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)  # type: ignore[union-attr]
+        logs = ""
+        for i in range(150):
+            logs = prefect("flow-run", "logs", flow_id).stdout
+            if "waiting for a gpu slot" in logs or (i % 10 == 9 and _state(prefect, flow_id) in FINAL):
+                break
+            time.sleep(1)
+        assert "waiting for a gpu slot" in logs and "Running stage 'pretrain@clicv2'" not in logs, logs[-3000:]
+        release.write_text("")
+        holder.wait(timeout=60)
+        state = ""
+        for _ in range(1080):
+            state = _state(prefect, flow_id)
+            if state in FINAL:
+                break
+            time.sleep(0.5)
+        assert state == "COMPLETED", prefect("flow-run", "logs", flow_id).stdout[-3000:]
+        logs = prefect("flow-run", "logs", flow_id).stdout
+        assert "got a gpu slot after" in logs and re.search(r"clic\.pretrain: epoch 0: loss", logs), logs[-3000:]
+        for noise in ("Skipping registering function", "dvc push", "\n[]\n"):
+            assert noise not in logs, noise
+        ws = next(p for p in (root / "workspaces").glob("pretrain-*") if (p / "models" / "clicv2").is_dir())
+        params = yaml.safe_load((ws / "params.yaml").read_text())
+        assert params["pretrain"]["clicv2"]["checkpoint_every"] == 3 and "checkpoint_every" not in params
+
         runs = _runs(root)
         mine = {r.info.run_name: r for r in runs if r.data.tags.get("prefect.flow_run_id") == flow_id}
-        assert {"fetch", "validate", "pretrain clicv2", "probe clicv2"} <= set(mine)
+        assert {"pretrain clicv2", "fetch", "validate", "probe clicv2"} <= set(mine)
         assert all(r.info.status == "FINISHED" for r in mine.values())  # parent run closed too
-        artifact = prefect("artifact", "inspect", "pretrain-clicv2")
-        assert "SRCC" in artifact.stdout and mine["probe clicv2"].info.run_id in artifact.stdout.replace("\n", "")
+        parent = next(r for r in mine.values() if r.data.tags.get("clic.kind") == "pipeline")
+        assert parent.info.run_name == "pretrain clicv2"
+        assert parent.data.metrics["clicv2_srcc"] == mine["probe clicv2"].data.metrics["srcc"]
+        import mlflow
+
+        exp = mlflow.MlflowClient().get_experiment_by_name("clic")
+        assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
+        artifact = prefect("artifact", "inspect", "pretrain-clicv2").stdout.replace("\n", "")
+        assert "SRCC" in artifact and "RUNNING" not in artifact
+        link = f"(http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id})"
+        assert f"[pretrainclicv2]{link}" in artifact.replace(" ", ""), artifact[-2000:]
+        assert f"experiments/{exp.experiment_id}?workflowType=machine_learning" in artifact.replace(" ", "")
+
+        unknown = prefect("deployment", "run", "pretrain/moco", "--param", 'overrides={"epochz": 1}', "--watch",
+                          "--watch-timeout", "300")
+        assert "Failed" in unknown.stdout, unknown.stdout[-3000:]
+        unknown_id = re.search(r"UUID: ([0-9a-f-]{36})", unknown.stdout).group(1)  # type: ignore[union-attr]
+        assert "overrides: unknown key 'epochz'" in prefect("flow-run", "logs", unknown_id).stdout
 
         bad = prefect("deployment", "run", "pretrain/moco", "--param",
                       'overrides={"validate.min_rows": 100000}', "--watch", "--watch-timeout", "540")
@@ -67,10 +131,16 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
         bad_id = re.search(r"UUID: ([0-9a-f-]{36})", bad.stdout).group(1)  # type: ignore[union-attr]
         logs = prefect("flow-run", "logs", bad_id).stdout
         assert "stage validate failed: validation failed: 1 of" in logs
-        statuses = {r.info.run_name: r.info.status for r in _runs(root)
-                    if r.data.tags.get("prefect.flow_run_id") == bad_id}
+        bad_runs = {r.info.run_name: r for r in _runs(root) if r.data.tags.get("prefect.flow_run_id") == bad_id}
+        statuses = {n: r.info.status for n, r in bad_runs.items()}
         assert statuses["validate"] == "FAILED" and "RUNNING" not in statuses.values()
+        for name in ("validate", "pretrain moco"):  # the stage's run and the parent run
+            error = mlflow.artifacts.load_text(f"runs:/{bad_runs[name].info.run_id}/error.txt")
+            assert "validation failed: 1 of" in error, error[:500]
     finally:
+        if holder is not None and holder.poll() is None:
+            holder.kill()
+            holder.wait(timeout=30)
         down = subprocess.run([script, "down"], cwd=root, env=env, capture_output=True, text=True, timeout=120)
         assert down.returncode == 0
     assert pids and not any(_alive(p) for p in pids)
@@ -98,3 +168,55 @@ def test_workspace_anchors_relative_corpus_paths(tmp_path: Path) -> None:
     single = {"pretrain": {"data": "photos"}}
     _anchor_paths(single, tmp_path)
     assert single["pretrain"]["data"] == [str(tmp_path / "photos")]
+
+
+def test_overrides_accept_method_relative_keys_and_refuse_unknown_ones() -> None:
+    sys.path.insert(0, str(REPO))
+    from clic.config import load_params
+    from flows.workspace import resolve_overrides
+
+    params = load_params(REPO / "params.yaml")
+    assert resolve_overrides({"epochs": 1, "image_size": 32, "probe.bootstrap": 5}, "clicv2", params) == {
+        "pretrain.clicv2.epochs": 1, "pretrain.clicv2.image_size": 32, "probe.bootstrap": 5}
+    assert resolve_overrides({"pretrain.clicv2.epochs": 1}, "", params) == {"pretrain.clicv2.epochs": 1}
+    with pytest.raises(ValueError, match=r"unknown key 'epochz'.*pretrain\.clicv2\.epochs.*relative to pretrain.moco"):
+        resolve_overrides({"epochz": 1}, "moco", params)
+    with pytest.raises(ValueError, match=r"unknown key 'epochs'.*method-relative keys .* pretrain runs only"):
+        resolve_overrides({"epochs": 1}, "", params)  # pipeline/evaluate: no method to be relative to
+    with pytest.raises(ValueError, match=r"unknown key 'validate.min_rowz'"):
+        resolve_overrides({"validate.min_rowz": 1}, "", params)
+    with pytest.raises(ValueError, match=r"expected a mapping .* got str"):
+        resolve_overrides("epochs=1", "clicv2", params)
+
+
+def test_stage_output_lines_drop_redraws_and_noise() -> None:
+    sys.path.insert(0, str(REPO))
+    from flows.pipeline import clean_line
+
+    assert clean_line(b"\repoch 0:  10%|#  | 1/10\repoch 0: 100%|###| 10/10\n") == "epoch 0: 100%|###| 10/10"
+    assert clean_line(b"2026 INFO clic.pretrain: epoch 3: loss 1.2\n") == "2026 INFO clic.pretrain: epoch 3: loss 1.2"
+    for noise in (b"INFO great_expectations._docs_decorators: Skipping registering function x because it is a\n",
+                  b"[]\n", b"Use `dvc push` to send your updates to remote storage.\n", b"\r\n", b"   \n",
+                  b"INFO mlflow.system_metrics.system_metrics_monitor: Started monitoring system metrics.\n"):
+        assert clean_line(noise) is None, noise
+
+
+def test_prune_keeps_the_newest_workspaces_per_flow(tmp_path: Path) -> None:
+    import fcntl
+
+    sys.path.insert(0, str(REPO))
+    from flows.workspace import prune_workspaces
+
+    for i, name in enumerate(["pretrain-a", "pretrain-b", "pretrain-c", "pretrain-d", "pipeline-a"]):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "big").write_bytes(b"x" * 10)
+        (tmp_path / name / ".lock").touch()
+        os.utime(tmp_path / name, (1000 + i, 1000 + i))
+    with (tmp_path / "pretrain-a" / ".lock").open("a") as held:  # a running flow holds the oldest one
+        fcntl.flock(held, fcntl.LOCK_EX)
+        removed = prune_workspaces(tmp_path, "pretrain", 2)
+    assert sorted(p.name for p in removed) == ["pretrain-b"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline-a", "pretrain-a", "pretrain-c", "pretrain-d"]
+    assert [p.name for p in prune_workspaces(tmp_path, "pretrain", 1, keep=tmp_path / "pretrain-a")] == [
+        "pretrain-d", "pretrain-c"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["pipeline-a", "pretrain-a"]
