@@ -31,7 +31,7 @@ from clic.config import PretrainConfig, data_config, from_dict, load_params, pre
 from clic.data.dataset import ViewDataset
 from clic.data.prepare import prepare
 from clic.data.table import read_table
-from clic.engine.train import autocast
+from clic.engine.train import autocast, train_one_epoch
 from clic.pretrain import build_model, build_optimizer, build_views, run
 
 REPO = Path(__file__).resolve().parents[1]
@@ -41,18 +41,22 @@ def _batch(cfg: PretrainConfig, views: dict, device: torch.device) -> dict[str, 
     return {k: v.to(device) for k, v in views.items() if isinstance(v, torch.Tensor) and v.dim() == 4}
 
 
-def bare_loop(cfg: PretrainConfig, batch: dict[str, torch.Tensor], steps: int, device: torch.device) -> float:
+def bare_loop(cfg: PretrainConfig, batch: dict[str, torch.Tensor], steps: int, device: torch.device,
+              compile_: bool = False) -> float:
     """Images/s of forward + backward + step on fixed tensors (no data, no engine)."""
     model = build_model(cfg).to(device).train()
+    if cfg.channels_last == "on":
+        model = model.to(memory_format=torch.channels_last)
+    opt_model = torch.compile(model) if compile_ else model
     opt = build_optimizer(model, cfg, cfg.lr())
     bsz = next(iter(batch.values())).shape[0]
-    for i in range(steps + 2):
-        if i == 2:  # two warm-up steps
+    for i in range(steps + 3):
+        if i == 3:  # warm-up steps (three: compilation may recompile once)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             start = time.perf_counter()
         with autocast(device, cfg.amp):
-            loss = model(batch, momentum=0.99)["loss"]
+            loss = opt_model(batch, momentum=0.99)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -89,7 +93,8 @@ def cpu_bench(methods: list[str], epochs: int) -> dict:
             engine = sum(m["images_per_s"] for m in epochs_metrics[1:]) / max(len(epochs_metrics) - 1, 1)
             ds = ViewDataset(read_table(data_dir, ["train"]), data_dir, build_views(cfg), cfg.seed)
             items = [ds[i] for i in range(cfg.batch_size)]
-            batch = {k: torch.stack([it[k] for it in items]) for k in items[0] if k not in ("index", "shift")}
+            views_ = [k for k, v in items[0].items() if isinstance(v, torch.Tensor) and v.dim() == 3]
+            batch = {k: torch.stack([it[k] for it in items]) for k in views_}
             bare = bare_loop(cfg, batch, steps=8, device=torch.device("cpu"))
             views = view_rate(cfg, data_dir)
             results["methods"][method] = {
@@ -101,8 +106,35 @@ def cpu_bench(methods: list[str], epochs: int) -> dict:
     return results
 
 
-def gpu_bench(batch_size: int, steps: int) -> dict:
+def engine_rate(cfg: PretrainConfig, batch: dict[str, torch.Tensor], steps: int, device: torch.device,
+                sync_every: int) -> float:
+    """Images/s of :func:`train_one_epoch` on a device-resident batch: the engine's own cost
+    (schedules, loss read-back, metric averaging) against :func:`bare_loop`."""
+    model = build_model(cfg).to(device)
+    if cfg.channels_last == "on":
+        model = model.to(memory_format=torch.channels_last)
+    opt = build_optimizer(model, cfg, cfg.lr())
+    bsz = next(iter(batch.values())).shape[0]
+
+    def epoch(n: int) -> float:
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        train_one_epoch(model, [batch] * n, opt, 0, n, 0, lambda t: cfg.lr(), lambda t: 0.99, device,
+                        amp=cfg.amp, sync_every=sync_every, progress=False)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        return n * bsz / (time.perf_counter() - start)
+
+    epoch(2)  # warm-up
+    return epoch(steps)
+
+
+def gpu_bench(batch_size: int, steps: int, compile_: bool) -> dict:
+    """The papers' scale on one GPU: bare loop, the engine reading losses every step (the old
+    behaviour) and every 20 steps (the default), and optionally ``torch.compile``."""
     device = torch.device("cuda")
+    torch.backends.cudnn.benchmark = True
     out: dict = {"device": torch.cuda.get_device_name(), "amp": "bf16", "runs": {}}
     setups = {
         "clic_resnet50": {"method": "clic", "backbone": "resnet50", "image_size": 224, "channels_last": "on",
@@ -115,12 +147,21 @@ def gpu_bench(batch_size: int, steps: int) -> dict:
         x = torch.randn(batch_size, 3, 224, 224, device=device)
         keys = ("view1", "view2") if cfg.method == "clicv2" else ("query", "key")
         batch = {k: x.clone() for k in keys}
+        if cfg.method != "clicv2":  # the queue's same-image exclusion reads the ids
+            batch["image_id"] = torch.arange(batch_size, device=device)
         if cfg.channels_last == "on":
-            batch = {k: v.contiguous(memory_format=torch.channels_last) for k, v in batch.items()}
+            batch = {k: v.contiguous(memory_format=torch.channels_last) if v.dim() == 4 else v
+                     for k, v in batch.items()}
         torch.cuda.reset_peak_memory_stats()
-        rate = bare_loop(cfg, batch, steps, device)
-        out["runs"][name] = {"batch_size": batch_size, "images_per_s": round(rate, 1),
-                             "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        run_ = {"batch_size": batch_size, "images_per_s": round(bare_loop(cfg, batch, steps, device), 1),
+                "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
+        for n in (1, 20):
+            run_[f"engine_sync_every_{n}"] = round(engine_rate(cfg, batch, steps, device, n), 1)
+        if compile_:
+            start = time.perf_counter()
+            run_["compiled_images_per_s"] = round(bare_loop(cfg, batch, steps, device, compile_=True), 1)
+            run_["compile_s"] = round(time.perf_counter() - start, 1)
+        out["runs"][name] = run_
     return out
 
 
@@ -131,9 +172,10 @@ def main() -> None:
     ap.add_argument("--gpu", action="store_true")
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
+    ap.add_argument("--compile", action="store_true", help="--gpu: also time torch.compile")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    result = gpu_bench(args.batch_size, args.steps) if args.gpu else cpu_bench(args.methods, args.epochs)
+    result = gpu_bench(args.batch_size, args.steps, args.compile) if args.gpu else cpu_bench(args.methods, args.epochs)
     print(json.dumps(result, indent=2))
 
 

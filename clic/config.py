@@ -262,6 +262,9 @@ class PretrainConfig:
     sync_every: int = 20  # read losses from the device every N steps (no per-step host sync)
     compile: bool = False  # torch.compile the training model (CUDA: worth it for long runs)
     threads: int = 0  # intra-op threads per training process; 0: the cores / processes per node
+    # where the photometric half of the views runs: the loader workers (PIL) or the training
+    # device, batched (clic/transforms/batch.py), for nodes with few cores per GPU
+    augment_on: Literal["loader", "device"] = "loader"
     nprocs: int = 1  # processes per node when the pipeline launches torchrun
     max_images: int = 0  # 0: all images of the pretraining split(s) or corpus
     splits: tuple[str, ...] = ("train",)
@@ -277,6 +280,7 @@ class PretrainConfig:
 
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
+        _choice("augment_on", self.augment_on, ("loader", "device"))
         _positive("epochs", self.epochs)
         _positive("batch_size", self.batch_size)
         _positive("image_size", self.image_size)

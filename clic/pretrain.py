@@ -34,18 +34,33 @@ from clic.engine.train import NonFiniteLossError, train_one_epoch
 from clic.models.backbones import ResNetBackbone, ViTBackbone, build_backbone
 from clic.models.clicv2 import CLICv2
 from clic.models.moco import MoCo
+from clic.transforms.batch import DeviceViews
 from clic.transforms.moco import MocoViews
+from clic.transforms.moco import device_views as moco_device_views
 from clic.transforms.rcm import extra_mosaics
 from clic.transforms.shifted import ShiftedPatchViews
+from clic.transforms.shifted import device_views as shifted_device_views
 
 log = logging.getLogger(__name__)
 
 
 def build_views(cfg: PretrainConfig) -> Callable:
+    """The loader's half of the method's views: all of them, or geometry only when
+    ``augment_on: device`` (then :func:`build_device_views` finishes them)."""
+    photo = cfg.augment_on == "loader"
     if cfg.method == "clicv2":
-        return ShiftedPatchViews(cfg.image_size, cfg.patch_size, cfg.shift)
+        return ShiftedPatchViews(cfg.image_size, cfg.patch_size, cfg.shift, photometric_ops=photo)
     use_rcm_key = cfg.method == "clic" and cfg.rcm.pairing in ("key", "both")
-    return MocoViews(cfg.image_size, cfg.views, cfg.rcm if use_rcm_key else None)
+    return MocoViews(cfg.image_size, cfg.views, cfg.rcm if use_rcm_key else None, photometric_ops=photo)
+
+
+def build_device_views(cfg: PretrainConfig) -> DeviceViews | None:
+    """The batched photometric half of the views (``augment_on: device``), else None."""
+    if cfg.augment_on == "loader":
+        return None
+    if cfg.method == "clicv2":
+        return shifted_device_views(cfg.shift)
+    return moco_device_views(cfg.image_size, cfg.views)
 
 
 def build_model(cfg: PretrainConfig) -> nn.Module:
@@ -196,6 +211,7 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
             momentum_at=lambda t: cosine_momentum(t, _base_momentum(cfg), cfg.epochs),
             device=dev, amp=cfg.amp, clip_grad=cfg.optim.clip_grad, channels_last=channels_last,
             on_checkpoint=save, checkpoint_every=cfg.checkpoint_every, sync_every=cfg.sync_every,
+            augment=build_device_views(cfg), augment_seed=cfg.seed + 7919 * rank,
             progress=progress and dist.is_main())
         metrics = {k: dist.all_reduce_mean(v, dev) for k, v in metrics.items()}
         metrics["images_per_s"] *= world

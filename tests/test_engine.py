@@ -15,10 +15,12 @@ import torch
 import yaml
 
 from clic.config import PretrainConfig, from_dict
+from clic.data.dataset import ViewDataset
+from clic.data.table import read_table
 from clic.engine import checkpoint as ckpt
 from clic.engine.schedule import cosine_lr, cosine_momentum
 from clic.engine.train import NonFiniteLossError, train_one_epoch
-from clic.pretrain import intra_op_threads, run
+from clic.pretrain import build_views, intra_op_threads, run
 
 from .conftest import REPO, tiny_overrides
 
@@ -157,6 +159,21 @@ def test_non_finite_check_names_the_step_and_precedes_any_checkpoint() -> None:
     # step 5's loss is read at the next checkpoint (after step 8), which is then not written
     metrics, saved = _scripted_epoch(values[:5], sync_every=8, checkpoint_every=4)
     assert saved == [4]
+
+
+@pytest.mark.parametrize("method", ["clic", "clicv2"])
+def test_device_side_views_train_and_repeat_exactly(method: str, tiny_prepared: Path, tmp_path: Path) -> None:
+    """augment_on: device moves the photometric ops into the training step (here on CPU tensors):
+    the loader hands over uint8 geometry-only views, and two runs give identical weights."""
+    cfg = _cfg(method, epochs=1, max_images=16, augment_on="device")
+    sample = ViewDataset(read_table(tiny_prepared, ["train"])[:1], tiny_prepared, build_views(cfg), 0)[0]
+    views = [k for k, v in sample.items() if isinstance(v, torch.Tensor) and v.dim() == 3]
+    assert len(views) == 2 and all(sample[k].dtype == torch.uint8 for k in views)
+    a = _weights(run(cfg, tiny_prepared, tmp_path / "a", progress=False))
+    b = _weights(run(cfg, tiny_prepared, tmp_path / "b", progress=False))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert math.isfinite(lines[0]["loss"]) and lines[0]["loss"] > 0
 
 
 def test_intra_op_threads_share_the_cores_between_training_processes() -> None:

@@ -44,7 +44,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
                     momentum_at: Callable[[float], float], device: torch.device, amp: str = "auto",
                     clip_grad: float = 0.0, channels_last: bool = False,
                     on_checkpoint: Callable[[int, int], None] | None = None, checkpoint_every: int = 0,
-                    sync_every: int = 1, progress: bool = True) -> dict[str, float]:
+                    sync_every: int = 1,
+                    augment: Callable[[dict[str, Any], torch.Generator], dict[str, Any]] | None = None,
+                    augment_seed: int = 0, progress: bool = True) -> dict[str, float]:
     """Train steps ``start_step..steps_per_epoch-1`` of ``epoch``; returns averaged metrics.
 
     ``lr_at``/``momentum_at`` map the fractional epoch to this step's values.
@@ -55,6 +57,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
     ``sync_every`` steps, before a checkpoint and at the end of the epoch (``float(loss)`` each
     step would stall a GPU's queue). The non-finite check stays exact: the first offending step is
     named, and no checkpoint is written after it.
+
+    ``augment(batch, generator)`` finishes the views on the device (``augment_on: device``); its
+    generator is seeded from (``augment_seed``, epoch, step), so a resumed run draws the same.
     """
     model.train()
     sums: dict[str, float] = {}
@@ -89,6 +94,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
         for group in optimizer.param_groups:
             group["lr"] = lr
         batch = to_device(batch, device, channels_last)
+        if augment is not None:
+            g = torch.Generator(device=device).manual_seed((augment_seed * 1_000_003 + epoch) * 1_000_003 + i)
+            batch = to_device(augment(batch, g), device, channels_last)
         with autocast(device, amp):
             out = model(batch, momentum=momentum_at(t))
         loss = out["loss"]

@@ -22,6 +22,7 @@ from torchvision import transforms as T
 from torchvision.transforms import functional as F
 
 from clic.config import ShiftConfig
+from clic.transforms.batch import BatchPhotometric, DeviceViews
 from clic.transforms.common import MEAN, STD, photometric
 
 
@@ -44,11 +45,12 @@ def draw_shift(patch: int, cfg: ShiftConfig) -> tuple[int, int]:
 class ShiftedPatchViews:
     """PIL image -> dict(view1, view2: (3, size, size) normalised tensors, shift: (2,) long (dy, dx))."""
 
-    def __init__(self, size: int, patch: int, cfg: ShiftConfig) -> None:
+    def __init__(self, size: int, patch: int, cfg: ShiftConfig, photometric_ops: bool = True) -> None:
         if size % patch:
             raise ValueError(f"ShiftedPatchViews: patch={patch} must divide size={size}")
         self.size, self.patch, self.cfg = size, patch, cfg
         self.canvas = T.RandomResizedCrop(size + patch, scale=cfg.crop_scale, ratio=(1.0, 1.0), antialias=True)
+        self.photometric_ops = photometric_ops  # False: uint8 views, finished by device_views()
         self.photo = T.Compose(photometric(cfg.jitter, cfg.jitter_p))
         self.norm = T.Normalize(MEAN, STD)
 
@@ -56,11 +58,18 @@ class ShiftedPatchViews:
         canvas = self.canvas(img)
         if random.random() < self.cfg.hflip_p:
             canvas = F.hflip(canvas)
-        x = F.to_tensor(canvas)  # (3, size + P, size + P)
+        x = F.to_tensor(canvas) if self.photometric_ops else F.pil_to_tensor(canvas)  # (3, size + P, size + P)
         dy, dx = draw_shift(self.patch, self.cfg)
         oy, ox = max(0, -dy), max(0, -dx)  # origin of view 1 so both windows fit on the canvas
         s = self.size
         v1 = x[:, oy:oy + s, ox:ox + s]
         v2 = x[:, oy + dy:oy + dy + s, ox + dx:ox + dx + s]
-        return {"view1": self.norm(self.photo(v1)), "view2": self.norm(self.photo(v2)),
-                "shift": torch.tensor([dy, dx], dtype=torch.long)}
+        if self.photometric_ops:
+            v1, v2 = self.norm(self.photo(v1)), self.norm(self.photo(v2))
+        return {"view1": v1, "view2": v2, "shift": torch.tensor([dy, dx], dtype=torch.long)}
+
+
+def device_views(cfg: ShiftConfig) -> DeviceViews:
+    """The device-side half of :class:`ShiftedPatchViews` built with ``photometric_ops=False``."""
+    photo = BatchPhotometric(cfg.jitter, cfg.jitter_p)
+    return DeviceViews({"view1": photo, "view2": photo})

@@ -1,0 +1,155 @@
+"""Data-path benchmark: decode + both views per image, per method, on ONE core; prints JSON.
+
+For each method's view recipe at ``--size`` px (224 by default, the papers' size):
+- ``full_jpeg``: full-size camera JPEGs (``--source`` px long side), decoded
+  - ``pillow``: in full by Pillow (the pre-issue path),
+  - ``pillow_draft``: by Pillow at the smallest DCT scale that keeps the short side >= 2x size
+    (what :func:`clic.data.imageio.load_rgb` does),
+  - ``simplejpeg`` / ``turbojpeg``: the same reduced-scale decode by libjpeg-turbo bindings, where
+    those packages are installed;
+- ``cache_png``: the prepared cache (PNG, short side ``2 x size``, Pillow),
+- ``cache_jpeg``: the same cache written as quality-95 JPEG (a candidate cache format);
+- ``augment_on_device``: the loader's half only (decode + crops/flips, uint8 out) when the
+  photometric ops run batched on the training device (``pretrain.augment_on: device``).
+
+Images/s is decode + views for one image on one core (``torch.set_num_threads(1)``), so it is
+also the rate one loader worker sustains. Synthetic photo-like images (smooth fields, edges and
+sensor noise) are generated; nothing is downloaded.
+
+    python bench/bench_decode.py [--images 48] [--size 224] [--source 3000] [--methods moco clic clicv2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+from clic.config import load_params, pretrain_config
+from clic.data.imageio import load_rgb, resize_short
+from clic.pretrain import build_views
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def photo_like(rng: np.random.Generator, w: int, h: int) -> Image.Image:
+    """Smooth colour fields, hard-edged shapes and sensor noise: compresses like a photo."""
+    small = rng.integers(0, 256, (h // 64 + 2, w // 64 + 2, 3), dtype=np.uint8)
+    img = Image.fromarray(small).resize((w, h), Image.Resampling.BICUBIC)
+    arr = np.asarray(img, dtype=np.int16).copy()
+    for _ in range(12):
+        x0, y0 = rng.integers(0, w), rng.integers(0, h)
+        x1, y1 = x0 + rng.integers(w // 20, w // 4), y0 + rng.integers(h // 20, h // 4)
+        arr[y0:y1, x0:x1] = rng.integers(0, 256, 3)
+    arr += rng.normal(0, 6, arr.shape).astype(np.int16)
+    return Image.fromarray(np.clip(arr, 0, 255).astype(np.uint8))
+
+
+def decoders(short_min: int) -> dict[str, Callable[[Path], Image.Image]]:
+    """Every available way to go from a JPEG file to an RGB image with short side >= short_min."""
+    out: dict[str, Callable[[Path], Image.Image]] = {
+        "pillow": lambda p: load_rgb(p),
+        "pillow_draft": lambda p: load_rgb(p, min_size=short_min),
+    }
+    try:
+        import simplejpeg
+
+        def simple(p: Path) -> Image.Image:
+            data = p.read_bytes()
+            w, h, _, _ = simplejpeg.decode_jpeg_header(data)
+            scale = min(w, h) / short_min
+            return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=int(h / scale),
+                                                          min_width=int(w / scale)))
+        out["simplejpeg"] = simple
+    except ImportError:
+        pass
+    try:
+        from turbojpeg import TurboJPEG
+
+        tj = TurboJPEG()
+
+        def turbo(p: Path) -> Image.Image:
+            data = p.read_bytes()
+            w, h, _, _ = tj.decode_header(data)
+            factors = sorted(tj.scaling_factors, key=lambda f: f[0] / f[1])
+            f = next((f for f in factors if min(w, h) * f[0] / f[1] >= short_min), (1, 1))
+            return Image.fromarray(tj.decode(data, scaling_factor=f)[..., ::-1])  # BGR -> RGB
+        out["turbojpeg"] = turbo
+    except (ImportError, RuntimeError, OSError):  # the package needs the system libturbojpeg
+        pass
+    return out
+
+
+def rate(files: list[Path], decode: Callable[[Path], Image.Image], views: Callable | None, repeat: int) -> float:
+    """Images/s of decode (+ views) on one core, after one warm-up pass."""
+    for p in files[:2]:
+        img = decode(p)
+        if views is not None:
+            views(img)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        for p in files:
+            img = decode(p)
+            if views is not None:
+                views(img)
+    return repeat * len(files) / (time.perf_counter() - start)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--images", type=int, default=48)
+    ap.add_argument("--size", type=int, default=224)
+    ap.add_argument("--source", type=int, default=3000, help="long side of the synthetic camera JPEGs")
+    ap.add_argument("--methods", nargs="+", default=["moco", "clic", "clicv2"])
+    ap.add_argument("--repeat", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(1)
+    rng = np.random.default_rng(0)
+    params = load_params(REPO / "params.yaml")
+    short = 2 * args.size  # the cache side the loader decodes to (ViewDataset.decode_side)
+    result: dict = {"size": args.size, "source": f"{args.source}x{args.source * 3 // 4}", "images": args.images,
+                    "cache_short_side": short, "per_core": True, "decode_only": {}, "methods": {}}
+    with tempfile.TemporaryDirectory() as tmp:
+        full, png, jpg = Path(tmp, "full"), Path(tmp, "png"), Path(tmp, "jpg")
+        for d in (full, png, jpg):
+            d.mkdir()
+        for i in range(args.images):
+            img = photo_like(rng, args.source, args.source * 3 // 4)
+            img.save(full / f"{i}.jpg", quality=90)
+            small = resize_short(img, short)
+            small.save(png / f"{i}.png", compress_level=1)
+            small.save(jpg / f"{i}.jpg", quality=95)
+        sets = {"full_jpeg": sorted(full.iterdir()), "cache_png": sorted(png.iterdir()),
+                "cache_jpeg": sorted(jpg.iterdir())}
+        result["bytes_per_image"] = {k: int(np.mean([p.stat().st_size for p in v])) for k, v in sets.items()}
+        paths = {f"full_jpeg/{name}": (sets["full_jpeg"], fn) for name, fn in decoders(short).items()}
+        paths["cache_png/pillow"] = (sets["cache_png"], lambda p: load_rgb(p))
+        paths["cache_jpeg/pillow"] = (sets["cache_jpeg"], lambda p: load_rgb(p))
+        if "simplejpeg" in decoders(short):
+            paths["cache_jpeg/simplejpeg"] = (sets["cache_jpeg"], decoders(short)["simplejpeg"])
+        for name, (files, fn) in paths.items():
+            if name != "full_jpeg/pillow" or args.images <= 64:
+                result["decode_only"][name] = round(rate(files, fn, None, args.repeat), 1)
+        for method in args.methods:
+            cfg = pretrain_config(params, method)
+            cfg = dataclasses.replace(cfg, image_size=args.size)
+            views = build_views(cfg)
+            geometry = build_views(dataclasses.replace(cfg, augment_on="device"))
+            result["methods"][method] = {name: round(rate(files, fn, views, args.repeat), 1)
+                                         for name, (files, fn) in paths.items() if name != "full_jpeg/pillow"}
+            result["methods"][method]["augment_on_device"] = {  # the loader's half: decode + geometry
+                name: round(rate(paths[name][0], paths[name][1], geometry, args.repeat), 1)
+                for name in ("full_jpeg/pillow_draft", "cache_png/pillow", "cache_jpeg/pillow")}
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
