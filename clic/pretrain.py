@@ -239,9 +239,11 @@ def build_loader(cfg: PretrainConfig, data_dir: str | Path, corpus_dir: str | Pa
         stream = shard_stream(cfg, rank, world)
         if cfg.method != "clicv2":
             check_queue(cfg.moco, stream.index.total)
-        # workers start afresh each epoch and copy the stream's epoch and skip
+        # workers start afresh each epoch and copy the stream's epoch and skip; the loader's own
+        # generator keeps iterating it from drawing on the global RNG (exact resumption)
         return (DataLoader(stream, batch_size=cfg.batch_size, drop_last=True, num_workers=cfg.num_workers,
-                           pin_memory=pin_memory, prefetch_factor=prefetch), stream, stream.index.total)
+                           pin_memory=pin_memory, prefetch_factor=prefetch,
+                           generator=torch.Generator().manual_seed(cfg.seed)), stream, stream.index.total)
     records = pretraining_records(cfg, data_dir, corpus_dir)
     extra = None
     if cfg.method == "clic" and cfg.rcm.pairing in ("extra", "both"):

@@ -249,3 +249,16 @@ def test_leak_check_lists_shards_from_their_summaries(corpus: Path, shards: Path
     evaluation = [Record("eval/x.png", str(src), 0.5, "test", sha256=content_hash(load_rgb(src))),
                   Record("eval/y.png", "y.png", 0.5, "test", sha256="0" * 64)]
     assert leaks(hashes.sha, evaluation) == [("shards0/corpus0/b/000.png", "eval/x.png")]
+
+
+def test_shard_loader_leaves_the_global_rng_alone(shards: Path, tmp_path: Path) -> None:
+    from clic.pretrain import build_loader
+
+    raw = {**tiny_overrides("clicv2"), "data": [str(shards)]}
+    cfg = from_dict(PretrainConfig, {"method": "clicv2", **raw})
+    loader, feed, n = build_loader(cfg, tmp_path, tmp_path, rank=0, world=1, pin_memory=False)
+    assert n == 48 and feed.steps_per_epoch == 6
+    feed.set_epoch(1, skip=2)
+    state = torch.get_rng_state()
+    batch = next(iter(loader))  # a resumed run restores the RNG, then starts the loader mid-epoch
+    assert torch.equal(torch.get_rng_state(), state) and len(batch["index"]) == 8
