@@ -22,7 +22,7 @@ from clic.config import PretrainConfig, from_dict
 from clic.data.corpus import corpus_records
 from clic.data.imageio import content_hash, load_rgb
 from clic.data.shard_stream import ShardStream
-from clic.data.shards import INDEX_NAME, ShardIndex, is_shard_index, iter_shard, write_shards
+from clic.data.shards import INDEX_NAME, ShardIndex, is_shard_index, iter_shard, shard_plan, write_shards
 from clic.engine import checkpoint as ckpt
 from clic.pretrain import run
 
@@ -262,3 +262,41 @@ def test_shard_loader_leaves_the_global_rng_alone(shards: Path, tmp_path: Path) 
     state = torch.get_rng_state()
     batch = next(iter(loader))  # a resumed run restores the RNG, then starts the loader mid-epoch
     assert torch.equal(torch.get_rng_state(), state) and len(batch["index"]) == 8
+
+
+def test_sigkilled_writer_is_completed_by_a_rerun(corpus: Path, shards: Path, tmp_path: Path) -> None:
+    """A real kill -9 of the writer and its workers, while a worker waits on an image (a FIFO
+    nobody writes): the shards before it are published; a re-run writes only the rest, and the
+    result is the uninterrupted one byte for byte."""
+    import os
+    import signal
+
+    slow = tmp_path / "slow.jpg"
+    os.mkfifo(slow)
+    records = corpus_records([corpus, slow])
+    seed = next(s for s in range(100) if 3 <= [p for _, p, _ in shard_plan(records, 4, s)].index(str(slow)) // 4 < 10)
+    blocked = [p for _, p, _ in shard_plan(records, 4, seed)].index(str(slow)) // 4  # its shard
+    params = tmp_path / "params.yaml"
+    params.write_text(f"seed: {seed}\n")
+    out = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-m", "clic.cli", "data", "shard", "--params", str(params), "--out",
+                             str(out), "--per-shard", "4", "--workers", "1", "--no-progress", str(corpus), str(slow)],
+                            start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 60
+        while not (out / f"shard-{blocked - 1:06d}.tar").exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(0.3)  # it stays blocked on the FIFO: nothing more can be published
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+    assert sorted(p.name for p in out.glob("shard-*.tar")) == [f"shard-{i:06d}.tar" for i in range(blocked)]
+    assert not (out / INDEX_NAME).exists()
+    slow.unlink()
+    Image.fromarray(np.full((20, 24, 3), 77, np.uint8)).save(slow)  # the image becomes readable
+    reference = write_shards(corpus_records([corpus, slow]), tmp_path / "ref", per_shard=4, seed=seed, workers=1,
+                             progress=False)
+    again = write_shards(corpus_records([corpus, slow]), out, per_shard=4, seed=seed, workers=2, progress=False)
+    assert again.written == reference.shards - blocked and again.images == reference.images == 49
+    ref = tmp_path / "ref"
+    assert {p.name: _sha(p) for p in out.glob("shard-*")} == {p.name: _sha(p) for p in ref.glob("shard-*")}
