@@ -4,7 +4,9 @@ Format (webdataset-compatible): ``shard-NNNNNN.tar`` files whose members come in
 ``<key>.jpg`` (the image, JPEG) and ``<key>.json`` (``name``, ``source``, ``sha256`` of the decoded
 source pixels as in the prepared table, ``width``, ``height`` of the source), ``per_shard`` pairs per
 shard (fewer in the last one, or where a source image was unreadable); keys are the image's position
-in the written order, zero-padded. ``index.shards.json`` lists the shards with their counts:
+in the written order, zero-padded. Next to each shard, ``shard-NNNNNN.json`` summarises it (count,
+members' metadata, unreadable sources), so a corpus can be listed and leak-checked without reading
+the shards. ``index.shards.json`` lists the shards with their counts:
 
     {"format": "clic-shards", "version": 1, "total": N, "shards": [{"url": "shard-000000.tar", "count": n}, ...]}
 
@@ -12,8 +14,8 @@ Shard URLs are relative to the index (or absolute: paths, ``http(s)://``, any ``
 ``s3://`` with its package installed, or ``pipe:COMMAND`` whose standard output is the tar stream).
 
 Writing is parallel over all cores (decode, hash, optional resize and encode in worker processes,
-in bounded chunks, so memory stays flat in the number of images: only the listing is held, a
-path per image), shows a progress bar with ETA, and survives a kill: each shard is written to a
+in bounded chunks, so memory stays flat in the number of decoded images: only the listing is
+held, about 0.4 KB per image), shows a progress bar with ETA, and survives a kill: each shard is written to a
 temporary file and renamed when complete, so a re-run skips the complete shards and rewrites
 the rest byte for byte as an uninterrupted run would have (the images are dealt into shards in
 a seeded permutation of the sorted listing, so a shard mixes every source folder).
