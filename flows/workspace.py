@@ -31,6 +31,7 @@ from typing import Any
 import yaml
 
 from clic.config import apply_overrides, load_params
+from clic.data.shards import is_url
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ("clic", "stages", "dvc.yaml", "params.yaml")
@@ -80,7 +81,7 @@ def _anchor_paths(params: dict[str, Any], root: Path) -> None:
     root, and the stages run inside ``workspaces/<key>``, where they would point elsewhere."""
     data = (params.get("pretrain") or {}).get("data")
     if data:
-        params["pretrain"]["data"] = [str(p) if Path(p).is_absolute() else str((root / p).resolve())
+        params["pretrain"]["data"] = [str(p) if is_url(str(p)) or Path(p).is_absolute() else str((root / p).resolve())
                                       for p in ([data] if isinstance(data, str) else data)]
 
 

@@ -26,6 +26,7 @@ import pandas as pd
 from clic.config import METHODS, data_config, pretrain_config, probe_config, to_dict, validate_config
 from clic.data.corpus import CORPUS_DIR, INDEX_NAME, corpus_hashes, corpus_records, evaluation_records, leaks
 from clic.data.imageio import ImageError, load_rgb
+from clic.data.shards import is_url
 from clic.data.table import COLUMNS, SPLITS, read_table, resolve
 from stages import tracking
 from stages.common import ROOT, main, params
@@ -62,7 +63,8 @@ def mark_corpus_leaks(df: pd.DataFrame, p: dict[str, Any]) -> dict[str, Any]:
     if not entries:
         return {"entries": [], "images": 0}
     dcfg = data_config(p)
-    records = corpus_records([str(ROOT / e) for e in entries], ROOT / CORPUS_DIR, dcfg.max_archive_bytes,
+    anchored = [e if is_url(e) else str(ROOT / e) for e in entries]  # URLs (shard indexes) stay as they are
+    records = corpus_records(anchored, ROOT / CORPUS_DIR, dcfg.max_archive_bytes,
                              dcfg.max_member_bytes, dcfg.max_archive_ratio)
     hashes = corpus_hashes(records, ROOT / CORPUS_DIR / INDEX_NAME, max_pixels=dcfg.max_pixels)
     rows = read_table(ROOT / dcfg.out_dir)
