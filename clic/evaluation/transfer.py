@@ -1,6 +1,6 @@
 """Linear classification probe on frozen features for any ImageFolder (``train/``, ``val/``).
 
-Memory stays bounded at ImageNet scale: features are streamed to ``.npy`` memmaps on disk in
+Memory stays bounded at ImageNet scale: features are appended to ``.npy`` files on disk in
 chunks, and the softmax head is trained in mini-batches reading from them. Reported as
 ``<name>_top1`` / ``<name>_top5`` (``imagenet_top1`` on ImageNet).
 """
@@ -14,7 +14,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from numpy.lib.format import open_memmap
 from torch import nn
 from tqdm import tqdm
 
@@ -46,22 +45,25 @@ def image_folder(root: Path, split: str, classes: list[str] | None = None) -> tu
 def stream_features(backbone: nn.Module, paths: list[Path], size: int, out: Path, chunk: int = 8192,
                     batch_size: int = 128, workers: int = 2, device: str | torch.device = "cpu") -> np.memmap:
     """Features of ``paths`` written chunk by chunk into a (N, D) float32 memmap at ``out``."""
+    if not paths:
+        raise ValueError(f"no images to extract features from for {out}")
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
-    mm = None
     bar = tqdm(total=len(paths), desc=f"features {out.stem}", unit="img", disable=None)
-    for start in range(0, len(paths), chunk):
-        feats, kept, errors = extract(backbone, paths[start:start + chunk], size, batch_size, workers, device,
-                                      progress=False)
-        if errors:
-            raise ValueError(f"{len(errors)} unreadable images, e.g. {errors[0]}")
-        if mm is None:
-            mm = open_memmap(tmp, mode="w+", dtype=np.float32, shape=(len(paths), feats.shape[1]))
-        mm[start:start + len(feats)] = feats
-        bar.update(len(feats))
+    # appended chunk by chunk to a .npy file (header first, shape known from the first chunk):
+    # a writable memmap would keep every written page resident, so memory grew with N
+    with tmp.open("wb") as fh:
+        for start in range(0, len(paths), chunk):
+            feats, kept, errors = extract(backbone, paths[start:start + chunk], size, batch_size, workers, device,
+                                          progress=False)
+            if errors:
+                raise ValueError(f"{len(errors)} unreadable images, e.g. {errors[0]}")
+            if start == 0:
+                header = {"descr": np.lib.format.dtype_to_descr(np.dtype(np.float32)), "fortran_order": False,
+                          "shape": (len(paths), feats.shape[1])}
+                np.lib.format.write_array_header_1_0(fh, header)
+            fh.write(np.ascontiguousarray(feats, dtype=np.float32).tobytes())
+            bar.update(len(feats))
     bar.close()
-    assert mm is not None
-    mm.flush()
-    del mm
     os.replace(tmp, out)
     return np.load(out, mmap_mode="r")
 
