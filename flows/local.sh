@@ -46,14 +46,21 @@ case "${1:-}" in
       done
       curl -sf "http://127.0.0.1:$PORT/api/health" >/dev/null || { echo "server did not start"; exit 1; }
     fi
-    "$BIN/prefect" work-pool inspect gpu >/dev/null 2>&1 || "$BIN/prefect" work-pool create gpu --type process
-    "$BIN/prefect" global-concurrency-limit inspect gpu >/dev/null 2>&1 \
-      || "$BIN/prefect" global-concurrency-limit create gpu --limit "$GPUS"
-    # deploy's own advice ("start a worker") is moot here: the worker is started below
+    # their advice ("start a worker", "run prefect gcl inspect") is moot here: the worker starts below
+    if ! "$BIN/prefect" work-pool inspect gpu >/dev/null 2>&1; then
+      "$BIN/prefect" work-pool create gpu --type process >"$PREFECT_HOME/pool.log" 2>&1 \
+        || { cat "$PREFECT_HOME/pool.log"; exit 1; }
+      echo "created work pool gpu (process)"
+    fi
+    if ! "$BIN/prefect" global-concurrency-limit inspect gpu >/dev/null 2>&1; then
+      "$BIN/prefect" global-concurrency-limit create gpu --limit "$GPUS" >"$PREFECT_HOME/limit.log" 2>&1 \
+        || { cat "$PREFECT_HOME/limit.log"; exit 1; }
+      echo "created concurrency limit gpu ($GPUS slot(s))"
+    fi
     if ! "$BIN/prefect" --no-prompt deploy --all >"$PREFECT_HOME/deploy.log" 2>&1; then
       cat "$PREFECT_HOME/deploy.log"; exit 1
     fi
-    grep -o "Deployment '[^']*' successfully created[^.]*" "$PREFECT_HOME/deploy.log" | sed 's/^/deployed: /' || true
+    grep -o "Deployment '[^']*' successfully created" "$PREFECT_HOME/deploy.log" | sed 's/^/deployed: /' || true
     if [ -f "$PREFECT_HOME/worker.pid" ] && kill -0 "$(cat "$PREFECT_HOME/worker.pid")" 2>/dev/null; then
       echo "worker already running (pid $(cat "$PREFECT_HOME/worker.pid"), pool gpu)"
     else

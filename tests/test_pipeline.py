@@ -220,8 +220,8 @@ def test_mlflow_ui_shows_training_runs_in_a_browser(project: Path) -> None:
         run_page = _chromium_dom(f"{ui}/runs/{probe.info.run_id}")
         assert "probe clicv2" in run_page and ">srcc<" in run_page
         assert f"{probe.data.metrics['srcc']:.3f}"[:-1] in run_page  # its value, as shown
-        artifacts = _chromium_dom(f"{ui}/runs/{probe.info.run_id}/artifacts")
-        assert "scatter.png" in artifacts
+        artifact = _chromium_dom(f"{ui}/runs/{probe.info.run_id}/artifacts/report/scatter.png")
+        assert 'alt="report/scatter.png" src="blob:' in artifact  # the plot itself, loaded into the page
     finally:
         proc.terminate()
         proc.wait(timeout=30)

@@ -4,6 +4,7 @@ the stage's error in the logs, then `down` stops everything by process id."""
 
 from __future__ import annotations
 
+import datetime
 import json
 import os
 import re
@@ -87,6 +88,7 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
         assert "waiting for a gpu slot" in logs and "Running stage 'pretrain@clicv2'" not in logs, logs[-3000:]
         release.write_text("")
         holder.wait(timeout=60)
+        released = datetime.datetime.now()
         state = ""
         for _ in range(1080):
             state = _state(prefect, flow_id)
@@ -96,6 +98,9 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
         assert state == "COMPLETED", prefect("flow-run", "logs", flow_id).stdout[-3000:]
         logs = prefect("flow-run", "logs", flow_id).stdout
         assert "got a gpu slot after" in logs and re.search(r"clic\.pretrain: epoch 0: loss", logs), logs[-3000:]
+        got = re.search(r"^(\S+ \S+) .*got a gpu slot after", logs, re.M).group(1)  # type: ignore[union-attr]
+        gap = (datetime.datetime.fromisoformat(got) - released).total_seconds()
+        assert gap < 5, f"the gpu slot sat idle {gap:.1f} s"  # polled each second, not after a back-off
         for noise in ("Skipping registering function", "dvc push", "\n[]\n"):
             assert noise not in logs, noise
         ws = next(p for p in (root / "workspaces").glob("pretrain-*") if (p / "models" / "clicv2").is_dir())
@@ -118,6 +123,18 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
         link = f"(http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id})"
         assert f"[pretrainclicv2]{link}" in artifact.replace(" ", ""), artifact[-2000:]
         assert f"experiments/{exp.experiment_id}?workflowType=machine_learning" in artifact.replace(" ", "")
+
+        ev = prefect("deployment", "run", "evaluate/all", "--param", 'methods=["clicv2"]', "--watch",
+                     "--watch-timeout", "400")
+        ev_id = re.search(r"UUID: ([0-9a-f-]{36})", ev.stdout).group(1)  # type: ignore[union-attr]
+        assert "Completed" in ev.stdout, ev.stdout[-2000:] + prefect("flow-run", "logs", ev_id).stdout[-3000:]
+        ev_runs = {r.info.run_name: r for r in _runs(root) if r.data.tags.get("prefect.flow_run_id") == ev_id}
+        scored = ev_runs["evaluate clicv2"]  # the re-probe's metrics, linked to the model version it scored
+        assert scored.data.tags["clic.model"] == "clic-clicv2" and scored.data.tags["clic.model_version"] == "1"
+        assert ev_runs["evaluate"].data.metrics["clicv2_srcc"] == scored.data.metrics["srcc"]
+        model = mlflow.MlflowClient().get_logged_model(scored.data.tags["clic.model_id"])
+        assert any(m.key == "srcc" and m.run_id == scored.info.run_id for m in model.metrics)
+        assert all(r.info.status == "FINISHED" for r in ev_runs.values())
 
         unknown = prefect("deployment", "run", "pretrain/moco", "--param", 'overrides={"epochz": 1}', "--watch",
                           "--watch-timeout", "300")
@@ -162,9 +179,10 @@ def test_workspace_anchors_relative_corpus_paths(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO))
     from flows.workspace import _anchor_paths
 
-    params = {"pretrain": {"data": ["../corpus", str(tmp_path / "abs")]}}
+    params = {"pretrain": {"data": ["../corpus", str(tmp_path / "abs"), "https://host/c/index.shards.json"]}}
     _anchor_paths(params, tmp_path / "project")
-    assert params["pretrain"]["data"] == [str(tmp_path / "corpus"), str(tmp_path / "abs")]
+    assert params["pretrain"]["data"] == [str(tmp_path / "corpus"), str(tmp_path / "abs"),
+                                          "https://host/c/index.shards.json"]
     single = {"pretrain": {"data": "photos"}}
     _anchor_paths(single, tmp_path)
     assert single["pretrain"]["data"] == [str(tmp_path / "photos")]
