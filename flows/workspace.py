@@ -17,6 +17,7 @@ for a ``pretrain`` run a key may be relative to the method's section (``{"epochs
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import fcntl
 import hashlib
 import json
@@ -30,7 +31,7 @@ from typing import Any
 
 import yaml
 
-from clic.config import apply_overrides, load_params
+from clic.config import ParamsFile, apply_overrides, check_params, load_params
 from clic.data.shards import is_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -86,40 +87,28 @@ def _anchor_paths(params: dict[str, Any], root: Path) -> None:
 
 
 def resolve_overrides(overrides: Any, method: str, params: dict[str, Any]) -> dict[str, Any]:
-    """Full dotted keys for the overrides; ``ValueError`` naming the key for one that ``params.yaml``
-    does not have (a key relative to the method's section counts for a ``pretrain`` run)."""
+    """Full dotted keys for the overrides, checked against the params schema (every field the
+    code knows, whether or not ``params.yaml`` lists it); ``ValueError`` naming a key that is
+    unknown or a value of the wrong type. A key relative to the method's section counts for a
+    ``pretrain`` run (``epochs`` -> ``pretrain.<method>.epochs``)."""
     if not isinstance(overrides, dict):
         raise ValueError(f"overrides: expected a mapping of params.yaml keys to values, e.g. "
                          f'{{"pretrain.clicv2.epochs": 1}}, got {type(overrides).__name__} {overrides!r}')
     out: dict[str, Any] = {}
     for key, value in overrides.items():
-        full = key if key.split(".")[0] in params or not method else f"pretrain.{method}.{key}"
-        if not _known(params, full):
-            hint = (f" (or {key!r} relative to pretrain.{method})" if method else
+        tops = {f.name for f in dataclasses.fields(ParamsFile)}
+        full = key if key.split(".")[0] in tops or not method else f"pretrain.{method}.{key}"
+        tree: Any = value
+        for part in reversed(full.split(".")):
+            tree = {part: tree}
+        try:
+            check_params(tree)
+        except ValueError as exc:
+            hint = (f" (keys may also be relative to pretrain.{method}, e.g. 'epochs')" if method else
                     "; method-relative keys such as 'epochs' are for pretrain runs only")
-            raise ValueError(f"overrides: unknown key {key!r}: not in params.yaml; expected a dotted params.yaml "
-                             f"path such as 'pretrain.clicv2.epochs' or 'probe.bootstrap'{hint}; top-level "
-                             f"sections: {', '.join(params)}")
+            raise ValueError(f"overrides: {key!r}: {exc}{hint}") from None
         out[full] = value
     return out
-
-
-def _known(params: dict[str, Any], key: str) -> bool:
-    """Whether ``key`` names an entry of ``params``; ``pretrain.<method>.<x>`` also when ``x`` is a
-    ``pretrain.common`` key (a method's section overrides the common one)."""
-    parts = key.split(".")
-    candidates = [parts]
-    if len(parts) > 2 and parts[0] == "pretrain" and parts[1] in (params.get("pretrain") or {}):
-        candidates.append(["pretrain", "common", *parts[2:]])
-    for path in candidates:
-        node: Any = params
-        for part in path:
-            if not isinstance(node, dict) or part not in node:
-                break
-            node = node[part]
-        else:
-            return True
-    return False
 
 
 def keep_count() -> int:

@@ -3,6 +3,7 @@ through a real server on loopback, and the pipeline's failure modes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -148,12 +150,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_mlflow_server_serves_the_pipeline_store(project: Path) -> None:
+@contextlib.contextmanager
+def _mlflow_server(project: Path) -> Iterator[int]:
+    """A real MLflow server on the project's store at 127.0.0.1:<port>, stopped by its process id."""
     port = _free_port()
     proc = subprocess.Popen([BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}",
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-    base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
     try:
         for _ in range(120):
             try:
@@ -161,6 +164,15 @@ def test_mlflow_server_serves_the_pipeline_store(project: Path) -> None:
                 break
             except OSError:
                 time.sleep(0.5)
+        yield port
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_mlflow_server_serves_the_pipeline_store(project: Path) -> None:
+    with _mlflow_server(project) as port:
+        base = f"http://127.0.0.1:{port}/api/2.0/mlflow"
 
         def call(path: str, body: dict | None = None) -> dict:
             req = urllib.request.Request(base + path, data=json.dumps(body).encode() if body else None,
@@ -175,9 +187,6 @@ def test_mlflow_server_serves_the_pipeline_store(project: Path) -> None:
         assert metrics["srcc"] == pytest.approx(local["srcc"]) and metrics["pcc"] == pytest.approx(local["pcc"])
         model = call("/registered-models/alias?name=clic-clicv2&alias=champion")["model_version"]
         assert model["name"] == "clic-clicv2" and model["run_id"] in {r["info"]["run_id"] for r in runs}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def _chromium_dom(url: str) -> str:
@@ -202,18 +211,8 @@ def test_mlflow_ui_shows_training_runs_in_a_browser(project: Path) -> None:
     exp = client.get_experiment_by_name("clic")
     assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
     probe = next(r for r in _runs(project) if r.info.run_name == "probe clicv2")
-    port = _free_port()
-    proc = subprocess.Popen([BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}",
-                             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
-    ui = f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}"
-    try:
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(0.5)
+    with _mlflow_server(project) as port:
+        ui = f"http://127.0.0.1:{port}/#/experiments/{exp.experiment_id}"
         runs_page = _chromium_dom(f"{ui}?workflowType=machine_learning")
         assert ">pipeline<" in runs_page and "Run Name" in runs_page, runs_page[-2000:]
         assert "No data available" not in runs_page  # not the empty GenAI traces overview
@@ -222,9 +221,6 @@ def test_mlflow_ui_shows_training_runs_in_a_browser(project: Path) -> None:
         assert f"{probe.data.metrics['srcc']:.3f}"[:-1] in run_page  # its value, as shown
         artifact = _chromium_dom(f"{ui}/runs/{probe.info.run_id}/artifacts/report/scatter.png")
         assert 'alt="report/scatter.png" src="blob:' in artifact  # the plot itself, loaded into the page
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
 
 
 def test_corrupt_dataset_stops_at_validate(tmp_path: Path, photos: list[Path]) -> None:

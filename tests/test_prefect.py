@@ -197,12 +197,17 @@ def test_overrides_accept_method_relative_keys_and_refuse_unknown_ones() -> None
     assert resolve_overrides({"epochs": 1, "image_size": 32, "probe.bootstrap": 5}, "clicv2", params) == {
         "pretrain.clicv2.epochs": 1, "pretrain.clicv2.image_size": 32, "probe.bootstrap": 5}
     assert resolve_overrides({"pretrain.clicv2.epochs": 1}, "", params) == {"pretrain.clicv2.epochs": 1}
-    with pytest.raises(ValueError, match=r"unknown key 'epochz'.*pretrain\.clicv2\.epochs.*relative to pretrain.moco"):
+    # fields params.yaml does not list are known too (the schema, not the file, decides)
+    assert resolve_overrides({"rcm.mode": "authors", "max_images": 8}, "clic", params) == {
+        "pretrain.clic.rcm.mode": "authors", "pretrain.clic.max_images": 8}
+    with pytest.raises(ValueError, match=r"'epochz'.*pretrain\.moco\.epochz.*epochs.*relative to pretrain.moco"):
         resolve_overrides({"epochz": 1}, "moco", params)
-    with pytest.raises(ValueError, match=r"unknown key 'epochs'.*method-relative keys .* pretrain runs only"):
+    with pytest.raises(ValueError, match=r"'epochs'.*method-relative keys .* pretrain runs only"):
         resolve_overrides({"epochs": 1}, "", params)  # pipeline/evaluate: no method to be relative to
-    with pytest.raises(ValueError, match=r"unknown key 'validate.min_rowz'"):
+    with pytest.raises(ValueError, match=r"'validate.min_rowz'.*min_rows"):
         resolve_overrides({"validate.min_rowz": 1}, "", params)
+    with pytest.raises(ValueError, match=r"'epochs'.*expected int"):
+        resolve_overrides({"epochs": "many"}, "clicv2", params)
     with pytest.raises(ValueError, match=r"expected a mapping .* got str"):
         resolve_overrides("epochs=1", "clicv2", params)
 
