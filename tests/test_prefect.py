@@ -140,7 +140,8 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
                           "--watch-timeout", "300")
         assert "Failed" in unknown.stdout, unknown.stdout[-3000:]
         unknown_id = re.search(r"UUID: ([0-9a-f-]{36})", unknown.stdout).group(1)  # type: ignore[union-attr]
-        assert "overrides: unknown key 'epochz'" in prefect("flow-run", "logs", unknown_id).stdout
+        unknown_logs = prefect("flow-run", "logs", unknown_id).stdout
+        assert "overrides: 'epochz': pretrain.moco.epochz: unknown key" in unknown_logs, unknown_logs[-2000:]
 
         bad = prefect("deployment", "run", "pretrain/moco", "--param",
                       'overrides={"validate.min_rows": 100000}', "--watch", "--watch-timeout", "540")
