@@ -7,6 +7,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import sysconfig
 import time
 from pathlib import Path
 
@@ -177,7 +178,8 @@ def test_device_side_views_train_and_repeat_exactly(method: str, tiny_prepared: 
     assert math.isfinite(lines[0]["loss"]) and lines[0]["loss"] > 0
 
 
-@pytest.mark.skipif(shutil.which("cc") is None, reason="torch.compile on CPU needs a C compiler")
+@pytest.mark.skipif(shutil.which("cc") is None or not Path(sysconfig.get_paths()["include"], "Python.h").is_file(),
+                    reason="torch.compile on CPU needs a C compiler and the Python headers")
 def test_compiled_training_matches_eager(tiny_prepared: Path, tmp_path: Path) -> None:
     """``compile: true`` trains the same model (the checkpoint holds the uncompiled module's
     weights under the same keys) to the same loss, on CPU through the same code as on CUDA."""
