@@ -109,6 +109,14 @@ def replace_dir(tmp: Path, out: Path) -> None:
         _remove(aside)
 
 
+def write_text(path: Path, text: str) -> None:
+    """Write ``text`` to a temporary sibling (``.<name>.<pid>.tmp``) and rename it over ``path``:
+    readers see the old file or the new one, never half of it."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
 @contextlib.contextmanager
 def lock(path: Path, what: str = "") -> Iterator[None]:
     """Hold ``<path>.lock`` (an OS file lock, released when the process dies); waits, saying so,

@@ -102,9 +102,7 @@ def extract_archive(archive: Path, dest: Path, cfg: DataConfig, force: bool = Fa
 
 
 def _write_json(path: Path, obj: dict) -> None:
-    tmp = path.with_name(f"{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def _process(job: tuple[Entry, str, int, int, int]) -> tuple[Record | None, str | None]:

@@ -41,10 +41,10 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import IO, Any
 
-from filelock import FileLock, Timeout
 from PIL import Image
 from tqdm import tqdm
 
+from clic import atomic
 from clic.data.imageio import DEFAULT_MAX_PIXELS, ImageError, content_hash, load_rgb, resize_short
 from clic.data.table import Record
 
@@ -281,16 +281,8 @@ def write_shards(records: Sequence[Record], out: str | Path, per_shard: int = 10
     out = Path(out)
     items = shard_plan(records, per_shard, seed)
     out.mkdir(parents=True, exist_ok=True)
-    lock = FileLock(out / ".writer.lock")  # one writer per folder (an OS lock, freed if the writer dies)
-    try:
-        lock.acquire(timeout=0)
-    except Timeout:
-        log.info("waiting for another process writing shards into %s", out)
-        lock.acquire()
-    try:
+    with atomic.lock(out / ".writer", "writing shards into"):  # one writer per folder (out/.writer.lock)
         return _write(items, out, per_shard, side, quality, seed, workers, max_pixels, force, progress)
-    finally:
-        lock.release()
 
 
 def _write(items: list[tuple[str, str, str]], out: Path, per_shard: int, side: int, quality: int, seed: int,
@@ -327,7 +319,7 @@ def _write(items: list[tuple[str, str, str]], out: Path, per_shard: int, side: i
     unreadable = len(skipped)
     index = {"format": FORMAT, "version": VERSION, "total": sum(s["count"] for s in shards), "per_shard": per_shard,
              "side": side, "seed": seed, "unreadable": unreadable, "shards": shards}
-    _write_atomic(out / INDEX_NAME, json.dumps(index, indent=1) + "\n")
+    atomic.write_text(out / INDEX_NAME, json.dumps(index, indent=1) + "\n")
     for name, err in skipped[:20]:
         log.warning("unreadable corpus image %s skipped: %s", name, err)
     return ShardSummary(out / INDEX_NAME, index["total"], n_shards, len(todo), unreadable)
@@ -383,7 +375,7 @@ class _ShardWriter:
         with open(self.tmp, "rb") as fh:
             os.fsync(fh.fileno())
         summary = {"count": self.count, "unreadable": self.unreadable, "samples": self.samples}
-        _write_atomic(self.out / _meta_name(self.shard), json.dumps(summary) + "\n")
+        atomic.write_text(self.out / _meta_name(self.shard), json.dumps(summary) + "\n")
         os.replace(self.tmp, self.out / _shard_name(self.shard))
 
 
@@ -418,10 +410,4 @@ def _claim(out: Path, plan: str, force: bool) -> None:
     for tmp in out.glob(".shard-*.tmp"):  # a killed run's unfinished shard
         tmp.unlink()
     if not plan_file.is_file() or json.loads(plan_file.read_text()).get("plan") != plan:
-        _write_atomic(plan_file, json.dumps({"plan": plan}) + "\n")
-
-
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+        atomic.write_text(plan_file, json.dumps({"plan": plan}) + "\n")

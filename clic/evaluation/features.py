@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from clic.data.archive import file_sha256
 from clic.data.table import Record, fingerprint, resolve
 from clic.embed import extract
 
@@ -26,11 +27,8 @@ log = logging.getLogger(__name__)
 
 
 def file_digest(path: str | Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()[:16]
+    """A short content key of a file (the first 16 hex digits of its SHA-256)."""
+    return file_sha256(path)[:16]
 
 
 def input_paths(records: list[Record], root: Path, size: int) -> tuple[list[Path], bool]:
