@@ -18,11 +18,10 @@ Overrides use the dotted paths of ``params.yaml`` (``--set pretrain.clicv2.epoch
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import logging
 import sys
 
-from clic.config import METHODS, ParamsFile, data_config, load_params, pretrain_config, to_dict
+from clic.config import METHODS, TOP_LEVEL, data_config, load_params, pretrain_config, to_dict
 
 log = logging.getLogger("clic")
 
@@ -130,8 +129,8 @@ def parser() -> argparse.ArgumentParser:
 
 def _method_overrides(method: str, overrides: list[str]) -> list[str]:
     """``epochs=3`` -> ``pretrain.<method>.epochs=3``; fully dotted keys pass through."""
-    tops = {f.name for f in dataclasses.fields(ParamsFile)}  # every top-level key of a params file
-    return [o if o.split("=", 1)[0].split(".", 1)[0].strip() in tops else f"pretrain.{method}.{o}" for o in overrides]
+    return [o if o.split("=", 1)[0].split(".", 1)[0].strip() in TOP_LEVEL else f"pretrain.{method}.{o}"
+            for o in overrides]
 
 
 def main(argv: list[str] | None = None) -> int:

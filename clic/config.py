@@ -533,6 +533,9 @@ class ParamsFile:
     mlflow: MlflowConfig | None = None
 
 
+TOP_LEVEL = frozenset(f.name for f in dataclasses.fields(ParamsFile))  # every top-level key of a params file
+
+
 # ------------------------------------------------------------------------------- construction
 _TYPE_NAMES = {int: "int", float: "float", bool: "bool (true/false)", str: "str"}
 
@@ -690,6 +693,15 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
     return out
 
 
+def check_override(key: str, value: Any) -> None:
+    """Refuse an override of dotted ``key`` that the schema does not know or whose ``value`` has
+    the wrong type (:class:`ParamError` naming the key and the nearest valid one)."""
+    tree: Any = value
+    for part in reversed(key.split(".")):
+        tree = {part: tree}
+    check_params(tree)
+
+
 def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.path=value`` overrides (values parsed as YAML) to a params mapping; an unknown
     key or a wrongly typed value is refused (:class:`ParamError` naming the override)."""
@@ -703,11 +715,8 @@ def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, A
         except yaml.YAMLError as exc:
             raise ValueError(f"--set {item!r}: the value is not valid YAML ({exc})") from exc
         parts = key.strip().split(".")
-        single: dict[str, Any] = {parts[-1]: value}
-        for part in reversed(parts[:-1]):
-            single = {part: single}
         try:
-            check_params(single)
+            check_override(key.strip(), value)
         except ParamError as exc:
             raise ParamError(exc.key, f"--set {item!r}: {exc.template}") from None
         node: dict[str, Any] = params

@@ -202,6 +202,7 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
             (out / "metrics.jsonl").unlink(missing_ok=True)
         log.info("pretraining %s (%s, %d px) on %d images: %d epochs x %d steps, lr %.4g, %d process(es), %s",
                  cfg.method, cfg.backbone, cfg.image_size, n_images, cfg.epochs, steps_per_epoch, lr, world, dev)
+    augment = build_device_views(cfg)  # None unless augment_on: device
     for epoch in range(start_epoch, cfg.epochs):
         feed.set_epoch(epoch, skip=start_step if epoch == start_epoch else 0)
         metrics = train_one_epoch(
@@ -211,7 +212,7 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
             momentum_at=lambda t: cosine_momentum(t, _base_momentum(cfg), cfg.epochs),
             device=dev, amp=cfg.amp, clip_grad=cfg.optim.clip_grad, channels_last=channels_last,
             on_checkpoint=save, checkpoint_every=cfg.checkpoint_every, sync_every=cfg.sync_every,
-            augment=build_device_views(cfg), augment_seed=cfg.seed + 7919 * rank,
+            augment=augment, augment_seed=cfg.seed + 7919 * rank,
             progress=progress and dist.is_main())
         metrics = {k: dist.all_reduce_mean(v, dev) for k, v in metrics.items()}
         metrics["images_per_s"] *= world
@@ -312,8 +313,9 @@ def _base_momentum(cfg: PretrainConfig) -> float:
 
 
 def _without_epochs(config: dict[str, Any]) -> dict[str, Any]:
-    """Settings that must match to resume (epochs may grow; workers, threads, the host-sync
-    cadence and compilation do not change what is trained)."""
+    """Settings that must match to resume (epochs may grow; workers, threads and the host-sync
+    cadence do not change what is trained; compilation changes only rounding and the key
+    shuffle's random stream)."""
     return {k: v for k, v in config.items()
             if k not in ("epochs", "num_workers", "checkpoint_every", "sync_every", "threads", "compile")}
 

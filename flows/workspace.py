@@ -17,7 +17,6 @@ for a ``pretrain`` run a key may be relative to the method's section (``{"epochs
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import fcntl
 import hashlib
 import json
@@ -31,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from clic.config import ParamsFile, apply_overrides, check_params, load_params
+from clic.config import TOP_LEVEL, apply_overrides, check_override, load_params
 from clic.data.shards import is_url
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -96,13 +95,9 @@ def resolve_overrides(overrides: Any, method: str, params: dict[str, Any]) -> di
                          f'{{"pretrain.clicv2.epochs": 1}}, got {type(overrides).__name__} {overrides!r}')
     out: dict[str, Any] = {}
     for key, value in overrides.items():
-        tops = {f.name for f in dataclasses.fields(ParamsFile)}
-        full = key if key.split(".")[0] in tops or not method else f"pretrain.{method}.{key}"
-        tree: Any = value
-        for part in reversed(full.split(".")):
-            tree = {part: tree}
+        full = key if key.split(".")[0] in TOP_LEVEL or not method else f"pretrain.{method}.{key}"
         try:
-            check_params(tree)
+            check_override(full, value)
         except ValueError as exc:
             hint = (f" (keys may also be relative to pretrain.{method}, e.g. 'epochs')" if method else
                     "; method-relative keys such as 'epochs' are for pretrain runs only")

@@ -16,7 +16,7 @@ import logging
 
 import pandas as pd
 
-from clic.config import data_config, probe_config, to_dict
+from clic.config import data_config, mlflow_config, probe_config, to_dict
 from clic.data.synthetic import render
 from clic.evaluation.evaluate import evaluate_encoder
 from clic.scorer import load_scorer
@@ -109,7 +109,7 @@ def probe() -> None:
         save_metrics(method, report)
         log_report(report, folder)
         version = ""
-        if (p.get("mlflow") or {}).get("register", True):
+        if mlflow_config(p).register:
             version = register(method, str(ROOT / folder / "scorer.pt"), report, fingerprint)
         print(f"{method}: PCC {report['pcc']:.4f} SRCC {report['srcc']:.4f} KRCC {report['krcc']:.4f} "
               f"RMSE {report['rmse']:.4f} (run {active.info.run_id}{', model version ' + version if version else ''})")

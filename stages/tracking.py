@@ -31,7 +31,7 @@ os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from clic.config import flatten  # noqa: E402
+from clic.config import flatten, mlflow_config  # noqa: E402
 from clic.engine.checkpoint import git_revision  # noqa: E402
 
 EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI: training runs vs GenAI traces
@@ -39,7 +39,7 @@ KEY_METRICS = ("pcc", "srcc")  # with every ``<dataset>_top1``: copied onto the 
 
 
 def tracking_uri(params: dict[str, Any]) -> str:
-    return (os.environ.get("MLFLOW_TRACKING_URI") or (params.get("mlflow") or {}).get("tracking_uri")
+    return (os.environ.get("MLFLOW_TRACKING_URI") or mlflow_config(params).tracking_uri
             or f"sqlite:///{ROOT / 'mlflow.db'}")
 
 
@@ -51,7 +51,7 @@ def setup(params: dict[str, Any]) -> str:
     if uri.startswith(("http://", "https://")):
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    name = (params.get("mlflow") or {}).get("experiment", "clic")
+    name = mlflow_config(params).experiment
     client = MlflowClient()
     kind = {EXPERIMENT_KIND: "custom_model_development"}
     try:
