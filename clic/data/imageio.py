@@ -8,6 +8,7 @@ refused with an :class:`ImageError` that names the file.
 from __future__ import annotations
 
 import hashlib
+import io
 import warnings
 from pathlib import Path
 
@@ -35,10 +36,23 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: i
     """
     path = Path(path)
     try:
-        with Image.open(path) as probe:
+        return _decode(path, str(path), max_pixels, min_size)
+    except FileNotFoundError as exc:
+        raise ImageError(f"{path}: image file is missing") from exc
+
+
+def decode_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
+                 min_size: int | None = None) -> Image.Image:
+    """:func:`load_rgb` for an image file's bytes (e.g. a shard member); errors name ``name``."""
+    return _decode(io.BytesIO(data), name, max_pixels, min_size)
+
+
+def _decode(source: Path | io.BytesIO, name: str, max_pixels: int, min_size: int | None) -> Image.Image:
+    try:
+        with Image.open(source) as probe:
             w, h = probe.size
             if w * h > max_pixels:
-                raise ImageError(f"{path}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
                                  "(possible decompression bomb); raise data.max_pixels if it is genuine")
             if min_size is not None and probe.format == "JPEG":
                 probe.draft(None, (min_size, min_size))
@@ -47,13 +61,11 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: i
                 probe.load()  # decodes now: truncated files fail here, not later in a worker
             img = ImageOps.exif_transpose(probe)
             return to_rgb(img)
-    except ImageError:
+    except (ImageError, FileNotFoundError):
         raise
-    except FileNotFoundError as exc:
-        raise ImageError(f"{path}: image file is missing") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as exc:
-        raise ImageError(f"{path}: cannot decode image ({exc})") from exc
+        raise ImageError(f"{name}: cannot decode image ({exc})") from exc
 
 
 def decode_opened(img: Image.Image, min_size: int | None = None) -> Image.Image:

@@ -30,33 +30,19 @@ readable by webdataset.
 
 from __future__ import annotations
 
-import io
 import logging
 import random
 from collections.abc import Callable, Iterator
 from typing import Any
 
-from PIL import Image, ImageOps
+from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clic.data.dataset import _seeded, sample_seed
-from clic.data.imageio import ImageError, to_rgb
+from clic.data.imageio import ImageError, decode_bytes
 from clic.data.shards import ShardIndex, iter_shard
 
 log = logging.getLogger(__name__)
-
-
-def decode_jpeg(data: bytes, name: str, min_size: int | None = None) -> Image.Image:
-    """8-bit RGB of an image file's bytes, EXIF orientation applied; JPEGs at the smallest DCT
-    scale keeping both sides >= ``min_size`` (as :func:`clic.data.imageio.load_rgb`)."""
-    try:
-        with Image.open(io.BytesIO(data)) as img:
-            if min_size is not None and img.format == "JPEG":
-                img.draft(None, (min_size, min_size))
-            img.load()
-            return to_rgb(ImageOps.exif_transpose(img))
-    except (OSError, SyntaxError, ValueError) as exc:
-        raise ImageError(f"{name}: cannot decode image ({exc})") from exc
 
 
 class ShardStream(IterableDataset):
@@ -149,7 +135,7 @@ class ShardStream(IterableDataset):
         for sample_id, data, meta in self.samples(worker, workers):
             name = str(meta.get("name", sample_id))
             try:
-                img = last = decode_jpeg(data, name, self.decode_side)
+                img = last = decode_bytes(data, name, min_size=self.decode_side)
             except ImageError as exc:
                 if last is None:
                     raise
