@@ -10,7 +10,11 @@ For each method's view recipe at ``--size`` px (224 by default, the papers' size
 - ``cache_png``: the prepared cache (PNG, short side ``2 x size``, Pillow),
 - ``cache_jpeg``: the same cache written as quality-95 JPEG (a candidate cache format);
 - ``augment_on_device``: the loader's half only (decode + crops/flips, uint8 out) when the
-  photometric ops run batched on the training device (``pretrain.augment_on: device``).
+  photometric ops run batched on the training device (``pretrain.augment_on: device``);
+- ``decode_on_device`` (MoCo v2, CLICv2): the loader's half when the device also decodes
+  (``pretrain.decode_on: device``): read the file, its header, draw the boxes;
+  ``decode_on_device_cpu_step``: the device half (decode + cut the views, batches of 32) run on
+  this CPU with torchvision's decoder, images/s on one core (on CUDA nvJPEG does this part).
 
 Images/s is decode + views for one image on one core (``torch.set_num_threads(1)``), so it is
 also the rate one loader worker sustains. Synthetic photo-like images (smooth fields, edges and
@@ -33,9 +37,10 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clic.config import load_params, pretrain_config
-from clic.data.imageio import load_rgb, resize_short
+from clic.config import PretrainConfig, load_params, pretrain_config
+from clic.data.imageio import load_rgb, read_encoded, resize_short
 from clic.pretrain import build_views
+from clic.transforms.decode import DeviceDecode, MocoBoxes, ShiftBoxes, collate_encoded
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -148,7 +153,31 @@ def main() -> None:
             result["methods"][method]["augment_on_device"] = {  # the loader's half: decode + geometry
                 name: round(rate(paths[name][0], paths[name][1], geometry, args.repeat), 1)
                 for name in ("full_jpeg/pillow_draft", "cache_png/pillow", "cache_jpeg/pillow")}
+            if method != "clic":  # CLIC's mosaics are built in the loader (decode_on: loader only)
+                result["methods"][method].update(decode_on_device(cfg, sets, args.repeat))
     print(json.dumps(result, indent=1))
+
+
+def decode_on_device(cfg: PretrainConfig, sets: dict[str, list[Path]], repeat: int) -> dict:
+    """Loader half and (CPU-run) device half of ``decode_on: device``, images/s on one core."""
+    cfg = dataclasses.replace(cfg, augment_on="device", decode_on="device")
+    boxes = build_views(cfg)
+    decode = DeviceDecode(ShiftBoxes.views, cfg.image_size, cfg.patch_size) if cfg.method == "clicv2" \
+        else DeviceDecode(MocoBoxes.views, cfg.image_size)
+    loader: dict[str, float] = {}
+    step: dict[str, float] = {}
+    for name in ("full_jpeg", "cache_jpeg"):
+        files = sets[name]
+        start = time.perf_counter()
+        for _ in range(repeat):
+            items = [boxes(read_encoded(p.read_bytes(), p.name)) for p in files]
+        loader[name] = round(repeat * len(files) / (time.perf_counter() - start), 1)
+        start = time.perf_counter()
+        for _ in range(repeat):
+            for k in range(0, len(items), 32):
+                decode(collate_encoded([dict(it) for it in items[k:k + 32]]), torch.device("cpu"))
+        step[name] = round(repeat * len(files) / (time.perf_counter() - start), 1)
+    return {"decode_on_device": loader, "decode_on_device_cpu_step": step}
 
 
 if __name__ == "__main__":

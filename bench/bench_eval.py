@@ -2,9 +2,12 @@
 
 - ridge probe with 5-fold CV over 9 penalties on 10,000 x 2,048 features (target: a few seconds);
 - ``clic score`` images/s on CPU (decode + resize in loader workers, model forward) compared, in
-  the same run, with the bare model forward on pre-decoded tensors (target: within 20%).
+  the same run, with the bare model forward on pre-decoded tensors at the same thread count
+  (target: at least 0.8 where the workers have spare cores). ``--threads`` defaults to the cores
+  left beside ``--workers``; run it under ``taskset -c`` with threads + workers cores.
 
     python bench/bench_eval.py [--images 512] [--backbone resnet18] [--size 112] [--source 448]
+        [--workers 1] [--threads T]
 
 ``--source`` is the side of the JPEGs scored (default 4x the model input); camera-sized photos
 (e.g. ``--source 1536``) show the reduced-scale JPEG decoding of :func:`clic.data.imageio.load_rgb`.
@@ -22,6 +25,7 @@ import numpy as np
 import torch
 
 from clic.config import PretrainConfig, from_dict
+from clic.cores import torch_threads, usable_cores
 from clic.data.synthetic import render
 from clic.embed import eval_transform
 from clic.evaluation.probe import LinearHead, fit_ridge
@@ -38,8 +42,9 @@ def ridge_bench(n: int = 10_000, d: int = 2_048) -> dict:
     return {"ridge_cv_seconds": round(time.perf_counter() - start, 2), "n": n, "d": d, "alpha": head.alpha}
 
 
-def score_bench(images: int, backbone: str, size: int, workers: int, source: int) -> dict:
+def score_bench(images: int, backbone: str, size: int, workers: int, source: int, threads: int) -> dict:
     torch.manual_seed(0)
+    threads = threads or max(1, usable_cores() - workers)
     cfg = from_dict(PretrainConfig, {"backbone": backbone, "image_size": size})
     bb = build_backbone(backbone, size).eval()
     dim = bb.feature_dim
@@ -52,15 +57,15 @@ def score_bench(images: int, backbone: str, size: int, workers: int, source: int
             p = Path(tmp) / f"{i}.jpg"
             img.save(p, quality=92)
             paths.append(p)
-        scorer.score_files(paths[:64], batch_size=64, workers=workers, progress=False)  # warm-up
+        scorer.score_files(paths[:64], batch_size=64, workers=workers, progress=False, threads=threads)  # warm-up
         start = time.perf_counter()
-        scores, kept, _ = scorer.score_files(paths, batch_size=64, workers=workers, progress=False)
+        scores, kept, _ = scorer.score_files(paths, batch_size=64, workers=workers, progress=False, threads=threads)
         scored = len(kept) / (time.perf_counter() - start)
         tf = eval_transform(size)
         from PIL import Image
 
         batch = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[:64]])
-        with torch.no_grad():
+        with torch.no_grad(), torch_threads(threads):
             bb(batch)
             start = time.perf_counter()
             for s in range(0, images, 64):
@@ -68,7 +73,7 @@ def score_bench(images: int, backbone: str, size: int, workers: int, source: int
         bare = images / (time.perf_counter() - start)
     return {"score_images_per_s": round(scored, 1), "bare_forward_images_per_s": round(bare, 1),
             "score_vs_bare": round(scored / bare, 3), "backbone": backbone, "size": size, "source": source,
-            "workers": workers, "threads": torch.get_num_threads()}
+            "workers": workers, "threads": threads, "cores": usable_cores()}
 
 
 def main() -> None:
@@ -77,11 +82,13 @@ def main() -> None:
     ap.add_argument("--backbone", default="resnet18")
     ap.add_argument("--size", type=int, default=112)
     ap.add_argument("--workers", type=int, default=1)
+    ap.add_argument("--threads", type=int, default=0,
+                    help="forward threads, scoring and bare alike (default: the cores the workers leave)")
     ap.add_argument("--source", type=int, default=0, help="side of the scored JPEGs (default 4 x size)")
     args = ap.parse_args()
     source = args.source or 4 * args.size
-    print(json.dumps({**ridge_bench(), **score_bench(args.images, args.backbone, args.size, args.workers, source)},
-                     indent=2))
+    scoring = score_bench(args.images, args.backbone, args.size, args.workers, source, args.threads)
+    print(json.dumps({**ridge_bench(), **scoring}, indent=2))
 
 
 if __name__ == "__main__":

@@ -78,8 +78,8 @@ def view_rate(cfg: PretrainConfig, data_dir: Path, n: int = 200) -> float:
     return rate
 
 
-def cpu_bench(methods: list[str], epochs: int) -> dict:
-    params = load_params(REPO / "params.yaml")
+def cpu_bench(methods: list[str], epochs: int, overrides: list[str] | None = None) -> dict:
+    params = load_params(REPO / "params.yaml", overrides)
     results: dict = {"device": "cpu", "threads": torch.get_num_threads(), "methods": {}}
     with tempfile.TemporaryDirectory() as tmp:
         params["data"].update(raw_dir=f"{tmp}/raw", out_dir=f"{tmp}/prepared")
@@ -173,9 +173,12 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--compile", action="store_true", help="--gpu: also time torch.compile")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="override params.yaml (CPU runs), e.g. pretrain.augment_on=device")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    result = gpu_bench(args.batch_size, args.steps, args.compile) if args.gpu else cpu_bench(args.methods, args.epochs)
+    result = gpu_bench(args.batch_size, args.steps, args.compile) if args.gpu else cpu_bench(args.methods, args.epochs,
+                                                                                          args.overrides)
     print(json.dumps(result, indent=2))
 
 

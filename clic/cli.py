@@ -36,6 +36,9 @@ def _batch_inputs(p: argparse.ArgumentParser) -> None:
     """Options of the commands that run a model over many image files."""
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=2, help="decoding processes")
+    p.add_argument("--threads", type=int, default=None,
+                   help="threads of a CPU forward (default: all cores; cores minus --workers pays when "
+                   "decoding large photos is the slow half)")
     p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
 
@@ -165,7 +168,8 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "embed":
             from clic.embed import embed_to_npz
 
-            n, errors = embed_to_npz(args.model, args.inputs, args.out, args.batch_size, args.workers, args.device)
+            n, errors = embed_to_npz(args.model, args.inputs, args.out, args.batch_size, args.workers, args.device,
+                                         args.threads)
             print(f"wrote {n} feature rows to {args.out}" + (f" ({len(errors)} unreadable images skipped)"
                                                              if errors else ""))
         elif args.command == "probe":
@@ -306,7 +310,7 @@ def _score(args: argparse.Namespace) -> None:
     paths = expand_inputs(args.inputs)
     if not paths:
         raise ValueError("no image files found in the given inputs")
-    scores, kept, errors = scorer.score_files(paths, args.batch_size, args.workers)
+    scores, kept, errors = scorer.score_files(paths, args.batch_size, args.workers, threads=args.threads)
     for e in errors:
         log.warning("skipped unreadable image: %s", e)
     out = Path(args.out)

@@ -265,6 +265,9 @@ class PretrainConfig:
     # where the photometric half of the views runs: the loader workers (PIL) or the training
     # device, batched (clic/transforms/batch.py), for nodes with few cores per GPU
     augment_on: Literal["loader", "device"] = "loader"
+    # where JPEGs are decoded: the loader workers, or the training device (nvJPEG on CUDA) with
+    # the crops cut there too (clic/transforms/decode.py); needs augment_on: device, MoCo/CLICv2
+    decode_on: Literal["loader", "device"] = "loader"
     nprocs: int = 1  # processes per node when the pipeline launches torchrun
     max_images: int = 0  # 0: all images of the pretraining split(s) or corpus
     splits: tuple[str, ...] = ("train",)
@@ -281,6 +284,17 @@ class PretrainConfig:
     def __post_init__(self) -> None:
         _choice("method", self.method, METHODS)
         _choice("augment_on", self.augment_on, ("loader", "device"))
+        _choice("decode_on", self.decode_on, ("loader", "device"))
+        if self.decode_on == "device":
+            if self.augment_on != "device":
+                raise ParamError("decode_on", "{key}=device needs augment_on: device (the loader then hands on "
+                                 "undecoded images)")
+            if self.method == "clic":
+                raise ParamError("decode_on", "{key}=device cuts crops and flips only; CLIC's Random-Crop-and-Mix "
+                                 "mosaics are built in the loader: use decode_on: loader for clic")
+            if self.views.key_rotation_deg > 0 and self.views.key_rotation_p > 0:
+                raise ParamError("decode_on", "{key}=device cuts crops and flips only; set views.key_rotation_deg "
+                                 "to 0 or use decode_on: loader")
         _positive("epochs", self.epochs)
         _positive("batch_size", self.batch_size)
         _positive("image_size", self.image_size)

@@ -19,6 +19,7 @@ from torchvision import transforms as T
 from tqdm import tqdm
 
 from clic.config import PretrainConfig, from_dict
+from clic.cores import torch_threads
 from clic.data.imageio import ImageError, decode_opened, is_image_file, load_rgb
 from clic.engine import checkpoint as ckpt
 from clic.engine.train import autocast
@@ -121,40 +122,46 @@ def _collate(items: list[tuple[torch.Tensor, int, str]]) -> tuple[torch.Tensor |
 @torch.no_grad()
 def extract(backbone: nn.Module, paths: Sequence[Path], size: int, batch_size: int = 64, workers: int = 2,
             device: str | torch.device = "cpu", progress: bool = True, whole: bool = False,
-            forward: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[np.ndarray, list[int], list[str]]:
+            forward: Callable[[torch.Tensor], torch.Tensor] | None = None,
+            threads: int | None = None) -> tuple[np.ndarray, list[int], list[str]]:
     """Features (N_ok, D) float32, indices of the paths that decoded, and the errors of the rest.
 
     ``whole``: inputs are whole images squashed to ``size`` x ``size`` (else centre crops);
     ``forward``: what to compute from a normalised (B, 3, size, size) batch instead of
-    ``backbone(x)``, e.g. ``backbone.forward_spatial`` for (N_ok, D, h, w) maps.
+    ``backbone(x)``, e.g. ``backbone.forward_spatial`` for (N_ok, D, h, w) maps;
+    ``threads``: intra-op threads of the forward for this call (default: torch's current count,
+    all cores). Giving the workers their own cores (``threads`` = cores - ``workers``) pays only
+    when decoding is the slow half (camera-sized JPEGs): ``bench/bench_eval.py`` on 2 cores, 1
+    worker, 1536 px JPEGs 73.7 -> 77.6 img/s, but 448 px JPEGs 122 -> 77 img/s.
     """
     device = torch.device(device)
     loader = DataLoader(_Images(paths, size, whole), batch_size=batch_size, num_workers=workers,
                         collate_fn=_collate, pin_memory=device.type == "cuda")
     fn = forward or backbone
     feats, kept, errors = [], [], []
-    for x, idx, errs in tqdm(loader, desc="embed", unit="batch", disable=not progress):
-        errors.extend(errs)
-        if x is None:
-            continue
-        with autocast(device, "auto"):
-            f = fn(x.to(device, non_blocking=True))
-        feats.append(f.float().cpu())
-        kept.extend(idx)
+    with torch_threads(threads or torch.get_num_threads()):
+        for x, idx, errs in tqdm(loader, desc="embed", unit="batch", disable=not progress):
+            errors.extend(errs)
+            if x is None:
+                continue
+            with autocast(device, "auto"):
+                f = fn(x.to(device, non_blocking=True))
+            feats.append(f.float().cpu())
+            kept.extend(idx)
     dim = int(getattr(backbone, "feature_dim", 0))
     array = torch.cat(feats).numpy() if feats else np.zeros((0, dim), np.float32)
     return array.astype(np.float32, copy=False), kept, errors
 
 
 def embed_to_npz(model: str | Path, inputs: Iterable[str | Path], out: str | Path, batch_size: int = 64,
-                 workers: int = 2, device: str | None = None) -> tuple[int, list[str]]:
+                 workers: int = 2, device: str | None = None, threads: int | None = None) -> tuple[int, list[str]]:
     """Write ``paths`` (str) and ``features`` (float32, N x D) to ``out``; returns (N, errors)."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone, cfg = load_encoder(model, dev)
     paths = expand_inputs(inputs)
     if not paths:
         raise ValueError("no image files found in the given inputs")
-    feats, kept, errors = extract(backbone, paths, cfg.image_size, batch_size, workers, dev)
+    feats, kept, errors = extract(backbone, paths, cfg.image_size, batch_size, workers, dev, threads=threads)
     for e in errors:
         log.warning("skipped: %s", e)
     out = Path(out)

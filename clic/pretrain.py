@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from clic.config import MocoConfig, PretrainConfig, to_dict
+from clic.cores import usable_cores
 from clic.data.corpus import CORPUS_DIR, corpus_records
 from clic.data.dataset import EpochBatches, ViewDataset
 from clic.data.shard_stream import ShardStream
@@ -35,6 +36,7 @@ from clic.models.backbones import ResNetBackbone, ViTBackbone, build_backbone
 from clic.models.clicv2 import CLICv2
 from clic.models.moco import MoCo
 from clic.transforms.batch import DeviceViews
+from clic.transforms.decode import DecodeThenViews, DeviceDecode, MocoBoxes, ShiftBoxes, collate_encoded
 from clic.transforms.moco import MocoViews
 from clic.transforms.moco import device_views as moco_device_views
 from clic.transforms.rcm import extra_mosaics
@@ -48,19 +50,29 @@ def build_views(cfg: PretrainConfig) -> Callable:
     """The loader's half of the method's views: all of them, or geometry only when
     ``augment_on: device`` (then :func:`build_device_views` finishes them)."""
     photo = cfg.augment_on == "loader"
+    if cfg.decode_on == "device":  # crop boxes only: the device decodes and cuts (DeviceDecode)
+        if cfg.method == "clicv2":
+            return ShiftBoxes(cfg.image_size, cfg.patch_size, cfg.shift)
+        return MocoBoxes(cfg.image_size, cfg.views)
     if cfg.method == "clicv2":
         return ShiftedPatchViews(cfg.image_size, cfg.patch_size, cfg.shift, photometric_ops=photo)
     use_rcm_key = cfg.method == "clic" and cfg.rcm.pairing in ("key", "both")
     return MocoViews(cfg.image_size, cfg.views, cfg.rcm if use_rcm_key else None, photometric_ops=photo)
 
 
-def build_device_views(cfg: PretrainConfig) -> DeviceViews | None:
-    """The batched photometric half of the views (``augment_on: device``), else None."""
+def build_device_views(cfg: PretrainConfig, device: torch.device | None = None) -> DeviceViews | DecodeThenViews | None:
+    """The batched photometric half of the views (``augment_on: device``), preceded by decoding
+    and cutting the views on ``device`` with ``decode_on: device``; else None."""
     if cfg.augment_on == "loader":
         return None
+    views = shifted_device_views(cfg.shift) if cfg.method == "clicv2" else moco_device_views(cfg.image_size, cfg.views)
+    if cfg.decode_on == "loader":
+        return views
     if cfg.method == "clicv2":
-        return shifted_device_views(cfg.shift)
-    return moco_device_views(cfg.image_size, cfg.views)
+        decode = DeviceDecode(ShiftBoxes.views, cfg.image_size, cfg.patch_size)
+    else:
+        decode = DeviceDecode(MocoBoxes.views, cfg.image_size)
+    return DecodeThenViews(decode, views, device or torch.device("cpu"))
 
 
 def build_model(cfg: PretrainConfig) -> nn.Module:
@@ -95,8 +107,7 @@ def intra_op_threads(cfg: PretrainConfig, nprocs: int = 1) -> int:
     Set ``threads`` on nodes where the loader is the bottleneck."""
     if cfg.threads:
         return cfg.threads
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores // max(nprocs, 1))
+    return max(1, usable_cores() // max(nprocs, 1))
 
 
 def backbone_of(model: nn.Module) -> ResNetBackbone | ViTBackbone:
@@ -202,7 +213,7 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
             (out / "metrics.jsonl").unlink(missing_ok=True)
         log.info("pretraining %s (%s, %d px) on %d images: %d epochs x %d steps, lr %.4g, %d process(es), %s",
                  cfg.method, cfg.backbone, cfg.image_size, n_images, cfg.epochs, steps_per_epoch, lr, world, dev)
-    augment = build_device_views(cfg)  # None unless augment_on: device
+    augment = build_device_views(cfg, dev)  # None unless augment_on: device
     for epoch in range(start_epoch, cfg.epochs):
         feed.set_epoch(epoch, skip=start_step if epoch == start_epoch else 0)
         metrics = train_one_epoch(
@@ -236,6 +247,7 @@ def build_loader(cfg: PretrainConfig, data_dir: str | Path, corpus_dir: str | Pa
     and the number of images: shards streamed when ``cfg.data`` names shard indexes, else the
     records of a corpus or prepared dataset."""
     prefetch = 4 if cfg.num_workers else None
+    collate = collate_encoded if cfg.decode_on == "device" else None  # encoded images differ in length
     if any(is_shard_index(entry) for entry in cfg.data):
         stream = shard_stream(cfg, rank, world)
         if cfg.method != "clicv2":
@@ -243,7 +255,7 @@ def build_loader(cfg: PretrainConfig, data_dir: str | Path, corpus_dir: str | Pa
         # workers start afresh each epoch and copy the stream's epoch and skip; the loader's own
         # generator keeps iterating it from drawing on the global RNG (exact resumption)
         return (DataLoader(stream, batch_size=cfg.batch_size, drop_last=True, num_workers=cfg.num_workers,
-                           pin_memory=pin_memory, prefetch_factor=prefetch,
+                           pin_memory=pin_memory, prefetch_factor=prefetch, collate_fn=collate,
                            generator=torch.Generator().manual_seed(cfg.seed)), stream, stream.index.total)
     records = pretraining_records(cfg, data_dir, corpus_dir)
     extra = None
@@ -256,13 +268,14 @@ def build_loader(cfg: PretrainConfig, data_dir: str | Path, corpus_dir: str | Pa
             log.warning("rcm.source_resolution: %d of %d source images are not at their table path; their extra "
                         "mosaics are cut from the resized cache", missing, len(records))
     dataset = ViewDataset(records, data_dir, build_views(cfg), cfg.seed, extra, cfg.rcm.extra_per_image,
-                          decode_side=2 * cfg.image_size)
+                          decode_side=2 * cfg.image_size, encoded=cfg.decode_on == "device")
     if cfg.method != "clicv2":
         check_queue(cfg.moco, len(records))
     batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, rank, world)
     # workers persist across epochs (the sampler hands out (epoch, index) keys); the loader has its
     # own generator so that iterating it never draws from the global RNG (exact resumption)
     loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=pin_memory,
+                        collate_fn=collate,
                         persistent_workers=cfg.num_workers > 0, prefetch_factor=prefetch,
                         generator=torch.Generator().manual_seed(cfg.seed))
     return loader, batches, len(dataset)
@@ -281,7 +294,7 @@ def shard_stream(cfg: PretrainConfig, rank: int, world: int) -> ShardStream:
         raise ValueError(f"pretrain.max_images={cfg.max_images} does not apply to shards (pretrain.data); set it to "
                          "0, or shard fewer images")
     return ShardStream(ShardIndex.load(cfg.data), build_views(cfg), cfg.batch_size, cfg.seed, rank, world,
-                       decode_side=2 * cfg.image_size)
+                       decode_side=2 * cfg.image_size, encoded=cfg.decode_on == "device")
 
 
 def check_queue(cfg: MocoConfig, n_images: int) -> None:

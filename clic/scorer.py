@@ -91,15 +91,16 @@ class Scorer:
         return self._scores(batch).cpu().numpy().astype(np.float64)
 
     def score_files(self, paths: Sequence[Path], batch_size: int = 64, workers: int = 2,
-                    progress: bool = True) -> tuple[np.ndarray, list[int], list[str]]:
+                    progress: bool = True, threads: int | None = None) -> tuple[np.ndarray, list[int], list[str]]:
         """Scores of the decodable files (decoding in loader workers, overlapped with compute),
-        their indices in ``paths``, and one error message per unreadable file."""
+        their indices in ``paths``, and one error message per unreadable file. ``threads``: of a
+        CPU forward (default: all cores; :func:`clic.embed.extract`)."""
         if isinstance(self.head, ICNetHead):
             scores, kept, errors = extract(self.backbone, paths, self.cfg.image_size, batch_size, workers,
-                                           self.device, progress, self.whole, forward=self._scores)
+                                           self.device, progress, self.whole, forward=self._scores, threads=threads)
             return scores.reshape(-1).astype(np.float64), kept, errors
         feats, kept, errors = extract(self.backbone, paths, self.cfg.image_size, batch_size, workers,
-                                      self.device, progress, self.whole)
+                                      self.device, progress, self.whole, threads=threads)
         return feats.astype(np.float64) @ self._w.cpu().double().numpy() + self._b, kept, errors
 
     # --------------------------------------------------------------------------------- maps

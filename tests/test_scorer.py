@@ -17,6 +17,7 @@ import torch
 from PIL import Image
 
 from clic.config import PretrainConfig
+from clic.cores import torch_threads
 from clic.embed import eval_transform, load_encoder
 from clic.engine import checkpoint as ckpt
 from clic.evaluation.probe import LinearHead
@@ -100,6 +101,27 @@ def test_paths_pil_images_and_tensors_score_alike(scorer_file: Path, tmp_path: P
     np.testing.assert_allclose(scorer(torch.stack([as_tensor, as_tensor])), scorer([rgb, rgb]), atol=1e-5)
     batch = torch.stack([scorer._tensor(rgb)])  # a normalised float batch is used as is
     np.testing.assert_allclose(scorer(batch), scorer(rgb), atol=1e-6)
+
+
+def test_score_files_forward_threads_are_scoped_to_the_call(scorer_file: Path, tmp_path: Path) -> None:
+    """``threads`` sets the CPU forward's intra-op threads for that call only; scores do not
+    depend on it, and the caller's thread count is back afterwards."""
+    scorer = load_scorer(scorer_file, "cpu")
+    paths = list(_images(tmp_path).values())
+    seen: list[int] = []
+    forward = scorer.backbone.forward
+
+    def counting(x: torch.Tensor) -> torch.Tensor:
+        seen.append(torch.get_num_threads())
+        return forward(x)
+    scorer.backbone.forward = counting  # type: ignore[method-assign]
+    with torch_threads(2):
+        default, kept, _ = scorer.score_files(paths, batch_size=4, workers=0, progress=False)
+        one, kept_one, _ = scorer.score_files(paths, batch_size=4, workers=0, progress=False, threads=1)
+        assert torch.get_num_threads() == 2
+    assert seen == [2, 2, 1, 1]  # 6 images in batches of 4, per call
+    assert kept == kept_one == list(range(len(paths)))
+    np.testing.assert_allclose(one, default, atol=1e-5)
 
 
 @pytest.mark.parametrize(("stored", "message"), [

@@ -212,6 +212,22 @@ def test_pretrain_streams_from_shards(shards: Path, tmp_path: Path) -> None:
         run(bad, tmp_path / "unused", tmp_path / "run2", progress=False)
 
 
+def test_pretrain_decodes_shard_samples_on_the_device(shards: Path, tmp_path: Path) -> None:
+    """decode_on: device with shards: workers hand on each sample's JPEG bytes undecoded (the writer
+    stored the PNGs as JPEGs too), the step decodes them; one epoch takes every full batch."""
+    index = ShardIndex.load([shards / INDEX_NAME])
+    stream = ShardStream(index, lambda enc: {"encoded": enc.data}, batch_size=8, seed=1, encoded=True)
+    stream.set_epoch(0)
+    kinds = sorted(item["encoded"].dim() for item in stream)
+    assert kinds == [1] * (N_JPEG + N_PNG)
+    raw = {**tiny_overrides("clicv2"), "epochs": 1, "num_workers": 2, "augment_on": "device", "decode_on": "device",
+           "data": [str(shards / INDEX_NAME)]}
+    cfg = from_dict(PretrainConfig, {"method": "clicv2", **raw})
+    run(cfg, tmp_path / "unused", tmp_path / "run", progress=False)
+    metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert len(metrics) == 1 and metrics[0]["steps"] == 48 // 8 and np.isfinite(metrics[0]["loss"])
+
+
 def test_cli_shard_and_one_writer_per_folder(corpus: Path, shards: Path, tmp_path: Path) -> None:
     from clic.cli import main
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from tqdm import tqdm
 
 from clic import atomic
+from clic.cores import usable_cores
 from clic.data.archive import ARCHIVE_SUFFIXES, MAX_RATIO, is_archive, safe_extract
 from clic.data.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageError, content_hash, is_image_file, load_rgb
 from clic.data.shards import is_shard_index, shard_records
@@ -210,7 +211,7 @@ def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | N
         todo.append((r, r.path, st.st_size, st.st_mtime_ns))
     if todo:
         index.parent.mkdir(parents=True, exist_ok=True)
-        workers = workers or min(len(os.sched_getaffinity(0)), 8)
+        workers = workers or min(usable_cores(), 8)
         jobs = [(path, max_pixels) for _, path, _, _ in todo]
         with ProcessPoolExecutor(workers) as pool, index.open("a") as journal:
             results = pool.map(_hash_file, jobs, chunksize=32)

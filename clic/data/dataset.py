@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from clic.data.imageio import ImageError, load_rgb
+from clic.data.imageio import ImageError, load_rgb, read_encoded
 from clic.data.table import Record, resolve
 
 log = logging.getLogger(__name__)
@@ -37,15 +37,17 @@ class ViewDataset(Dataset):
     Each extra image is fixed (seeded by its index only), as if generated once ahead of training.
     ``decode_side``: JPEGs are decoded at the smallest DCT scale keeping this short side (a corpus
     of camera photos is decoded 4-30x faster; see :func:`clic.data.imageio.load_rgb`).
+    ``encoded``: the transform gets :class:`clic.data.imageio.Encoded` images (file bytes and
+    size) instead, for decoding on the training device (``decode_on: device``).
     An unreadable image (a corpus is not checked image by image) is logged by name and replaced by
     the next readable one, so one bad file never stops a run.
     """
 
     def __init__(self, records: Sequence[Record], root: str | Path, transform: Callable[[Image.Image], dict],
                  seed: int = 0, extra: Callable[[Image.Image], Image.Image] | None = None,
-                 extra_per_image: int = 0, decode_side: int | None = None) -> None:
+                 extra_per_image: int = 0, decode_side: int | None = None, encoded: bool = False) -> None:
         self.records, self.root, self.transform = list(records), Path(root), transform
-        self.seed, self.decode_side = seed, decode_side
+        self.seed, self.decode_side, self.encoded = seed, decode_side, encoded
         self._unreadable: set[int] = set()
         self.extra, self.extra_per_image = extra, (extra_per_image if extra is not None else 0)
 
@@ -59,6 +61,12 @@ class ViewDataset(Dataset):
         if is_extra and getattr(self.extra, "source_resolution", False):  # RCM tiles at source size
             source = resolve(self.root, rec.path)
             path = source if source.is_file() else path
+        if self.encoded:  # decode_on: device: the file's bytes and size only
+            try:
+                data = path.read_bytes()
+            except FileNotFoundError as exc:
+                raise ImageError(f"{path}: image file is missing") from exc
+            return read_encoded(data, str(path))  # type: ignore[return-value]
         img = load_rgb(path, min_size=None if is_extra else self.decode_side)
         if is_extra and self.extra is not None:
             with _seeded(sample_seed(self.seed, -1, index)):

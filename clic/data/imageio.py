@@ -10,13 +10,16 @@ from __future__ import annotations
 import hashlib
 import io
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import torch
 from PIL import Image, ImageOps
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp")
 DEFAULT_MAX_PIXELS = 89_478_485  # Pillow's own threshold
+EXIF_ORIENTATION = 0x0112
 
 
 class ImageError(ValueError):
@@ -66,6 +69,40 @@ def _decode(source: Path | io.BytesIO, name: str, max_pixels: int, min_size: int
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as exc:
         raise ImageError(f"{name}: cannot decode image ({exc})") from exc
+
+
+@dataclass
+class Encoded:
+    """An image as the loader hands it on: ``data`` the JPEG file's bytes (1-D uint8), or the
+    decoded pixels (3, H, W) uint8 for files the device decoder does not take; ``width`` and
+    ``height`` as displayed (EXIF orientation applied)."""
+
+    data: torch.Tensor
+    width: int
+    height: int
+    name: str
+
+
+def read_encoded(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Encoded:
+    """The header of an image file's bytes (no decoding for RGB/grey JPEGs); other files are
+    decoded here (:func:`clic.data.imageio.decode_bytes`). Errors name ``name``."""
+    try:
+        with Image.open(io.BytesIO(data)) as probe:
+            w, h = probe.size
+            fmt, mode = probe.format, probe.mode
+            orientation = probe.getexif().get(EXIF_ORIENTATION, 1) if fmt == "JPEG" else 1
+    except (OSError, SyntaxError, ValueError) as exc:
+        raise ImageError(f"{name}: cannot decode image ({exc})") from exc
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                         "(possible decompression bomb); raise data.max_pixels if it is genuine")
+    if fmt == "JPEG" and mode in ("RGB", "L"):
+        if orientation in (5, 6, 7, 8):  # a quarter turn: displayed sides swapped
+            w, h = h, w
+        return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), w, h, name)
+    img = decode_bytes(data, name, max_pixels)
+    pixels = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
+    return Encoded(pixels, img.width, img.height, name)
 
 
 def decode_opened(img: Image.Image, min_size: int | None = None) -> Image.Image:

@@ -28,6 +28,7 @@ from tqdm import tqdm
 
 from clic import atomic
 from clic.config import DataConfig, to_dict
+from clic.cores import usable_cores
 from clic.data.archive import file_sha256, find_root, is_archive, safe_extract
 from clic.data.imageio import ImageError, content_hash, load_rgb, resize_short
 from clic.data.sources import Entry, read_folder, read_ic9600, read_savoias
@@ -175,7 +176,7 @@ def _prepare_locked(cfg: DataConfig, out: Path, seed: int, workers: int | None, 
     tmp = atomic.staging_dir(out)
     tmp.mkdir(parents=True)
     jobs = [(e, str(tmp), cfg.cache_size, cfg.min_size, cfg.max_pixels) for e in entries]
-    workers = workers or min(len(os.sched_getaffinity(0)), 8)
+    workers = workers or min(usable_cores(), 8)
     records: list[Record] = []
     errors: list[str] = []
     try:

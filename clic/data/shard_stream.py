@@ -39,7 +39,7 @@ from PIL import Image
 from torch.utils.data import IterableDataset, get_worker_info
 
 from clic.data.dataset import _seeded, sample_seed
-from clic.data.imageio import ImageError, decode_bytes
+from clic.data.imageio import Encoded, ImageError, decode_bytes, read_encoded
 from clic.data.shards import ShardIndex, iter_shard
 
 log = logging.getLogger(__name__)
@@ -50,11 +50,13 @@ class ShardStream(IterableDataset):
     DataLoader with ``batch_size=B`` and any ``num_workers``; see the module docstring for the order.
 
     Call :meth:`set_epoch` before iterating (workers are started per epoch and copy it).
+    ``encoded``: the transform gets :class:`clic.data.imageio.Encoded` images (bytes and size, for
+    ``decode_on: device``) instead of decoded ones.
     """
 
-    def __init__(self, index: ShardIndex, transform: Callable[[Image.Image], dict], batch_size: int,
+    def __init__(self, index: ShardIndex, transform: Callable[[Any], dict], batch_size: int,
                  seed: int = 0, rank: int = 0, world: int = 1, shuffle_buffer: int = 1000,
-                 decode_side: int | None = None) -> None:
+                 decode_side: int | None = None, encoded: bool = False) -> None:
         if index.total < batch_size * world:
             raise ValueError(f"{index.total} images in the shards cannot fill one batch of {batch_size} x {world} "
                              "process(es); lower batch_size or add images")
@@ -62,7 +64,7 @@ class ShardStream(IterableDataset):
             raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
         self.index, self.transform, self.batch_size = index, transform, batch_size
         self.seed, self.rank, self.world = seed, rank, world
-        self.shuffle_buffer, self.decode_side = shuffle_buffer, decode_side
+        self.shuffle_buffer, self.decode_side, self.encoded = shuffle_buffer, decode_side, encoded
         self.epoch, self.skip = 0, 0
 
     @property
@@ -131,11 +133,12 @@ class ShardStream(IterableDataset):
     def __iter__(self) -> Iterator[dict]:
         info = get_worker_info()
         worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        last: Image.Image | None = None
+        last: Image.Image | Encoded | None = None
         for sample_id, data, meta in self.samples(worker, workers):
             name = str(meta.get("name", sample_id))
             try:
-                img = last = decode_bytes(data, name, min_size=self.decode_side)
+                img = last = read_encoded(data, name) if self.encoded else decode_bytes(data, name,
+                                                                                       min_size=self.decode_side)
             except ImageError as exc:
                 if last is None:
                     raise

@@ -45,6 +45,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clic import atomic
+from clic.cores import usable_cores
 from clic.data.imageio import DEFAULT_MAX_PIXELS, ImageError, content_hash, load_rgb, resize_short
 from clic.data.table import Record
 
@@ -294,7 +295,7 @@ def _write(items: list[tuple[str, str, str]], out: Path, per_shard: int, side: i
     todo = [i for i in range(n_shards) if i not in done]
     log.info("sharding %d images into %d shards of %d in %s (%d complete already)", len(items), n_shards,
              per_shard, out, len(done))
-    workers = workers or len(os.sched_getaffinity(0))
+    workers = workers or usable_cores()
     remaining = sum(len(items[i * per_shard:(i + 1) * per_shard]) for i in todo)
     with ProcessPoolExecutor(workers) as pool, tqdm(total=len(items), initial=len(items) - remaining,
                                                     desc="shard", unit="img", disable=None if progress else True,

@@ -1,0 +1,198 @@
+"""Decoding on the training device (``pretrain.decode_on: device``): the loader reads the file's
+bytes and draws the crop boxes; the device decodes the batch (nvJPEG through
+``torchvision.io.decode_jpeg`` on CUDA, libjpeg-turbo on CPU) and cuts the views.
+
+This is the step after ``augment_on: device`` for nodes with few cores per GPU: a loader worker
+then does no pixel work at all (a header read and a few random draws per image), so decoding
+camera-sized JPEGs no longer sets the number of loader cores a GPU needs.
+
+The geometry is the same as the loader's (``augment_on: device``, geometry only): the boxes come
+from the same random draws in the same order (``RandomResizedCrop.get_params``, then the flips;
+for CLICv2 the canvas, its flip and the shift), resized with antialiased bilinear interpolation
+as Pillow does. Two differences: boxes are drawn on the full-size image (the loader's path draws
+them on its reduced-scale DCT decode), and the resampling is torch's, not Pillow's (within a few
+grey levels). A file that is not a JPEG with RGB or grey pixels (PNG, CMYK JPEG) is decoded in
+the loader and shipped as pixels; a JPEG whose data turns out broken at decoding is logged by name
+and replaced by another image of the batch, as the loader does with unreadable files.
+
+Only views made of crops and flips can be cut on the device: MoCo v2 and CLICv2. CLIC's
+Random-Crop-and-Mix mosaics (rotated, jittered tiles) stay in the loader.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as nnf
+from torch.utils.data import default_collate
+from torchvision import transforms as T
+from torchvision.io import ImageReadMode, decode_jpeg
+
+from clic.config import MocoViewConfig, ShiftConfig
+from clic.data.imageio import Encoded, ImageError
+from clic.transforms.batch import DeviceViews
+from clic.transforms.shifted import draw_shift
+
+log = logging.getLogger(__name__)
+
+PLAN = "plan"  # the batch key of what the device half needs on the host (boxes, flips, shifts, names)
+
+
+def _crop_params(width: int, height: int, scale: tuple[float, float],
+                 ratio: tuple[float, float]) -> tuple[int, int, int, int]:
+    """``RandomResizedCrop.get_params`` (top, left, h, w) for an image of this size, drawing from
+    torch's global RNG exactly as the transform does on a decoded image."""
+    shape_only = torch.empty(1, 1, 1).expand(1, height, width)  # no pixels allocated
+    top, left, h, w = T.RandomResizedCrop.get_params(shape_only, list(scale), list(ratio))
+    return int(top), int(left), int(h), int(w)
+
+
+def _plan(enc: Encoded, boxes: list[tuple[int, int, int, int]], flips: list[tuple[bool, bool]],
+          shift: tuple[int, int] = (0, 0)) -> dict[str, Any]:
+    return {"encoded": enc.data, PLAN: {"boxes": torch.tensor(boxes, dtype=torch.long),
+                                        "flips": torch.tensor(flips, dtype=torch.bool),
+                                        "shift": torch.tensor(shift, dtype=torch.long), "name": enc.name}}
+
+
+class MocoBoxes:
+    """The loader's half of MoCo v2's two views: crop boxes and flips of ``query`` and ``key``,
+    drawn as :class:`clic.transforms.moco.MocoViews` (geometry only) draws them."""
+
+    views = ("query", "key")
+
+    def __init__(self, size: int, cfg: MocoViewConfig) -> None:
+        if cfg.key_rotation_deg > 0 and cfg.key_rotation_p > 0:
+            raise ValueError("views.key_rotation_deg: rotated key views are not cut on the device; set it to 0 "
+                             "or decode_on: loader")
+        self.size, self.cfg = size, cfg
+        self.ratio = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default, as in MocoViews
+
+    def __call__(self, enc: Encoded) -> dict[str, Any]:
+        boxes, flips = [], []
+        for view in self.views:
+            boxes.append(_crop_params(enc.width, enc.height, self.cfg.crop_scale, self.ratio))
+            hflip = bool(torch.rand(1) < self.cfg.hflip_p)
+            vflip = view == "key" and self.cfg.key_vflip_p > 0 and bool(torch.rand(1) < self.cfg.key_vflip_p)
+            flips.append((hflip, vflip))
+        return _plan(enc, boxes, flips)
+
+
+class ShiftBoxes:
+    """The loader's half of CLICv2's shifted views: the canvas box (side ``size + patch``), its
+    flip and the shift, drawn as :class:`clic.transforms.shifted.ShiftedPatchViews` draws them."""
+
+    views = ("view1", "view2")
+
+    def __init__(self, size: int, patch: int, cfg: ShiftConfig) -> None:
+        self.size, self.patch, self.cfg = size, patch, cfg
+
+    def __call__(self, enc: Encoded) -> dict[str, Any]:
+        box = _crop_params(enc.width, enc.height, self.cfg.crop_scale, (1.0, 1.0))
+        hflip = random.random() < self.cfg.hflip_p
+        dy, dx = draw_shift(self.patch, self.cfg)
+        out = _plan(enc, [box], [(hflip, False)], (dy, dx))
+        out["shift"] = torch.tensor([dy, dx], dtype=torch.long)  # what the model reads
+        return out
+
+
+def collate_encoded(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """``default_collate`` except the encoded images, which differ in length: kept as a list."""
+    encoded = [item.pop("encoded") for item in items]
+    batch = default_collate(items)
+    batch["encoded"] = encoded
+    return batch
+
+
+def crop_resize(img: torch.Tensor, box: Sequence[int], size: int, hflip: bool = False,
+                vflip: bool = False) -> torch.Tensor:
+    """(3, size, size) uint8 of ``img`` (3, H, W) uint8 cropped to ``box`` (top, left, h, w),
+    antialiased bilinear as Pillow's resize, then flipped."""
+    top, left, h, w = box
+    x = img[:, top:top + h, left:left + w].float()[None]
+    if (h, w) != (size, size):
+        x = nnf.interpolate(x, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    x = x[0].round_().clamp_(0, 255).to(torch.uint8)
+    if hflip:
+        x = x.flip(-1)
+    if vflip:
+        x = x.flip(-2)
+    return x
+
+
+def _decode_jpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
+    """torchvision's batched JPEG decoding (nvJPEG on CUDA), RGB, EXIF orientation applied.
+    torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they work and are
+    what this torch build ships, so the notice is silenced here, where the call is made."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchVision are deprecated")
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+
+
+def decode_batch(encoded: list[torch.Tensor], names: list[str], device: torch.device) -> list[torch.Tensor]:
+    """(3, H, W) uint8 images on ``device``: JPEG bytes decoded there in one call (EXIF orientation
+    applied), pixels moved. A JPEG that fails to decode is logged by name and replaced by the
+    nearest image of the batch that decoded (an error when none did)."""
+    jpegs = [i for i, e in enumerate(encoded) if e.dim() == 1]
+    out: list[torch.Tensor | None] = [e.to(device, non_blocking=True) if e.dim() == 3 else None for e in encoded]
+    if jpegs:
+        try:
+            decoded = _decode_jpeg([encoded[i] for i in jpegs], device)
+            for i, img in zip(jpegs, decoded, strict=True):
+                out[i] = img
+        except RuntimeError:  # one bad file fails the batched call: find it
+            for i in jpegs:
+                try:
+                    out[i] = _decode_jpeg([encoded[i]], device)[0]
+                except RuntimeError as exc:
+                    log.warning("skipping unreadable image %s: %s", names[i], exc)
+    good = [i for i, img in enumerate(out) if img is not None]
+    if not good:
+        raise ImageError(f"no image of the batch could be decoded ({', '.join(names[:3])}, ...)")
+    return [img if img is not None else out[min(good, key=lambda g: abs(g - i))]  # type: ignore[misc]
+            for i, img in enumerate(out)]
+
+
+class DecodeThenViews:
+    """``augment(batch, generator)`` of the engine for ``decode_on: device``: :class:`DeviceDecode`
+    on ``device``, then the photometric half (:class:`clic.transforms.batch.DeviceViews`)."""
+
+    def __init__(self, decode: DeviceDecode, views: DeviceViews, device: torch.device) -> None:
+        self.decode, self.views, self.device = decode, views, device
+
+    def __call__(self, batch: dict[str, Any], g: torch.Generator) -> dict[str, Any]:
+        return self.views(self.decode(batch, self.device), g)
+
+
+class DeviceDecode:
+    """The device half: decode the batch, cut each view (uint8, (B, 3, size, size)) from its box.
+    ``canvas``: CLICv2, one canvas of side ``size + patch`` per image, the two views its windows
+    at the origin and at the drawn shift."""
+
+    def __init__(self, views: tuple[str, ...], size: int, patch: int | None = None) -> None:
+        self.views, self.size, self.patch = views, size, patch
+
+    def __call__(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        plan = batch[PLAN]
+        images = decode_batch(batch["encoded"], list(plan["name"]), device)
+        boxes, flips, shifts = plan["boxes"].tolist(), plan["flips"].tolist(), plan["shift"].tolist()
+        out = {k: v for k, v in batch.items() if k not in ("encoded", PLAN)}
+        if self.patch is None:
+            for v, key in enumerate(self.views):
+                out[key] = torch.stack([crop_resize(img, boxes[i][v], self.size, *flips[i][v])
+                                        for i, img in enumerate(images)])
+            return out
+        s = self.size
+        first, second = [], []
+        for i, img in enumerate(images):
+            canvas = crop_resize(img, boxes[i][0], s + self.patch, flips[i][0][0])
+            dy, dx = shifts[i]
+            oy, ox = max(0, -dy), max(0, -dx)  # view 1's origin so both windows fit, as in the loader
+            first.append(canvas[:, oy:oy + s, ox:ox + s])
+            second.append(canvas[:, oy + dy:oy + dy + s, ox + dx:ox + dx + s])
+        out[self.views[0]], out[self.views[1]] = torch.stack(first), torch.stack(second)
+        return out

@@ -1,0 +1,148 @@
+"""``decode_on: device``: the loader hands on file bytes and crop boxes, the training device
+decodes and cuts the views (here torchvision's CPU decoder, through the same code as nvJPEG)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from clic.config import MocoViewConfig, ParamError, PretrainConfig, ShiftConfig, from_dict
+from clic.data.dataset import ViewDataset
+from clic.data.imageio import read_encoded
+from clic.data.table import Record
+from clic.pretrain import run
+from clic.transforms.decode import DeviceDecode, MocoBoxes, ShiftBoxes, collate_encoded
+from clic.transforms.moco import MocoViews
+from clic.transforms.shifted import ShiftedPatchViews
+
+from .conftest import tiny_overrides
+
+CPU = torch.device("cpu")
+
+
+def _photo(w: int, h: int, seed: int) -> np.ndarray:
+    """(h, w, 3) uint8, smooth enough that resampling differences stay small, varied enough that
+    a misplaced crop does not."""
+    rng = np.random.default_rng(seed)
+    y, x = np.mgrid[0:h, 0:w] / max(w, h)
+    f = rng.uniform(2, 6, size=(3, 2))
+    ch = [127 + 120 * np.sin(f[c, 0] * 3.1 * x + f[c, 1] * 2.3 * y + c) for c in range(3)]
+    return np.clip(np.stack(ch, -1), 0, 255).astype(np.uint8)
+
+
+def _files(folder: Path) -> list[Record]:
+    folder.mkdir(exist_ok=True)
+    records = []
+    for i, (w, h, fmt) in enumerate([(96, 72, "JPEG"), (80, 112, "JPEG"), (90, 70, "PNG"), (100, 60, "EXIF")]):
+        name = f"img{i}.{'png' if fmt == 'PNG' else 'jpg'}"
+        img = Image.fromarray(_photo(w, h, i))
+        if fmt == "EXIF":  # stored sideways, displayed turned a quarter (orientation 6)
+            exif = Image.Exif()
+            exif[0x0112] = 6
+            img.save(folder / name, quality=95, exif=exif)
+        else:
+            img.save(folder / name, **({"quality": 95} if fmt == "JPEG" else {}))
+        records.append(Record(name=name, path=name, score=None, split="train"))
+    return records
+
+
+def _device_views(records: list[Record], root: Path, boxes: MocoBoxes | ShiftBoxes,
+                  decode: DeviceDecode) -> dict[str, torch.Tensor]:
+    ds = ViewDataset(records, root, boxes, seed=5, encoded=True)
+    batch = collate_encoded([ds[(2, i)] for i in range(len(records))])
+    assert [e.dim() for e in batch["encoded"]] == [1, 1, 3, 1]  # JPEG bytes; the PNG decoded in the loader
+    return decode(batch, CPU)
+
+
+def _loader_views(records: list[Record], root: Path, views: object) -> list[dict[str, torch.Tensor]]:
+    ds = ViewDataset(records, root, views, seed=5)  # type: ignore[arg-type]
+    return [ds[(2, i)] for i in range(len(records))]
+
+
+def _close(device: torch.Tensor, loader: torch.Tensor) -> float:
+    assert device.dtype == loader.dtype == torch.uint8 and device.shape == loader.shape
+    return float((device.float() - loader.float()).abs().mean())
+
+
+def test_moco_views_cut_on_the_device_match_the_loader_geometry(tmp_path: Path) -> None:
+    """Same random draws as the loader's geometry-only MoCo views (boxes, horizontal flips, the
+    key's vertical flip): the same pixels up to resampling (Pillow vs torch, < 2 grey levels
+    on average), while views of different images or draws are tens of levels apart."""
+    records = _files(tmp_path / "img")
+    cfg = MocoViewConfig(key_vflip_p=0.5)
+    got = _device_views(records, tmp_path / "img", MocoBoxes(32, cfg), DeviceDecode(MocoBoxes.views, 32))
+    want = _loader_views(records, tmp_path / "img", MocoViews(32, cfg, photometric_ops=False))
+    for key in ("query", "key"):
+        assert got[key].shape == (4, 3, 32, 32)
+        for i in range(4):
+            assert _close(got[key][i], want[i][key]) < 2.0, (key, i)
+    assert _close(got["query"][0], got["key"][0]) > 10  # two draws of one image differ
+    assert _close(got["query"][0], want[1]["query"]) > 10
+
+
+def test_clicv2_shifted_views_cut_on_the_device_match_the_loader(tmp_path: Path) -> None:
+    records = _files(tmp_path / "img")
+    cfg = ShiftConfig()
+    got = _device_views(records, tmp_path / "img", ShiftBoxes(32, 8, cfg), DeviceDecode(ShiftBoxes.views, 32, 8))
+    want = _loader_views(records, tmp_path / "img", ShiftedPatchViews(32, 8, cfg, photometric_ops=False))
+    assert torch.equal(got["shift"], torch.stack([w["shift"] for w in want]))
+    assert bool((got["shift"] != 0).any())
+    for key in ("view1", "view2"):
+        for i in range(4):
+            assert _close(got[key][i], want[i][key]) < 2.0, (key, i)
+
+
+def test_exif_orientation_and_sizes_come_from_the_header(tmp_path: Path) -> None:
+    records = _files(tmp_path / "img")
+    enc = read_encoded((tmp_path / "img" / records[3].path).read_bytes(), "sideways.jpg")
+    assert (enc.width, enc.height, enc.data.dim()) == (60, 100, 1)  # saved 100x60, displayed turned
+    png = read_encoded((tmp_path / "img" / records[2].path).read_bytes(), "flat.png")
+    assert (png.width, png.height, tuple(png.data.shape)) == (90, 70, (3, 70, 90))
+
+
+def test_a_jpeg_that_fails_to_decode_is_named_and_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:
+    records = _files(tmp_path / "img")[:2]
+    bad = tmp_path / "img" / "bad.jpg"
+    data = bytearray((tmp_path / "img" / records[0].path).read_bytes())
+    bad.write_bytes(bytes(data[:data.find(b"\xff\xda")]))  # cut before the scan: the header still reads
+    records.append(Record(name="bad.jpg", path="bad.jpg", score=None, split="train"))
+    ds = ViewDataset(records, tmp_path / "img", MocoBoxes(32, MocoViewConfig()), seed=0, encoded=True)
+    batch = collate_encoded([ds[i] for i in range(3)])
+    with caplog.at_level("WARNING"):
+        out = DeviceDecode(MocoBoxes.views, 32)(batch, CPU)
+    assert out["query"].shape == (3, 3, 32, 32)
+    assert any("bad.jpg" in r.getMessage() for r in caplog.records)
+
+
+def test_decode_on_device_is_refused_where_the_views_need_the_loader() -> None:
+    with pytest.raises(ParamError, match="decode_on=device needs augment_on: device"):
+        from_dict(PretrainConfig, {"method": "moco", "decode_on": "device"})
+    with pytest.raises(ParamError, match="Random-Crop-and-Mix"):
+        from_dict(PretrainConfig, {"method": "clic", "decode_on": "device", "augment_on": "device"})
+    with pytest.raises(ParamError, match="key_rotation_deg"):
+        from_dict(PretrainConfig, {"method": "moco", "decode_on": "device", "augment_on": "device",
+                                   "views": {"key_rotation_deg": 10.0}})
+
+
+@pytest.mark.parametrize("method", ["moco", "clicv2"])
+def test_pretraining_with_device_decoding_trains_and_repeats_exactly(method: str, tmp_path: Path) -> None:
+    """A JPEG folder as the corpus, loader workers handing on bytes: two runs, identical weights."""
+    _files(tmp_path / "corpus")
+    for i in range(12):
+        Image.fromarray(_photo(64 + 4 * i, 48 + 2 * i, 10 + i)).save(tmp_path / "corpus" / f"more{i}.jpg")
+    raw = {"method": method, **tiny_overrides(method), "epochs": 1, "batch_size": 4, "num_workers": 1,
+           "augment_on": "device", "decode_on": "device", "data": [str(tmp_path / "corpus")]}
+    cfg = from_dict(PretrainConfig, raw)
+
+    def weights(out: Path) -> dict[str, torch.Tensor]:
+        return torch.load(run(cfg, tmp_path / "unused", out, progress=False), weights_only=True)["backbone"]
+    a, b = weights(tmp_path / "a"), weights(tmp_path / "b")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    lines = [json.loads(x) for x in (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()]
+    assert len(lines) == 1 and math.isfinite(lines[0]["loss"]) and lines[0]["loss"] > 0
