@@ -26,13 +26,15 @@ import time
 from pathlib import Path
 
 import torch
+from torch.utils.data import default_collate
 
 from clic.config import PretrainConfig, data_config, from_dict, load_params, pretrain_config, to_dict
 from clic.data.dataset import ViewDataset
 from clic.data.prepare import prepare
 from clic.data.table import read_table
 from clic.engine.train import autocast, train_one_epoch
-from clic.pretrain import build_model, build_optimizer, build_views, run
+from clic.pretrain import build_device_views, build_model, build_optimizer, build_views, run
+from clic.transforms.decode import collate_encoded
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -68,7 +70,8 @@ def bare_loop(cfg: PretrainConfig, batch: dict[str, torch.Tensor], steps: int, d
 def view_rate(cfg: PretrainConfig, data_dir: Path, n: int = 200) -> float:
     """Samples/s of the method's view recipe (decode from cache + all views) on one core."""
     torch.set_num_threads(1)
-    ds = ViewDataset(read_table(data_dir, ["train"]), data_dir, build_views(cfg), cfg.seed)
+    ds = ViewDataset(read_table(data_dir, ["train"]), data_dir, build_views(cfg), cfg.seed,
+                     encoded=cfg.decode_on == "device")
     n = min(n, len(ds))
     start = time.perf_counter()
     for i in range(n):
@@ -91,10 +94,7 @@ def cpu_bench(methods: list[str], epochs: int, overrides: list[str] | None = Non
             run(cfg, data_dir, f"{tmp}/{method}", progress=False,
                 on_epoch=lambda e, m, acc=epochs_metrics: acc.append(m))
             engine = sum(m["images_per_s"] for m in epochs_metrics[1:]) / max(len(epochs_metrics) - 1, 1)
-            ds = ViewDataset(read_table(data_dir, ["train"]), data_dir, build_views(cfg), cfg.seed)
-            items = [ds[i] for i in range(cfg.batch_size)]
-            views_ = [k for k, v in items[0].items() if isinstance(v, torch.Tensor) and v.dim() == 3]
-            batch = {k: torch.stack([it[k] for it in items]) for k in views_}
+            batch = finished_batch(cfg, data_dir)
             bare = bare_loop(cfg, batch, steps=8, device=torch.device("cpu"))
             views = view_rate(cfg, data_dir)
             results["methods"][method] = {
@@ -104,6 +104,19 @@ def cpu_bench(methods: list[str], epochs: int, overrides: list[str] | None = Non
                 "views_per_s_per_core": round(views, 1), "views_margin": round(views / engine, 2),
             }
     return results
+
+
+def finished_batch(cfg: PretrainConfig, data_dir: Path) -> dict[str, torch.Tensor]:
+    """One batch of the method's finished views (the device half applied where the config has
+    one), as the bare loop's fixed input."""
+    ds = ViewDataset(read_table(data_dir, ["train"]), data_dir, build_views(cfg), cfg.seed,
+                     encoded=cfg.decode_on == "device")
+    items = [ds[i] for i in range(cfg.batch_size)]
+    batch = collate_encoded(items) if cfg.decode_on == "device" else default_collate(items)
+    augment = build_device_views(cfg, torch.device("cpu"))
+    if augment is not None:
+        batch = augment(batch, torch.Generator().manual_seed(0))
+    return {k: v for k, v in batch.items() if isinstance(v, torch.Tensor) and v.dim() == 4}
 
 
 def engine_rate(cfg: PretrainConfig, batch: dict[str, torch.Tensor], steps: int, device: torch.device,

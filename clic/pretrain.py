@@ -116,8 +116,11 @@ def backbone_of(model: nn.Module) -> ResNetBackbone | ViTBackbone:
 
 
 def pick_device(name: str | None = None) -> torch.device:
+    """``name`` (``cpu``, ``cuda``, ``cuda:1``), else CUDA when there is one; ``cuda`` without an
+    index is this process's local rank (``torch.cuda.set_device`` refuses an index-less device)."""
     if name:
-        return torch.device(name)
+        dev = torch.device(name)
+        return torch.device("cuda", dist.local_rank()) if dev.type == "cuda" and dev.index is None else dev
     if torch.cuda.is_available():
         return torch.device("cuda", dist.local_rank())
     return torch.device("cpu")

@@ -22,7 +22,7 @@ from clic.data.table import read_table
 from clic.engine import checkpoint as ckpt
 from clic.engine.schedule import cosine_lr, cosine_momentum
 from clic.engine.train import NonFiniteLossError, train_one_epoch
-from clic.pretrain import build_views, intra_op_threads, run
+from clic.pretrain import build_views, intra_op_threads, pick_device, run
 
 from .conftest import REPO, tiny_overrides
 
@@ -47,6 +47,15 @@ def test_checkpoint_is_atomic_and_weights_only(tmp_path: Path) -> None:
     torch.save({"obj": Path("x")}, tmp_path / "evil.pt")  # an arbitrary pickle
     with pytest.raises(ValueError, match="evil.pt: not a loadable checkpoint"):
         ckpt.load(tmp_path / "evil.pt")
+
+
+def test_device_names_resolve_to_indexed_devices(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``--device cuda`` names this process's GPU (torch.cuda.set_device refuses an index-less one)."""
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("cuda") == torch.device("cuda", 0)
+    assert pick_device("cuda:1") == torch.device("cuda", 1)
+    monkeypatch.setenv("LOCAL_RANK", "3")
+    assert pick_device("cuda") == torch.device("cuda", 3)
 
 
 def _cfg(method: str, **extra) -> PretrainConfig:

@@ -128,6 +128,8 @@ def _decode_jpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.T
     """torchvision's batched JPEG decoding (nvJPEG on CUDA), RGB, EXIF orientation applied.
     torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they work and are
     what this torch build ships, so the notice is silenced here, where the call is made."""
+    if device.type == "cuda" and device.index is None:  # the batched decoder wants an index
+        device = torch.device("cuda", torch.cuda.current_device())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchVision are deprecated")
         return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)

@@ -1,0 +1,129 @@
+"""``decode_on: device`` on a GPU; prints JSON (a script, not a test).
+
+On ``--n`` synthetic camera JPEGs (``--side`` px long side) and the same images as 448 px JPEGs:
+- per method (MoCo v2 at 224 px, CLICv2 at 224 px / patch 16): the loader's half on one core
+  (read the file, its header, draw the boxes), the device decoding a batch alone, and decoding
+  plus cutting both views (images/s);
+- pretraining images/s by epoch from the camera JPEGs with the loader decoding
+  (``augment_on: device``) and with the device decoding (``decode_on: device``), same loader
+  workers: ResNet-50 MoCo v2 and ViT-B/16 CLICv2, bf16 on CUDA.
+
+Runs on CPU too (torchvision's decoder), where only the plumbing is meaningful.
+
+    python bench/bench_gpu_decode.py [--n 1024] [--side 2400] [--batch 256] [--workers 6]
+        [--epochs 3] [--train moco,clicv2]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import torch
+from bench_decode import photo_like  # this folder's decode benchmark (the script's own folder is on sys.path)
+
+from clic.config import MocoViewConfig, PretrainConfig, ShiftConfig, from_dict
+from clic.data.imageio import read_encoded, resize_short
+from clic.pretrain import run
+from clic.transforms.decode import DeviceDecode, MocoBoxes, ShiftBoxes, collate_encoded, decode_batch
+
+
+def _make(job: tuple[int, int, str, str]) -> None:
+    i, side, big, small = job
+    img = photo_like(np.random.default_rng(i), side, side * 3 // 4)
+    img.save(Path(big) / f"{i:05d}.jpg", quality=90)
+    resize_short(img, 448).save(Path(small) / f"{i:05d}.jpg", quality=95)
+
+
+def _sync(dev: torch.device) -> None:
+    if dev.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def device_rates(files: list[Path], dev: torch.device, batch: int) -> dict:
+    """Loader half (one core) and device half (decode alone; decode + cut) images/s per method."""
+    out = {}
+    setups = {"moco_224": (MocoBoxes(224, MocoViewConfig()), DeviceDecode(MocoBoxes.views, 224)),
+              "clicv2_224_p16": (ShiftBoxes(224, 16, ShiftConfig()), DeviceDecode(ShiftBoxes.views, 224, 16))}
+    for name, (boxes, decode) in setups.items():
+        start = time.perf_counter()
+        items = [boxes(read_encoded(p.read_bytes(), p.name)) for p in files]
+        loader = len(files) / (time.perf_counter() - start)
+        batches = [collate_encoded([dict(it) for it in items[k:k + batch]])
+                   for k in range(0, len(items) - batch + 1, batch)]
+        decode(batches[0], dev)  # warm-up
+        _sync(dev)
+        start = time.perf_counter()
+        for b in batches:
+            decode(b, dev)
+        _sync(dev)
+        cut = len(batches) * batch / (time.perf_counter() - start)
+        start = time.perf_counter()
+        for b in batches:
+            decode_batch(b["encoded"], list(b["plan"]["name"]), dev)
+        _sync(dev)
+        alone = len(batches) * batch / (time.perf_counter() - start)
+        out[name] = {"loader_half_images_per_s_one_core": round(loader, 1),
+                     "device_decode_and_cut_images_per_s": round(cut, 1),
+                     "device_decode_only_images_per_s": round(alone, 1)}
+    return out
+
+
+def train_rate(folder: Path, dev: torch.device, method: str, decode_on: str, workers: int, n: int, batch: int,
+               epochs: int) -> dict:
+    """Pretraining images/s by epoch on the JPEG folder ``folder``."""
+    raw: dict = {"method": method, "image_size": 224, "batch_size": batch, "epochs": epochs, "num_workers": workers,
+                 "checkpoint_every": 10**6, "augment_on": "device", "decode_on": decode_on,
+                 "amp": "bf16" if dev.type == "cuda" else "off", "data": [str(folder)], "moco": {"queue_size": n // 2}}
+    if method == "clicv2":
+        raw.update(backbone="vit_base", patch_size=16, depth=0, optim={"name": "adamw", "base_lr": 1.5e-4})
+    else:
+        raw.update(backbone="resnet50")
+    cfg = from_dict(PretrainConfig, raw)
+    epochs_metrics: list[dict] = []
+    with tempfile.TemporaryDirectory() as tmp:
+        start = time.perf_counter()
+        run(cfg, Path(tmp) / "unused", Path(tmp) / "out", device=str(dev), progress=False,
+            on_epoch=lambda e, m: epochs_metrics.append(m), corpus_dir=Path(tmp) / "corpus")
+        wall = time.perf_counter() - start
+    return {"images_per_s_by_epoch": [round(m["images_per_s"], 1) for m in epochs_metrics],
+            "wall_s": round(wall, 1), "workers": workers}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--n", type=int, default=1024)
+    ap.add_argument("--side", type=int, default=2400)
+    ap.add_argument("--batch", type=int, default=256)
+    ap.add_argument("--workers", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=3)
+    ap.add_argument("--train", default="moco,clicv2", help="methods to pretrain, comma-separated ('' for none)")
+    args = ap.parse_args()
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    result: dict = {"device": torch.cuda.get_device_name() if dev.type == "cuda" else "cpu", "n": args.n,
+                    "side": args.side, "batch": args.batch}
+    with tempfile.TemporaryDirectory() as tmp:
+        big, small = Path(tmp, "camera"), Path(tmp, "cache448")
+        big.mkdir()
+        small.mkdir()
+        with ProcessPoolExecutor(min(16, os.cpu_count() or 1)) as pool:
+            list(pool.map(_make, [(i, args.side, str(big), str(small)) for i in range(args.n)], chunksize=8))
+        result["bytes_per_image"] = {d.name: int(np.mean([p.stat().st_size for p in d.iterdir()]))
+                                     for d in (big, small)}
+        for folder in (big, small):
+            result[f"rates_{folder.name}"] = device_rates(sorted(folder.iterdir()), dev, args.batch)
+        for method in filter(None, args.train.split(",")):
+            for decode_on in ("loader", "device"):
+                result[f"train_{method}_camera_decode_on_{decode_on}"] = train_rate(
+                    big, dev, method, decode_on, args.workers, args.n, args.batch, args.epochs)
+    print(json.dumps(result, indent=1))
+
+
+if __name__ == "__main__":
+    main()
