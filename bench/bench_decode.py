@@ -9,6 +9,8 @@ For each method's view recipe at ``--size`` px (224 by default, the papers' size
     those packages are installed;
 - ``cache_png``: the prepared cache (PNG, short side ``2 x size``, Pillow),
 - ``cache_jpeg``: the same cache written as quality-95 JPEG (a candidate cache format);
+- ``dali_cpu`` (where ``nvidia-dali`` is installed; not a project dependency): DALI's CPU
+  pipeline on one thread, decoding alone, and decoding + MoCo's two crops/flips (no jitter);
 - ``augment_on_device``: the loader's half only (decode + crops/flips, uint8 out) when the
   photometric ops run batched on the training device (``pretrain.augment_on: device``);
 - ``decode_on_device`` (MoCo v2, CLICv2): the loader's half when the device also decodes
@@ -93,6 +95,45 @@ def decoders(short_min: int) -> dict[str, Callable[[Path], Image.Image]]:
     return out
 
 
+def dali_rates(files: list[Path], size: int, repeat: int, batch: int = 16) -> dict[str, float] | None:
+    """DALI's CPU pipeline on one thread, where ``nvidia-dali`` is installed (it is not a project
+    dependency): images/s of decoding alone; of decoding once and cutting MoCo's two random
+    resized crops with flips (the loader's geometry half); of ``image_random_crop`` decoding only
+    each crop's region, twice. ``None`` without DALI."""
+    try:
+        from nvidia.dali import fn, pipeline_def, types
+    except ImportError:
+        return None
+    names = [str(p) for p in files]
+    scale = [0.2, 1.0]
+
+    @pipeline_def(batch_size=batch, num_threads=1, device_id=None)  # CPU only
+    def pipe(mode: str):  # type: ignore[no-untyped-def]
+        jpegs, _ = fn.readers.file(files=names, random_shuffle=False)
+        if mode == "roi_crops":
+            views = [fn.resize(fn.decoders.image_random_crop(jpegs, device="cpu", output_type=types.RGB,
+                                                             random_area=scale), size=[size, size])
+                     for _ in range(2)]
+        else:
+            img = fn.decoders.image(jpegs, device="cpu", output_type=types.RGB)
+            if mode == "decode":
+                return img
+            views = [fn.random_resized_crop(img, size=[size, size], random_area=scale) for _ in range(2)]
+        return tuple(fn.flip(v, horizontal=fn.random.coin_flip()) for v in views)
+
+    out = {}
+    for mode in ("decode", "two_crops", "roi_crops"):
+        p = pipe(mode)
+        p.build()
+        p.run()  # warm-up
+        steps = max(1, repeat * len(files) // batch)
+        start = time.perf_counter()
+        for _ in range(steps):
+            p.run()
+        out[mode] = round(steps * batch / (time.perf_counter() - start), 1)
+    return out
+
+
 def rate(files: list[Path], decode: Callable[[Path], Image.Image], views: Callable | None, repeat: int) -> float:
     """Images/s of decode (+ views) on one core, after one warm-up pass."""
     for p in files[:2]:
@@ -153,6 +194,11 @@ def main() -> None:
             result["methods"][method]["augment_on_device"] = {  # the loader's half: decode + geometry
                 name: round(rate(paths[name][0], paths[name][1], geometry, args.repeat), 1)
                 for name in ("full_jpeg/pillow_draft", "cache_png/pillow", "cache_jpeg/pillow")}
+            if method == args.methods[0]:
+                for name in ("full_jpeg", "cache_jpeg"):
+                    dali = dali_rates(sets[name], args.size, args.repeat)
+                    if dali is not None:
+                        result["decode_only"].setdefault("dali_cpu", {})[name] = dali
             if method != "clic":  # CLIC's mosaics are built in the loader (decode_on: loader only)
                 result["methods"][method].update(decode_on_device(cfg, sets, args.repeat))
     print(json.dumps(result, indent=1))
