@@ -292,7 +292,7 @@ class PretrainConfig:
             if self.method == "clic":
                 raise ParamError("decode_on", "{key}=device cuts crops and flips only; CLIC's Random-Crop-and-Mix "
                                  "mosaics are built in the loader: use decode_on: loader for clic")
-            if self.views.key_rotation_deg > 0 and self.views.key_rotation_p > 0:
+            if self.method == "moco" and self.views.key_rotation_deg > 0 and self.views.key_rotation_p > 0:
                 raise ParamError("decode_on", "{key}=device cuts crops and flips only; set views.key_rotation_deg "
                                  "to 0 or use decode_on: loader")
         _positive("epochs", self.epochs)

@@ -3,8 +3,10 @@ decodes and cuts the views (here torchvision's CPU decoder, through the same cod
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -14,10 +16,10 @@ from PIL import Image
 
 from clic.config import MocoViewConfig, ParamError, PretrainConfig, ShiftConfig, from_dict
 from clic.data.dataset import ViewDataset
-from clic.data.imageio import read_encoded
+from clic.data.imageio import ImageError, load_rgb, read_encoded
 from clic.data.table import Record
 from clic.pretrain import run
-from clic.transforms.decode import DeviceDecode, MocoBoxes, ShiftBoxes, collate_encoded
+from clic.transforms.decode import DeviceDecode, MocoBoxes, ShiftBoxes, collate_encoded, decode_batch
 from clic.transforms.moco import MocoViews
 from clic.transforms.shifted import ShiftedPatchViews
 
@@ -104,6 +106,53 @@ def test_exif_orientation_and_sizes_come_from_the_header(tmp_path: Path) -> None
     assert (enc.width, enc.height, enc.data.dim()) == (60, 100, 1)  # saved 100x60, displayed turned
     png = read_encoded((tmp_path / "img" / records[2].path).read_bytes(), "flat.png")
     assert (png.width, png.height, tuple(png.data.shape)) == (90, 70, (3, 70, 90))
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_is_applied_after_decoding(orientation: int, tmp_path: Path) -> None:
+    """The batched decoder returns stored pixels (nvJPEG ignores EXIF): each of the 8 orientations
+    is applied afterwards, giving what Pillow shows, and the header's size is the displayed one."""
+    path = tmp_path / "o.jpg"
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(_photo(40, 24, 1)).save(path, quality=95, exif=exif)
+    enc = read_encoded(path.read_bytes(), path.name)
+    images, source = decode_batch([enc.data], [enc.name], CPU, [enc.orientation])
+    want = torch.from_numpy(np.array(load_rgb(path))).permute(2, 0, 1)
+    assert (enc.orientation, source, (enc.width, enc.height)) == (orientation, [0], (want.shape[2], want.shape[1]))
+    assert images[0].shape == want.shape and _close(images[0], want) < 0.5
+
+
+def test_camera_mpo_files_are_decoded_on_the_device_and_bombs_refused(tmp_path: Path) -> None:
+    mpo = tmp_path / "camera.mpo"
+    Image.fromarray(_photo(64, 48, 2)).save(mpo, "MPO", save_all=True,
+                                             append_images=[Image.fromarray(_photo(64, 48, 3))])
+    enc = read_encoded(mpo.read_bytes(), mpo.name)
+    assert enc.data.dim() == 1 and (enc.width, enc.height) == (64, 48)  # bytes, not pixels
+    images, _ = decode_batch([enc.data], [enc.name], CPU)
+    assert _close(images[0], torch.from_numpy(np.array(load_rgb(mpo))).permute(2, 0, 1)) < 0.5
+    png = io.BytesIO()
+    Image.new("RGB", (8, 8)).save(png, "PNG")
+    data = bytearray(png.getvalue())  # IHDR: width and height at bytes 16-24, its CRC at 29-33
+    data[16:24] = (200_000).to_bytes(4, "big") * 2
+    data[29:33] = zlib.crc32(bytes(data[12:29])).to_bytes(4, "big")
+    with pytest.raises(ImageError, match="bomb.png"):
+        read_encoded(bytes(data), "bomb.png")
+
+
+def test_a_slot_refilled_after_a_failed_decode_takes_that_image_s_boxes(tmp_path: Path) -> None:
+    """A big broken JPEG beside a small good one: its slot takes the good image with the good
+    image's boxes and ids (the broken image's boxes would fall outside it)."""
+    Image.fromarray(_photo(100, 80, 4)).save(tmp_path / "small.jpg", quality=95)
+    big = io.BytesIO()
+    Image.fromarray(_photo(2000, 1500, 5)).save(big, "JPEG", quality=80)
+    (tmp_path / "big.jpg").write_bytes(big.getvalue()[:big.getvalue().find(b"\xff\xda")])
+    records = [Record(name=n, path=n, score=None, split="train") for n in ("small.jpg", "big.jpg")]
+    ds = ViewDataset(records, tmp_path, MocoBoxes(32, MocoViewConfig()), seed=0, encoded=True)
+    batch = collate_encoded([ds[i] for i in range(2)])
+    out = DeviceDecode(MocoBoxes.views, 32)(batch, CPU)
+    assert out["index"].tolist() == [0, 0] and out["image_id"].tolist() == [0, 0]
+    assert torch.equal(out["query"][0], out["query"][1]) and torch.equal(out["key"][0], out["key"][1])
 
 
 def test_a_jpeg_that_fails_to_decode_is_named_and_replaced(tmp_path: Path, caplog: pytest.LogCaptureFixture) -> None:

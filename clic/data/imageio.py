@@ -75,34 +75,57 @@ def _decode(source: Path | io.BytesIO, name: str, max_pixels: int, min_size: int
 class Encoded:
     """An image as the loader hands it on: ``data`` the JPEG file's bytes (1-D uint8), or the
     decoded pixels (3, H, W) uint8 for files the device decoder does not take; ``width`` and
-    ``height`` as displayed (EXIF orientation applied)."""
+    ``height`` as displayed; ``orientation`` the EXIF orientation (1-8) still to apply to the
+    decoded bytes (1 for pixels, already upright)."""
 
     data: torch.Tensor
     width: int
     height: int
     name: str
+    orientation: int = 1
 
 
 def read_encoded(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -> Encoded:
-    """The header of an image file's bytes (no decoding for RGB/grey JPEGs); other files are
-    decoded here (:func:`clic.data.imageio.decode_bytes`). Errors name ``name``."""
+    """The header of an image file's bytes (no decoding for RGB/grey JPEGs, MPO camera files
+    included: their first image is a JPEG); other files are decoded here
+    (:func:`clic.data.imageio.decode_bytes`). Errors name ``name``."""
     try:
         with Image.open(io.BytesIO(data)) as probe:
             w, h = probe.size
             fmt, mode = probe.format, probe.mode
-            orientation = probe.getexif().get(EXIF_ORIENTATION, 1) if fmt == "JPEG" else 1
-    except (OSError, SyntaxError, ValueError) as exc:
+            orientation = probe.getexif().get(EXIF_ORIENTATION, 1) if fmt in ("JPEG", "MPO") else 1
+    except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"{name}: cannot decode image ({exc})") from exc
     if w * h > max_pixels:
         raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
                          "(possible decompression bomb); raise data.max_pixels if it is genuine")
-    if fmt == "JPEG" and mode in ("RGB", "L"):
+    if fmt in ("JPEG", "MPO") and mode in ("RGB", "L"):
+        orientation = orientation if orientation in range(1, 9) else 1
         if orientation in (5, 6, 7, 8):  # a quarter turn: displayed sides swapped
             w, h = h, w
-        return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), w, h, name)
+        return Encoded(torch.frombuffer(bytearray(data), dtype=torch.uint8), w, h, name, orientation)
     img = decode_bytes(data, name, max_pixels)
     pixels = torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1).contiguous()
     return Encoded(pixels, img.width, img.height, name)
+
+
+def orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
+    """(..., H, W) as displayed for EXIF ``orientation`` (1-8), as Pillow's ``exif_transpose``."""
+    if orientation == 2:
+        return img.flip(-1)
+    if orientation == 3:
+        return img.flip(-1).flip(-2)
+    if orientation == 4:
+        return img.flip(-2)
+    if orientation == 5:
+        return img.transpose(-1, -2)
+    if orientation == 6:
+        return img.transpose(-1, -2).flip(-1)
+    if orientation == 7:
+        return img.transpose(-1, -2).flip(-1).flip(-2)
+    if orientation == 8:
+        return img.transpose(-1, -2).flip(-2)
+    return img
 
 
 def decode_opened(img: Image.Image, min_size: int | None = None) -> Image.Image:

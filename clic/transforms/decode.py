@@ -34,7 +34,7 @@ from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
 from clic.config import MocoViewConfig, ShiftConfig
-from clic.data.imageio import Encoded, ImageError
+from clic.data.imageio import Encoded, ImageError, orient
 from clic.transforms.batch import DeviceViews
 from clic.transforms.shifted import draw_shift
 
@@ -56,7 +56,9 @@ def _plan(enc: Encoded, boxes: list[tuple[int, int, int, int]], flips: list[tupl
           shift: tuple[int, int] = (0, 0)) -> dict[str, Any]:
     return {"encoded": enc.data, PLAN: {"boxes": torch.tensor(boxes, dtype=torch.long),
                                         "flips": torch.tensor(flips, dtype=torch.bool),
-                                        "shift": torch.tensor(shift, dtype=torch.long), "name": enc.name}}
+                                        "shift": torch.tensor(shift, dtype=torch.long),
+                                        "orientation": torch.tensor(enc.orientation, dtype=torch.long),
+                                        "name": enc.name}}
 
 
 class MocoBoxes:
@@ -125,20 +127,23 @@ def crop_resize(img: torch.Tensor, box: Sequence[int], size: int, hflip: bool = 
 
 
 def _decode_jpeg(data: list[torch.Tensor], device: torch.device) -> list[torch.Tensor]:
-    """torchvision's batched JPEG decoding (nvJPEG on CUDA), RGB, EXIF orientation applied.
+    """torchvision's batched JPEG decoding (nvJPEG on CUDA), RGB, as stored: the CUDA decoder
+    ignores ``apply_exif_orientation``, so orientation is applied by the caller on every device.
     torchvision 0.29 marks its image codecs deprecated in favour of TorchCodec; they work and are
     what this torch build ships, so the notice is silenced here, where the call is made."""
     if device.type == "cuda" and device.index is None:  # the batched decoder wants an index
         device = torch.device("cuda", torch.cuda.current_device())
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", category=DeprecationWarning, message=".*TorchVision are deprecated")
-        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device, apply_exif_orientation=True)
+        return decode_jpeg(data, mode=ImageReadMode.RGB, device=device)
 
 
-def decode_batch(encoded: list[torch.Tensor], names: list[str], device: torch.device) -> list[torch.Tensor]:
-    """(3, H, W) uint8 images on ``device``: JPEG bytes decoded there in one call (EXIF orientation
-    applied), pixels moved. A JPEG that fails to decode is logged by name and replaced by the
-    nearest image of the batch that decoded (an error when none did)."""
+def decode_batch(encoded: list[torch.Tensor], names: list[str], device: torch.device,
+                 orientations: list[int] | None = None) -> tuple[list[torch.Tensor], list[int]]:
+    """(3, H, W) uint8 images on ``device`` as displayed (JPEG bytes decoded there in one call and
+    turned by their EXIF ``orientations``; pixels moved), and for each slot the index of the image
+    it holds. A JPEG that fails to decode is logged by name and its slot takes the nearest image of
+    the batch that decoded (an error when none did)."""
     jpegs = [i for i, e in enumerate(encoded) if e.dim() == 1]
     out: list[torch.Tensor | None] = [e.to(device, non_blocking=True) if e.dim() == 3 else None for e in encoded]
     if jpegs:
@@ -152,11 +157,14 @@ def decode_batch(encoded: list[torch.Tensor], names: list[str], device: torch.de
                     out[i] = _decode_jpeg([encoded[i]], device)[0]
                 except RuntimeError as exc:
                     log.warning("skipping unreadable image %s: %s", names[i], exc)
+        for i in jpegs:
+            if out[i] is not None and orientations is not None and orientations[i] != 1:
+                out[i] = orient(out[i], orientations[i])  # type: ignore[arg-type]
     good = [i for i, img in enumerate(out) if img is not None]
     if not good:
         raise ImageError(f"no image of the batch could be decoded ({', '.join(names[:3])}, ...)")
-    return [img if img is not None else out[min(good, key=lambda g: abs(g - i))]  # type: ignore[misc]
-            for i, img in enumerate(out)]
+    source = [i if img is not None else min(good, key=lambda g: abs(g - i)) for i, img in enumerate(out)]
+    return [out[j] for j in source], source  # type: ignore[misc]
 
 
 class DecodeThenViews:
@@ -180,9 +188,13 @@ class DeviceDecode:
 
     def __call__(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         plan = batch[PLAN]
-        images = decode_batch(batch["encoded"], list(plan["name"]), device)
-        boxes, flips, shifts = plan["boxes"].tolist(), plan["flips"].tolist(), plan["shift"].tolist()
+        images, source = decode_batch(batch["encoded"], list(plan["name"]), device, plan["orientation"].tolist())
+        # a slot that took another image's pixels takes its boxes, shift and ids too
+        boxes, flips, shifts = (plan[k][source].tolist() for k in ("boxes", "flips", "shift"))
         out = {k: v for k, v in batch.items() if k not in ("encoded", PLAN)}
+        if source != list(range(len(source))):
+            out = {k: v[torch.tensor(source, device=v.device)] if isinstance(v, torch.Tensor) and v.dim() >= 1
+                   and v.shape[0] == len(source) else v for k, v in out.items()}
         if self.patch is None:
             for v, key in enumerate(self.views):
                 out[key] = torch.stack([crop_resize(img, boxes[i][v], self.size, *flips[i][v])
