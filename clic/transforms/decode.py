@@ -11,7 +11,9 @@ from the same random draws in the same order (``RandomResizedCrop.get_params``, 
 for CLICv2 the canvas, its flip and the shift), resized with antialiased bilinear interpolation
 as Pillow does. Two differences: boxes are drawn on the full-size image (the loader's path draws
 them on its reduced-scale DCT decode), and the resampling is torch's, not Pillow's (within a few
-grey levels). A file that is not a JPEG with RGB or grey pixels (PNG, CMYK JPEG) is decoded in
+grey levels); nvJPEG's pixels also differ a little from libjpeg's. EXIF orientation, read with the
+header, is applied after decoding (the CUDA decoder ignores it). A file that is not a JPEG with
+RGB or grey pixels (PNG, CMYK JPEG) is decoded in
 the loader and shipped as pixels; a JPEG whose data turns out broken at decoding is logged by name
 and replaced by another image of the batch, as the loader does with unreadable files.
 
