@@ -41,8 +41,8 @@ from PIL import Image
 
 from clic.config import PretrainConfig, load_params, pretrain_config
 from clic.data.imageio import load_rgb, read_encoded, resize_short
-from clic.pretrain import build_views
-from clic.transforms.decode import DeviceDecode, MocoBoxes, ShiftBoxes, collate_encoded
+from clic.pretrain import build_boxes, build_views
+from clic.transforms.decode import DeviceDecode, collate_encoded
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -207,9 +207,8 @@ def main() -> None:
 def decode_on_device(cfg: PretrainConfig, sets: dict[str, list[Path]], repeat: int) -> dict:
     """Loader half and (CPU-run) device half of ``decode_on: device``, images/s on one core."""
     cfg = dataclasses.replace(cfg, augment_on="device", decode_on="device")
-    boxes = build_views(cfg)
-    decode = DeviceDecode(ShiftBoxes.views, cfg.image_size, cfg.patch_size) if cfg.method == "clicv2" \
-        else DeviceDecode(MocoBoxes.views, cfg.image_size)
+    boxes = build_boxes(cfg)
+    decode = DeviceDecode.of(boxes)
     loader: dict[str, float] = {}
     step: dict[str, float] = {}
     for name in ("full_jpeg", "cache_jpeg"):

@@ -49,9 +49,9 @@ def _sync(dev: torch.device) -> None:
 def device_rates(files: list[Path], dev: torch.device, batch: int) -> dict:
     """Loader half (one core) and device half (decode alone; decode + cut) images/s per method."""
     out = {}
-    setups = {"moco_224": (MocoBoxes(224, MocoViewConfig()), DeviceDecode(MocoBoxes.views, 224)),
-              "clicv2_224_p16": (ShiftBoxes(224, 16, ShiftConfig()), DeviceDecode(ShiftBoxes.views, 224, 16))}
-    for name, (boxes, decode) in setups.items():
+    setups = {"moco_224": MocoBoxes(224, MocoViewConfig()), "clicv2_224_p16": ShiftBoxes(224, 16, ShiftConfig())}
+    for name, boxes in setups.items():
+        decode = DeviceDecode.of(boxes)
         start = time.perf_counter()
         items = [boxes(read_encoded(p.read_bytes(), p.name)) for p in files]
         loader = len(files) / (time.perf_counter() - start)

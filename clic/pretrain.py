@@ -51,13 +51,18 @@ def build_views(cfg: PretrainConfig) -> Callable:
     ``augment_on: device`` (then :func:`build_device_views` finishes them)."""
     photo = cfg.augment_on == "loader"
     if cfg.decode_on == "device":  # crop boxes only: the device decodes and cuts (DeviceDecode)
-        if cfg.method == "clicv2":
-            return ShiftBoxes(cfg.image_size, cfg.patch_size, cfg.shift)
-        return MocoBoxes(cfg.image_size, cfg.views)
+        return build_boxes(cfg)
     if cfg.method == "clicv2":
         return ShiftedPatchViews(cfg.image_size, cfg.patch_size, cfg.shift, photometric_ops=photo)
     use_rcm_key = cfg.method == "clic" and cfg.rcm.pairing in ("key", "both")
     return MocoViews(cfg.image_size, cfg.views, cfg.rcm if use_rcm_key else None, photometric_ops=photo)
+
+
+def build_boxes(cfg: PretrainConfig) -> MocoBoxes | ShiftBoxes:
+    """The loader's half with ``decode_on: device``: crop boxes and flips of the method's views."""
+    if cfg.method == "clicv2":
+        return ShiftBoxes(cfg.image_size, cfg.patch_size, cfg.shift)
+    return MocoBoxes(cfg.image_size, cfg.views)
 
 
 def build_device_views(cfg: PretrainConfig, device: torch.device | None = None) -> DeviceViews | DecodeThenViews | None:
@@ -68,11 +73,7 @@ def build_device_views(cfg: PretrainConfig, device: torch.device | None = None) 
     views = shifted_device_views(cfg.shift) if cfg.method == "clicv2" else moco_device_views(cfg.image_size, cfg.views)
     if cfg.decode_on == "loader":
         return views
-    if cfg.method == "clicv2":
-        decode = DeviceDecode(ShiftBoxes.views, cfg.image_size, cfg.patch_size)
-    else:
-        decode = DeviceDecode(MocoBoxes.views, cfg.image_size)
-    return DecodeThenViews(decode, views, device or torch.device("cpu"))
+    return DecodeThenViews(DeviceDecode.of(build_boxes(cfg)), views, device or torch.device("cpu"))
 
 
 def build_model(cfg: PretrainConfig) -> nn.Module:

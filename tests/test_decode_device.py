@@ -54,12 +54,11 @@ def _files(folder: Path) -> list[Record]:
     return records
 
 
-def _device_views(records: list[Record], root: Path, boxes: MocoBoxes | ShiftBoxes,
-                  decode: DeviceDecode) -> dict[str, torch.Tensor]:
+def _device_views(records: list[Record], root: Path, boxes: MocoBoxes | ShiftBoxes) -> dict[str, torch.Tensor]:
     ds = ViewDataset(records, root, boxes, seed=5, encoded=True)
     batch = collate_encoded([ds[(2, i)] for i in range(len(records))])
     assert [e.dim() for e in batch["encoded"]] == [1, 1, 3, 1]  # JPEG bytes; the PNG decoded in the loader
-    return decode(batch, CPU)
+    return DeviceDecode.of(boxes)(batch, CPU)
 
 
 def _loader_views(records: list[Record], root: Path, views: object) -> list[dict[str, torch.Tensor]]:
@@ -78,7 +77,7 @@ def test_moco_views_cut_on_the_device_match_the_loader_geometry(tmp_path: Path) 
     on average), while views of different images or draws are tens of levels apart."""
     records = _files(tmp_path / "img")
     cfg = MocoViewConfig(key_vflip_p=0.5)
-    got = _device_views(records, tmp_path / "img", MocoBoxes(32, cfg), DeviceDecode(MocoBoxes.views, 32))
+    got = _device_views(records, tmp_path / "img", MocoBoxes(32, cfg))
     want = _loader_views(records, tmp_path / "img", MocoViews(32, cfg, photometric_ops=False))
     for key in ("query", "key"):
         assert got[key].shape == (4, 3, 32, 32)
@@ -91,7 +90,7 @@ def test_moco_views_cut_on_the_device_match_the_loader_geometry(tmp_path: Path) 
 def test_clicv2_shifted_views_cut_on_the_device_match_the_loader(tmp_path: Path) -> None:
     records = _files(tmp_path / "img")
     cfg = ShiftConfig()
-    got = _device_views(records, tmp_path / "img", ShiftBoxes(32, 8, cfg), DeviceDecode(ShiftBoxes.views, 32, 8))
+    got = _device_views(records, tmp_path / "img", ShiftBoxes(32, 8, cfg))
     want = _loader_views(records, tmp_path / "img", ShiftedPatchViews(32, 8, cfg, photometric_ops=False))
     assert torch.equal(got["shift"], torch.stack([w["shift"] for w in want]))
     assert bool((got["shift"] != 0).any())

@@ -38,7 +38,7 @@ from torchvision.io import ImageReadMode, decode_jpeg
 from clic.config import MocoViewConfig, ShiftConfig
 from clic.data.imageio import Encoded, ImageError, orient
 from clic.transforms.batch import DeviceViews
-from clic.transforms.shifted import draw_shift
+from clic.transforms.shifted import draw_shift, shifted_windows
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +68,7 @@ class MocoBoxes:
     drawn as :class:`clic.transforms.moco.MocoViews` (geometry only) draws them."""
 
     views = ("query", "key")
+    patch = None  # views cut straight from the image (no canvas)
 
     def __init__(self, size: int, cfg: MocoViewConfig) -> None:
         if cfg.key_rotation_deg > 0 and cfg.key_rotation_p > 0:
@@ -182,11 +183,16 @@ class DecodeThenViews:
 
 class DeviceDecode:
     """The device half: decode the batch, cut each view (uint8, (B, 3, size, size)) from its box.
-    ``canvas``: CLICv2, one canvas of side ``size + patch`` per image, the two views its windows
+    ``patch``: CLICv2, one canvas of side ``size + patch`` per image, the two views its windows
     at the origin and at the drawn shift."""
 
     def __init__(self, views: tuple[str, ...], size: int, patch: int | None = None) -> None:
         self.views, self.size, self.patch = views, size, patch
+
+    @classmethod
+    def of(cls, boxes: MocoBoxes | ShiftBoxes) -> DeviceDecode:
+        """The device half matching a loader half."""
+        return cls(boxes.views, boxes.size, boxes.patch)
 
     def __call__(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         plan = batch[PLAN]
@@ -206,9 +212,8 @@ class DeviceDecode:
         first, second = [], []
         for i, img in enumerate(images):
             canvas = crop_resize(img, boxes[i][0], s + self.patch, flips[i][0][0])
-            dy, dx = shifts[i]
-            oy, ox = max(0, -dy), max(0, -dx)  # view 1's origin so both windows fit, as in the loader
-            first.append(canvas[:, oy:oy + s, ox:ox + s])
-            second.append(canvas[:, oy + dy:oy + dy + s, ox + dx:ox + dx + s])
+            v1, v2 = shifted_windows(canvas, s, *shifts[i])
+            first.append(v1)
+            second.append(v2)
         out[self.views[0]], out[self.views[1]] = torch.stack(first), torch.stack(second)
         return out

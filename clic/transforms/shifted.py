@@ -42,6 +42,14 @@ def draw_shift(patch: int, cfg: ShiftConfig) -> tuple[int, int]:
     return sy * mag, sx * mag
 
 
+def shifted_windows(canvas: torch.Tensor, size: int, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The two ``size`` x ``size`` windows of a (C, size + P, size + P) canvas: view 1 at the
+    origin that lets both fit, view 2 moved by (dy, dx)."""
+    oy, ox = max(0, -dy), max(0, -dx)
+    return (canvas[:, oy:oy + size, ox:ox + size],
+            canvas[:, oy + dy:oy + dy + size, ox + dx:ox + dx + size])
+
+
 class ShiftedPatchViews:
     """PIL image -> dict(view1, view2: (3, size, size) normalised tensors, shift: (2,) long (dy, dx))."""
 
@@ -60,10 +68,7 @@ class ShiftedPatchViews:
             canvas = F.hflip(canvas)
         x = F.to_tensor(canvas) if self.photometric_ops else F.pil_to_tensor(canvas)  # (3, size + P, size + P)
         dy, dx = draw_shift(self.patch, self.cfg)
-        oy, ox = max(0, -dy), max(0, -dx)  # origin of view 1 so both windows fit on the canvas
-        s = self.size
-        v1 = x[:, oy:oy + s, ox:ox + s]
-        v2 = x[:, oy + dy:oy + dy + s, ox + dx:ox + dx + s]
+        v1, v2 = shifted_windows(x, self.size, dy, dx)
         if self.photometric_ops:
             v1, v2 = self.norm(self.photo(v1)), self.norm(self.photo(v2))
         return {"view1": v1, "view2": v2, "shift": torch.tensor([dy, dx], dtype=torch.long)}
