@@ -44,6 +44,13 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: i
         raise ImageError(f"{path}: image file is missing") from exc
 
 
+def check_pixels(name: str, w: int, h: int, max_pixels: int) -> None:
+    """Refuse an image of more than ``max_pixels`` (read from its header, before decoding)."""
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
+                         "(possible decompression bomb); raise data.max_pixels if it is genuine")
+
+
 def decode_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
                  min_size: int | None = None) -> Image.Image:
     """:func:`load_rgb` for an image file's bytes (e.g. a shard member); errors name ``name``."""
@@ -53,10 +60,7 @@ def decode_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
 def _decode(source: Path | io.BytesIO, name: str, max_pixels: int, min_size: int | None) -> Image.Image:
     try:
         with Image.open(source) as probe:
-            w, h = probe.size
-            if w * h > max_pixels:
-                raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-                                 "(possible decompression bomb); raise data.max_pixels if it is genuine")
+            check_pixels(name, *probe.size, max_pixels)
             if min_size is not None and probe.format == "JPEG":
                 probe.draft(None, (min_size, min_size))
             with warnings.catch_warnings():
@@ -96,9 +100,7 @@ def read_encoded(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
             orientation = probe.getexif().get(EXIF_ORIENTATION, 1) if fmt in ("JPEG", "MPO") else 1
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"{name}: cannot decode image ({exc})") from exc
-    if w * h > max_pixels:
-        raise ImageError(f"{name}: {w}x{h} = {w * h} pixels exceeds the limit of {max_pixels} "
-                         "(possible decompression bomb); raise data.max_pixels if it is genuine")
+    check_pixels(name, w, h, max_pixels)
     if fmt in ("JPEG", "MPO") and mode in ("RGB", "L"):
         orientation = orientation if orientation in range(1, 9) else 1
         if orientation in (5, 6, 7, 8):  # a quarter turn: displayed sides swapped
