@@ -67,11 +67,16 @@ def bare_loop(cfg: PretrainConfig, batch: dict[str, torch.Tensor], steps: int, d
     return steps * bsz / (time.perf_counter() - start)
 
 
+def train_views(cfg: PretrainConfig, data_dir: Path) -> ViewDataset:
+    """The loader's half of the method's views over the prepared train split."""
+    return ViewDataset(read_table(data_dir, ["train"]), data_dir, build_views(cfg), cfg.seed,
+                       encoded=cfg.decode_on == "device")
+
+
 def view_rate(cfg: PretrainConfig, data_dir: Path, n: int = 200) -> float:
     """Samples/s of the method's view recipe (decode from cache + all views) on one core."""
     torch.set_num_threads(1)
-    ds = ViewDataset(read_table(data_dir, ["train"]), data_dir, build_views(cfg), cfg.seed,
-                     encoded=cfg.decode_on == "device")
+    ds = train_views(cfg, data_dir)
     n = min(n, len(ds))
     start = time.perf_counter()
     for i in range(n):
@@ -109,8 +114,7 @@ def cpu_bench(methods: list[str], epochs: int, overrides: list[str] | None = Non
 def finished_batch(cfg: PretrainConfig, data_dir: Path) -> dict[str, torch.Tensor]:
     """One batch of the method's finished views (the device half applied where the config has
     one), as the bare loop's fixed input."""
-    ds = ViewDataset(read_table(data_dir, ["train"]), data_dir, build_views(cfg), cfg.seed,
-                     encoded=cfg.decode_on == "device")
+    ds = train_views(cfg, data_dir)
     items = [ds[i] for i in range(cfg.batch_size)]
     batch = collate_encoded(items) if cfg.decode_on == "device" else default_collate(items)
     augment = build_device_views(cfg, torch.device("cpu"))
