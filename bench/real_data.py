@@ -14,7 +14,16 @@ Protocols:
   in-sample for pretraining (the encoder saw the probed images, not their labels).
 - ``dev``: pretrain on the labelled photos only (the earlier protocol, for comparison).
 
-Resumable: each method trains into ``OUT/models/<method>`` (re-running continues from checkpoints).
+Seeds: ``--seeds 0 1 2`` runs each seed into ``OUT/seed-<s>/`` (pretraining, the probe's folds and
+the random inits all follow the seed); ``bench/seed_table.py OUT...`` turns them into means, spreads
+and paired differences with intervals over seeds and images.
+
+Resumable: each method trains into ``OUT[/seed-<s>]/models/<method>`` (re-running continues from
+checkpoints), and a method whose encoder (same config) and probe report are there is not redone,
+so a long multi-seed run survives an interruption: run the same command again.
+
+The same seed is bit-identical only at the same thread count (``OMP_NUM_THREADS``, recorded in
+``table.json``): other threads sum in another order, and the runs drift apart from the first step.
 """
 
 from __future__ import annotations
@@ -28,8 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from clic.config import data_config, load_params, pretrain_config, probe_config
+from clic.config import data_config, load_params, pretrain_config, probe_config, to_dict
 from clic.data.corpus import corpus_records, evaluation_records, find_leaks
 from clic.data.prepare import prepare
 from clic.data.table import read_table
@@ -86,12 +96,31 @@ def main() -> None:
     ap.add_argument("--select", default="Scenes", help="the one category anything is chosen on")
     ap.add_argument("--methods", nargs="+", default=["moco", "clic", "clicv2"])
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--seeds", nargs="+", type=int, default=None,
+                    help="one run per seed into OUT/seed-<s>/ (default: the params' seed, into OUT)")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     params = load_params(args.params, args.overrides)
-    seed, pcfg, out = int(params.get("seed", 0)), probe_config(params), Path(args.out)
+    data_seed = int(params.get("seed", 0))  # one prepared dataset for every seed (its split is unused in cv mode)
+    if args.seeds is None:
+        run_seed(args, params, Path(args.out), data_seed)
+    for seed in args.seeds or []:
+        run_seed(args, {**params, "seed": seed}, Path(args.out) / f"seed-{seed}", data_seed)
+
+
+def done_before(encoder: Path, report: Path, cfg: Any) -> bool:
+    """Whether ``encoder`` was trained with exactly ``cfg`` and probed into ``report`` (resume)."""
+    if not (encoder.is_file() and (report / "predictions.csv").is_file()):
+        return False
+    return torch.load(encoder, map_location="cpu", weights_only=False).get("config") == to_dict(cfg)
+
+
+def run_seed(args: argparse.Namespace, params: dict[str, Any], out: Path, data_seed: int) -> None:
+    """One seed of the protocol into ``out`` (``table.json`` there): the seed drives pretraining,
+    the random inits and the probe's folds; the dataset is prepared with ``data_seed``."""
+    seed, pcfg = int(params.get("seed", 0)), probe_config(params)
     dcfg = data_config(params)
-    data_dir = prepare(dcfg, seed)
+    data_dir = prepare(dcfg, data_seed)
     corpus = list(params.get("pretrain", {}).get("data") or [])
     if args.protocol == "final":
         corpus = [*corpus, str(data_dir)]
@@ -108,8 +137,9 @@ def main() -> None:
         section["common"] = {**section.get("common", {}), "splits": ["train", "test"]}
     params = {**params, "pretrain": section}
     n_boot = pcfg.bootstrap
-    table: dict[str, Any] = {"protocol": args.protocol, "selection_category": args.select,
-                             "pretrain_data": corpus or [str(data_dir)], "probe_image_size": pcfg.image_size}
+    table: dict[str, Any] = {"protocol": args.protocol, "selection_category": args.select, "seed": seed,
+                             "pretrain_data": corpus or [str(data_dir)], "probe_image_size": pcfg.image_size,
+                             "torch_threads": torch.get_num_threads()}
     if not args.skip_baselines:
         table["handcrafted_best_single"] = handcrafted_rows(data_dir, args.select, n_boot, seed, pcfg.workers)
         from clic.evaluation.evaluate import evaluate_handcrafted
@@ -125,18 +155,36 @@ def main() -> None:
             evaluate_random(cfg, data_dir, pcfg, rdir, seed)
             table[f"random_{cfg.backbone}"] = category_table(*read_predictions(rdir), n_boot, seed)
             randoms_done.add(key)
+        rdir, encoder = out / "reports" / method, out / "models" / method / "encoder.pt"
+        if done_before(encoder, rdir, cfg):
+            log.info("%s: trained and probed before with this config (%s); not redone", method, rdir)
+            earlier = read_json(out / "table.json").get(method, {})
+            table[method] = {**category_table(*read_predictions(rdir), n_boot, seed),
+                             **{k: earlier[k] for k in ("pretrain_minutes", "epochs") if k in earlier}}
+            continue
         start = time.time()
         encoder = run(cfg, data_dir, out / "models" / method, progress=False)
         minutes = round((time.time() - start) / 60, 1)
-        rdir = out / "reports" / method
         evaluate_encoder(encoder, data_dir, pcfg, rdir, seed)
         table[method] = {**category_table(*read_predictions(rdir), n_boot, seed), "pretrain_minutes": minutes,
                          "epochs": cfg.epochs}
-        print(json.dumps(table, indent=2), flush=True)
-    path = out / "table.json"  # merged with the rows of earlier runs into the same OUT
-    merged = {**(json.loads(path.read_text()) if path.is_file() else {}), **table}
-    path.write_text(json.dumps(merged, indent=2) + "\n")
-    print(json.dumps(merged, indent=2))
+        save_table(out, table)  # after each method: an interrupted run keeps what it measured
+    print(json.dumps(save_table(out, table), indent=2))
+
+
+def read_json(path: Path) -> dict[str, Any]:
+    return json.loads(path.read_text()) if path.is_file() else {}
+
+
+def save_table(out: Path, table: dict[str, Any]) -> dict[str, Any]:
+    """``table`` merged over the rows of earlier runs into ``out/table.json``, written atomically."""
+    path = out / "table.json"
+    merged = {**read_json(path), **table}
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(merged, indent=2) + "\n")
+    tmp.replace(path)
+    return merged
 
 
 if __name__ == "__main__":

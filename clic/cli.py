@@ -10,6 +10,7 @@
     clic score --model SCORER --out SCORES.csv IMAGE_OR_FOLDER...
     clic map --model SCORER --out MAP.png IMAGE
     clic params PROFILE.yaml [--set key=value ...]           (print the merged params, e.g. > params.yaml)
+    clic params PROFILE.yaml --method M                      (M's resolved pretraining settings)
 
 Overrides use the dotted paths of ``params.yaml`` (``--set pretrain.clicv2.epochs=3``); for
 ``pretrain`` a key may also be given relative to the method's section (``--set epochs=3``).
@@ -21,7 +22,7 @@ import argparse
 import logging
 import sys
 
-from clic.config import METHODS, TOP_LEVEL, data_config, load_params, pretrain_config, to_dict
+from clic.config import METHODS, TOP_LEVEL, data_config, load_params, method_settings, pretrain_config, to_dict
 
 log = logging.getLogger("clic")
 
@@ -124,10 +125,25 @@ def parser() -> argparse.ArgumentParser:
     mp.add_argument("--device", default=None)
     mp.add_argument("image")
 
-    par = sub.add_parser("params", help="print a params file with its 'extends' chain and overrides merged")
+    par = sub.add_parser("params", help="print a params file with its 'extends' chain and overrides merged, or "
+                         "with --method one method's resolved pretraining settings")
     par.add_argument("profile", help="e.g. params/gpu.yaml")
     par.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    par.add_argument("--method", choices=METHODS, default=None,
+                     help="print pretrain.common merged into pretrain.<method> with every default filled in "
+                          "(the names of params.yaml, under pretrain.<method>)")
     return ap
+
+
+def _yaml(tree: dict) -> str:
+    """Block-style YAML with lists on one line (``crop_scale: [0.2, 1.0]``), as params.yaml."""
+    import yaml
+
+    class Dumper(yaml.SafeDumper):
+        pass
+
+    Dumper.add_representer(list, lambda d, v: d.represent_sequence("tag:yaml.org,2002:seq", v, flow_style=True))
+    return yaml.dump(tree, Dumper=Dumper, sort_keys=False)
 
 
 def _method_overrides(method: str, overrides: list[str]) -> list[str]:
@@ -185,9 +201,15 @@ def main(argv: list[str] | None = None) -> int:
 
             merged = load_params(args.profile, args.overrides)
             data_config(merged)  # validate what can be validated without a method
-            for m in METHODS:
-                pretrain_config(merged, m)
-            print(yaml.safe_dump(merged, sort_keys=False), end="")
+            configs = {m: pretrain_config(merged, m) for m in METHODS}
+            if args.method:  # a params file itself: seed, pretrain.data and the method's section
+                own = method_settings(configs[args.method])
+                seed, data = own.pop("seed"), own.pop("data")
+                own.pop("method")
+                print(f"# {args.profile}: pretrain.{args.method} resolved (docs/recipes.md gives each value's source)")
+                print(_yaml({"seed": seed, "pretrain": {"data": data, args.method: own}}), end="")
+            else:
+                print(yaml.safe_dump(merged, sort_keys=False), end="")
     except ValueError as exc:
         print(f"clic: error: {exc}", file=sys.stderr)
         return 2

@@ -44,11 +44,9 @@ class ParamError(ValueError):
 # --------------------------------------------------------------------------------------- views
 @dataclasses.dataclass(frozen=True)
 class MocoViewConfig:
-    """MoCo v2 / CLIC augmentations (the public CLIC code's recipe, every part switchable).
-
-    Blur and noise change an image's complexity, so they default to off here: a complexity
-    representation should not be trained to be invariant to them (see docs/design.md).
-    """
+    """MoCo v2 / CLIC augmentations, every part switchable. Defaults are MoCo v2's (``--aug-plus``);
+    CLIC's public code adds the key-view extras (vertical flip, rotation, noise) and drops
+    grayscale (docs/recipes.md lists both recipes and their sources)."""
 
     SECTION: ClassVar[str] = "views"  # where its keys live in params.yaml
 
@@ -56,7 +54,7 @@ class MocoViewConfig:
     jitter: tuple[float, float, float, float] = (0.4, 0.4, 0.4, 0.1)
     jitter_p: float = 0.8
     grayscale_p: float = 0.2
-    blur_p: float = 0.0
+    blur_p: float = 0.5
     blur_sigma: tuple[float, float] = (0.1, 2.0)
     hflip_p: float = 0.5
     # key-view extras of the public CLIC code
@@ -163,9 +161,12 @@ class OptimConfig:
     base_lr: float = 0.03
     lr_batch_ref: int = 256  # lr = base_lr * global_batch / lr_batch_ref
     weight_decay: float = 1e-4
+    # weight decay on every parameter (MoCo v2, the CLIC code); false: none on biases, norms and
+    # tokens (1-D parameters; MAE, MoCo v3)
+    decay_all: bool = True
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.999)
-    warmup_epochs: float = 1.0
+    warmup_epochs: float = 0.0
     min_lr_ratio: float = 0.0
     clip_grad: float = 0.0  # 0 disables
 
@@ -184,16 +185,19 @@ class MocoConfig:
 
     SECTION: ClassVar[str] = "moco"  # where its keys live in params.yaml
 
-    queue_size: int = 4096
-    momentum: float = 0.99
+    queue_size: int = 65536
+    momentum: float = 0.999
+    # constant (MoCo v2, CLIC) | cosine: rising from ``momentum`` to 1 (MoCo v3, BYOL)
+    momentum_schedule: Literal["constant", "cosine"] = "constant"
     temperature: float = 0.2
     dim: int = 128
     head: Literal["linear", "mlp"] = "mlp"
     mlp_hidden: int = 0  # 0: the backbone's feature width (2048-2048-128 for ResNet-50)
     # CLIC's complexity-aware loss: MSE(stage activation energy, grey-level entropy / 8)
     complexity_weight: float = 0.0
-    # shuffling BN (ResNets): keys on a shuffled batch; in one process both encoders normalise
-    # bn_splits sub-batches separately (MoCo's single-GPU SplitBatchNorm); across ranks under DDP
+    # shuffling BN (ResNets): keys on a shuffled batch. In one process both encoders normalise
+    # bn_splits sub-batches separately and a key's sub-batch holds on average 1/bn_splits of its
+    # query's images (MoCo on 8 GPUs: 1/8, 32 images each); under DDP the shuffle is across ranks
     shuffle_bn: bool = True
     bn_splits: int = 2
     # a queue longer than this fraction of the pretraining images is refused: it would hold
@@ -224,6 +228,7 @@ class CLICv2Config:
     dim: int = 128
     max_tokens: int = 1024  # anchors sampled per step for the patch-wise InfoNCE (bounds memory)
     momentum: float = 0.99
+    momentum_schedule: Literal["constant", "cosine"] = "cosine"  # not published: MoCo v3's, as for ViTs
     mem: bool = True
     mask_ratio: float = 0.4
     mem_weight: float = 1.0
@@ -804,6 +809,29 @@ def pretrain_config(params: Mapping[str, Any], method: str) -> PretrainConfig:
         if _has_path(section.get("common"), rel) and not _has_path(section.get(method), rel):
             raise ParamError(f"pretrain.common.{rel}", exc.template) from None
         raise
+
+
+# the sections of PretrainConfig each method reads; and the settings that change how fast a run
+# goes, not what it learns (docs/recipes.md lists every other one with its source)
+METHOD_SECTIONS = {"moco": ("optim", "moco", "views"), "clic": ("optim", "moco", "views", "rcm"),
+                   "clicv2": ("optim", "clicv2", "shift")}
+ENGINEERING = ("num_workers", "checkpoint_every", "sync_every", "compile", "threads", "augment_on", "decode_on",
+               "nprocs", "amp", "channels_last")
+
+
+def method_settings(cfg: PretrainConfig) -> dict[str, Any]:
+    """The resolved settings ``cfg.method`` reads, with the names of ``params.yaml``: every
+    top-level setting and the method's own sections (a ResNet has no patch size, SGD no betas);
+    what ``clic params --method`` prints and docs/recipes.md lists."""
+    full = to_dict(cfg)
+    out = {k: v for k, v in full.items() if not isinstance(v, dict)}
+    if not cfg.backbone.startswith("vit"):
+        for k in ("patch_size", "depth", "pool"):
+            out.pop(k)
+    for section in METHOD_SECTIONS[cfg.method]:
+        out[section] = dict(full[section])
+    out["optim"].pop("betas" if cfg.optim.name == "sgd" else "momentum")
+    return out
 
 
 def _has_path(tree: Any, dotted: str) -> bool:

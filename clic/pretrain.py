@@ -84,12 +84,13 @@ def build_model(cfg: PretrainConfig) -> nn.Module:
 
 
 def build_optimizer(model: nn.Module, cfg: PretrainConfig, lr: float) -> torch.optim.Optimizer:
-    """No weight decay on biases, norms and tokens (1-D parameters), as in MAE / MoCo v3."""
+    """Weight decay on every parameter (MoCo v2, the CLIC code), or with ``optim.decay_all: false``
+    none on biases, norms and tokens (1-D parameters), as in MAE / MoCo v3."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     for p in model.parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 else decay).append(p)
+            (no_decay if p.ndim <= 1 and not cfg.optim.decay_all else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # fused kernels: one launch per step instead of one per parameter (CUDA only)
@@ -224,7 +225,7 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
             train_model, loader, optimizer, epoch, steps_per_epoch,
             start_step if epoch == start_epoch else 0,
             lr_at=lambda t: cosine_lr(t, lr, cfg.epochs, cfg.optim.warmup_epochs, cfg.optim.min_lr_ratio),
-            momentum_at=lambda t: cosine_momentum(t, _base_momentum(cfg), cfg.epochs),
+            momentum_at=momentum_schedule(cfg),
             device=dev, amp=cfg.amp, clip_grad=cfg.optim.clip_grad, channels_last=channels_last,
             on_checkpoint=save, checkpoint_every=cfg.checkpoint_every, sync_every=cfg.sync_every,
             augment=augment, augment_seed=cfg.seed + 7919 * rank,
@@ -325,8 +326,13 @@ def pretraining_records(cfg: PretrainConfig, data_dir: str | Path, corpus_dir: s
     return records
 
 
-def _base_momentum(cfg: PretrainConfig) -> float:
-    return cfg.clicv2.momentum if cfg.method == "clicv2" else cfg.moco.momentum
+def momentum_schedule(cfg: PretrainConfig) -> Callable[[float], float]:
+    """The key encoder's momentum at fractional epoch ``t``: constant (MoCo v2, CLIC) or rising to
+    1 on a cosine (MoCo v3; ``momentum_schedule`` of the method's moco/clicv2 section)."""
+    sec = cfg.clicv2 if cfg.method == "clicv2" else cfg.moco
+    if sec.momentum_schedule == "constant":
+        return lambda t: sec.momentum
+    return lambda t: cosine_momentum(t, sec.momentum, cfg.epochs)
 
 
 def _without_epochs(config: dict[str, Any]) -> dict[str, Any]:

@@ -35,7 +35,7 @@ def test_repo_params_resolve_for_every_method() -> None:
     assert cfgs["moco"].backbone == "resnet18" and cfgs["moco"].optim.name == "sgd"
     # common section reaches every method; method sections override it
     assert cfgs["clic"].moco.queue_size == params["pretrain"]["common"]["moco"]["queue_size"]
-    assert cfgs["clic"].rcm.pairing == "key"
+    assert cfgs["clic"].rcm.pairing == "extra" and cfgs["clic"].moco.temperature == 0.07  # the authors' (recipes.md)
     assert data_config(params).source == "synthetic"
 
 

@@ -20,6 +20,7 @@ from torch.utils.data import Dataset
 
 from clic.data.imageio import ImageError, load_rgb, read_encoded
 from clic.data.table import Record, resolve
+from clic.transforms.rcm import RandomCropMix
 
 log = logging.getLogger(__name__)
 MAX_SUBSTITUTES = 16  # consecutive unreadable images tolerated before a sample fails
@@ -32,9 +33,10 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 class ViewDataset(Dataset):
     """Prepared records -> ``transform(image)`` dicts (plus ``index``).
 
-    ``extra``: a callable producing an extra training image from a source image (CLIC's RCM
-    mosaics with ``rcm.pairing`` extra/both); ``extra_per_image`` of them follow the records.
-    Each extra image is fixed (seeded by its index only), as if generated once ahead of training.
+    ``extra``: CLIC's RCM (``rcm.pairing`` extra/both), whose ``extra(image, k)`` makes the
+    ``k``-th extra training image of a source image; ``extra_per_image`` blocks of them follow the
+    records. Each extra image is fixed (seeded by its index only), as the authors' mosaics are
+    generated once ahead of training.
     ``decode_side``: JPEGs are decoded at the smallest DCT scale keeping this short side (a corpus
     of camera photos is decoded 4-30x faster; see :func:`clic.data.imageio.load_rgb`).
     ``encoded``: the transform gets :class:`clic.data.imageio.Encoded` images (file bytes and
@@ -44,7 +46,7 @@ class ViewDataset(Dataset):
     """
 
     def __init__(self, records: Sequence[Record], root: str | Path, transform: Callable[[Image.Image], dict],
-                 seed: int = 0, extra: Callable[[Image.Image], Image.Image] | None = None,
+                 seed: int = 0, extra: RandomCropMix | None = None,
                  extra_per_image: int = 0, decode_side: int | None = None, encoded: bool = False) -> None:
         self.records, self.root, self.transform = list(records), Path(root), transform
         self.seed, self.decode_side, self.encoded = seed, decode_side, encoded
@@ -70,7 +72,7 @@ class ViewDataset(Dataset):
         img = load_rgb(path, min_size=None if is_extra else self.decode_side)
         if is_extra and self.extra is not None:
             with _seeded(sample_seed(self.seed, -1, index)):
-                img = self.extra(img)
+                img = self.extra.extra(img, index // len(self.records) - 1)
         return img
 
     def __getitem__(self, key: int | tuple[int, int]) -> dict:

@@ -10,7 +10,8 @@ p 0.5; rotation up to ``rotation_deg`` and colour jitter ``jitter`` on brightnes
 saturation and hue, each with probability ``aug_p``). The cells are shuffled and every tile is
 pasted at its native size, so the mosaic's side is ``grid * tile``; the mosaic is resized only as
 a whole (to ``out_size``, or by the view pipeline when ``out_size`` is None). The script writes
-one such mosaic per scale and image as extra training files; here each mosaic draws its scale.
+one such mosaic per scale and image as extra training files: the ``k``-th extra mosaic of an
+image (:meth:`RandomCropMix.extra`) uses scale ``k mod 3``; a key-view mosaic draws its scale.
 
 ``pool`` (the default; this project's first reading of the authors' code, kept for comparison):
 ``c``, ``2c`` and ``4c`` crops of the three sides form one pool, ``grid²`` of them are drawn from
@@ -111,15 +112,23 @@ class RandomCropMix:
         random.shuffle(boxes)
         return boxes[: self.grid * self.grid]
 
-    def draw_side(self, short: int) -> int:
-        """Authors mode: the tile side of one mosaic, uniform over the scales the cap allows."""
+    def draw_side(self, short: int, scale: int | None = None) -> int:
+        """Authors mode: the tile side of one mosaic, uniform over the scales the cap allows, or of
+        scale ``scale`` (0: ``s/c``, 1: ``s/2c``, 2: ``s/4c``) when given."""
         sides = self.sides(short)
+        if scale is not None:
+            return sides[scale % len(sides)]
         if self.out_size is not None:
             sides = [t for t in sides if self.grid * t * self.max_upscale >= self.out_size] or sides[:1]
         return random.choice(sides)
 
     def __call__(self, img: Image.Image) -> Image.Image:
         return self._authors(img) if self.mode == "authors" else self._pool(img)
+
+    def extra(self, img: Image.Image, k: int) -> Image.Image:
+        """The ``k``-th extra training mosaic of ``img`` (``rcm.pairing`` extra/both): authors mode
+        at scale ``k mod 3``, one mosaic per scale as the authors' script; pool mode draws."""
+        return self._authors(img, k) if self.mode == "authors" else self._pool(img)
 
     def _pool(self, img: Image.Image) -> Image.Image:
         assert self.out_size is not None
@@ -135,8 +144,8 @@ class RandomCropMix:
             mosaic = mosaic.resize((self.out_size, self.out_size), Image.Resampling.BICUBIC)
         return mosaic
 
-    def _authors(self, img: Image.Image) -> Image.Image:
-        side = self.draw_side(min(img.size))
+    def _authors(self, img: Image.Image, scale: int | None = None) -> Image.Image:
+        side = self.draw_side(min(img.size), scale)
         originals = [img.crop(_random_box(*img.size, side)) for _ in range(2)]
         tiles = originals + [self.copy_aug(originals[i % 2]) for i in range(self.grid ** 2 - 2)]
         random.shuffle(tiles)

@@ -1,0 +1,110 @@
+"""The recipe card (docs/recipes.md) against the profiles: every setting a method reads is on the
+card, and each profile's resolved value is the card's (the recipe, or the listed deviation)."""
+
+from __future__ import annotations
+
+import math
+import re
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from clic.config import ENGINEERING, METHODS, flatten, load_params, method_settings, pretrain_config
+
+ROOT = Path(__file__).resolve().parents[1]
+CARD = ROOT / "docs" / "recipes.md"
+PROFILES = {"params.yaml": "params.yaml", "real-photos": "params/real-photos.yaml", "gpu": "params/gpu.yaml"}
+NOT_ON_CARD = {*ENGINEERING, "method", "seed", "data", "splits", "max_images"}
+
+
+def card() -> dict[str, dict[str, dict[str, Any]]]:
+    """method -> setting -> {"recipe": value, <profile>: value}, read from the card's tables."""
+    out: dict[str, dict[str, dict[str, Any]]] = {}
+    method = None
+    for line in CARD.read_text().splitlines():
+        heading = re.match(r"## .*\(`pretrain\.(\w+)`\)", line)
+        if heading:
+            method = heading.group(1)
+            out[method] = {}
+            continue
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if method is None or len(cells) != 6 or not cells[0].startswith("`"):
+            continue
+        key, recipe = cells[0].strip("`"), _value(cells[1])
+        row = {"recipe": recipe}
+        for name, cell in zip(PROFILES, cells[3:], strict=True):
+            row[name] = recipe if cell == "=" else _value(cell)
+        out[method][key] = row
+    return out
+
+
+def _value(cell: str) -> Any:
+    m = re.match(r"`([^`]*)`", cell)
+    assert m, f"docs/recipes.md: expected a `value` or =, got {cell!r}"
+    return yaml.safe_load(m.group(1))
+
+
+def _same(a: Any, b: Any) -> bool:
+    if isinstance(a, list | tuple):
+        return isinstance(b, list | tuple) and len(a) == len(b) and all(_same(x, y) for x, y in zip(a, b, strict=True))
+    if isinstance(a, bool) or isinstance(b, bool) or isinstance(a, str) or isinstance(b, str):
+        return a == b
+    return math.isclose(float(a), float(b), rel_tol=1e-9) or (math.isinf(a) and a == b)
+
+
+def test_the_card_covers_all_three_methods() -> None:
+    assert set(card()) == set(METHODS)
+
+
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_profile_matches_the_card(method: str, profile: str) -> None:
+    rows = card()[method]
+    settings = flatten(method_settings(pretrain_config(load_params(ROOT / PROFILES[profile]), method)))
+    listed = {k for k in settings if k not in NOT_ON_CARD}
+    assert listed - set(rows) == set(), f"{method}: settings missing from docs/recipes.md"
+    assert set(rows) - listed == set(), f"{method}: docs/recipes.md lists settings {method} does not read"
+    wrong = {k: (settings[k], rows[k][profile]) for k in rows if not _same(settings[k], rows[k][profile])}
+    assert wrong == {}, f"{PROFILES[profile]} pretrain.{method}: (resolved, card) differ"
+
+
+def test_the_card_fails_a_profile_that_drifts(tmp_path: Path) -> None:
+    """The check above can fail: a profile that changes a recipe value silently is caught."""
+    drifted = tmp_path / "drifted.yaml"
+    drifted.write_text(f"extends: {ROOT / 'params.yaml'}\npretrain:\n  moco:\n    moco:\n      temperature: 0.07\n")
+    settings = flatten(method_settings(pretrain_config(load_params(drifted), "moco")))
+    assert settings["moco.temperature"] == 0.07 != card()["moco"]["moco.temperature"]["params.yaml"]
+
+
+def test_papers_recipes_where_the_card_says_so() -> None:
+    """The values the issue named, read through the real profiles: MoCo v2 and CLIC's recipes."""
+    gpu = load_params(ROOT / "params" / "gpu.yaml")
+    moco, clic = pretrain_config(gpu, "moco"), pretrain_config(gpu, "clic")
+    assert (moco.moco.temperature, moco.moco.momentum, moco.moco.momentum_schedule) == (0.2, 0.999, "constant")
+    assert moco.lr(moco.nprocs) == pytest.approx(0.03) and moco.optim.warmup_epochs == 0
+    assert moco.views.blur_p == 0.5 and moco.optim.decay_all
+    assert (clic.moco.temperature, clic.moco.head, clic.rcm.mode, clic.rcm.pairing) == (0.07, "linear", "authors",
+                                                                                        "extra")
+    assert clic.rcm.extra_per_image == 3 and math.isinf(clic.rcm.max_upscale)
+
+
+def test_clic_params_method_prints_the_resolved_settings_as_a_params_file(tmp_path: Path) -> None:
+    out = subprocess.run([sys.executable, "-m", "clic.cli", "params", "params/real-photos.yaml", "--method", "clic",
+                          "--set", "pretrain.clic.moco.temperature=0.1"],
+                         cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    tree = yaml.safe_load(out)
+    section = tree["pretrain"]["clic"]
+    assert tree["pretrain"]["data"] == ["../shared/data/unlabeled"] and tree["seed"] == 0
+    assert section["moco"]["temperature"] == 0.1 and section["image_size"] == 96  # override; the profile
+    assert section["views"]["key_noise_std"] == 0.098 and section["rcm"]["pairing"] == "extra"  # params.yaml
+    assert section["optim"]["min_lr_ratio"] == 0.0  # a default params.yaml does not write
+    assert "clicv2" not in section and "shift" not in section and "betas" not in section["optim"]
+    again = tmp_path / "resolved.yaml"  # what it prints is itself a valid params file, resolving the same
+    again.write_text(out)
+    assert method_settings(pretrain_config(load_params(again), "clic")) == method_settings(
+        pretrain_config(load_params(ROOT / "params" / "real-photos.yaml", ["pretrain.clic.moco.temperature=0.1"]),
+                        "clic"))
