@@ -192,8 +192,11 @@ def test_device_side_views_train_and_repeat_exactly(method: str, tiny_prepared: 
 def test_compiled_training_matches_eager(tiny_prepared: Path, tmp_path: Path) -> None:
     """``compile: true`` trains the same model (the checkpoint holds the uncompiled module's
     weights under the same keys) to the same loss, on CPU through the same code as on CUDA."""
-    eager = _cfg("moco", epochs=1, max_images=16)
-    compiled = _cfg("moco", epochs=1, max_images=16, compile=True)
+    # one BN split: the key shuffle (drawn from the compiled graph's own random stream) then only
+    # reorders the keys' batch, and the two runs differ by summation order alone
+    moco = {**tiny_overrides("moco")["moco"], "bn_splits": 1}
+    eager = _cfg("moco", epochs=1, max_images=16, moco=moco)
+    compiled = _cfg("moco", epochs=1, max_images=16, compile=True, moco=moco)
     from torch._dynamo.utils import counters
 
     a = _weights(run(eager, tiny_prepared, tmp_path / "eager", progress=False))
@@ -202,11 +205,13 @@ def test_compiled_training_matches_eager(tiny_prepared: Path, tmp_path: Path) ->
     assert counters["stats"]["unique_graphs"] >= 1  # really compiled
     assert a.keys() == b.keys()
     for k in a:
-        # compiled kernels reorder sums and draw the key shuffle from their own random stream:
-        # close, not equal; tensors that start at zero (biases) have only moved by ~1e-4
-        scale = float(a[k].float().abs().max())
-        if scale > 0.01:
-            assert float((a[k].float() - b[k].float()).abs().max()) <= 0.02 * scale, k
+        # two steps move conv1 by ~1% of its norm; reordered sums leave the runs ~1e-4 apart (the
+        # queue bug of test_compiled_moco_computes_the_eager_gradients: 0.8%). BN biases are left
+        # out: the next BN removes most of their gradient, so theirs is reordering noise
+        if k.endswith(".bias") or "num_batches" in k:
+            continue
+        diff, scale = float((a[k].float() - b[k].float()).norm()), float(a[k].float().norm())
+        assert diff <= 2e-3 * scale, (k, diff, scale)
     loss = [json.loads((tmp_path / d / "metrics.jsonl").read_text())["loss"] for d in ("eager", "compiled")]
     assert loss[1] == pytest.approx(loss[0], rel=1e-4)
 

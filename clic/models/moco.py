@@ -9,9 +9,12 @@ Two guards of MoCo's that a small dataset makes matter:
   own image as a negative (with a queue near the dataset size, most queries would otherwise);
 - shuffling BN (He et al. 2020, sec. 3.3): BatchNorm statistics must not let a query find its
   key through the batch. Under DDP the key batch is shuffled across ranks (MoCo's
-  ``_batch_shuffle_ddp``); in one process both encoders normalise ``bn_splits`` sub-batches
-  separately and the key batch is shuffled before it is split (MoCo's single-GPU SplitBatchNorm
-  recipe), so a key never shares BN statistics with the sub-batch of its query.
+  ``_batch_shuffle_ddp``): a key is normalised with the images of a random rank, which on MoCo's 8
+  GPUs of 32 are its query's own 32 images for 1 key in 8. In one process both encoders normalise
+  ``bn_splits`` sub-batches separately and the key batch is shuffled before it is split, so a
+  key's sub-batch holds on average 1/``bn_splits`` of the images its query was normalised with
+  (batch 64 in 2 splits: half; batch 256 in 8 splits of 32 is MoCo's setting exactly). The
+  effect of the split count is measured in docs/results.md.
 """
 
 from __future__ import annotations
@@ -88,8 +91,21 @@ class MoCo(nn.Module):
         return self.encoder_q.backbone
 
     @torch.no_grad()
+    @torch.compiler.disable
+    def _negatives(self, ids: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This step's negatives: a copy of the queue (K, D) and, given the batch's image ids (B,),
+        the (B, K) mask of queued keys from the query's own image. Made outside any compiled graph:
+        under ``torch.compile`` (2.14) a copy taken inside the graph is elided, backward then reads
+        the queue buffers after ``_enqueue`` has overwritten them, and the gradients are silently
+        wrong (tests/test_models.py compares compiled and eager gradients)."""
+        exclude = None if ids is None else self.queue_ids.unsqueeze(0) == ids.unsqueeze(1)  # (B, K)
+        return self.queue.clone(), exclude
+
+    @torch.no_grad()
+    @torch.compiler.disable
     def _enqueue(self, keys: torch.Tensor, ids: torch.Tensor | None) -> None:
-        """Write keys (from every rank) and their image ids at the pointer, wrapping around the ring."""
+        """Write keys (from every rank) and their image ids at the pointer, wrapping around the ring
+        (outside any compiled graph: see :meth:`_negatives`)."""
         keys = concat_all_gather(keys)  # (B * world, D)
         ids = concat_all_gather(ids) if ids is not None else torch.full(
             (keys.shape[0],), -1, dtype=torch.long, device=keys.device)
@@ -138,10 +154,7 @@ class MoCo(nn.Module):
             parts["complexity"] = complexity_aware_loss(stages, image_entropy(denormalize(xq.float())))
         else:
             q = torch.cat([self.encoder_q(c) for c in xq.chunk(splits)])  # (B, D)
-        queue = self.queue.clone().detach()
-        exclude = None
-        if ids is not None:
-            exclude = self.queue_ids.unsqueeze(0) == ids.unsqueeze(1)  # (B, K): own image's stale keys
+        queue, exclude = self._negatives(ids)  # (K, D), (B, K): own image's stale keys
         parts["contrast"] = info_nce(q.float(), k.float(), queue, self.cfg.temperature, exclude)
         loss = parts["contrast"] + self.cfg.complexity_weight * parts.get("complexity", 0.0)
         self._enqueue(k.float(), ids)
