@@ -7,6 +7,8 @@ method (labels unused), probe every encoder and the baselines on the same folds,
 Protocols:
 - ``unseen`` (default): pretrain on ``pretrain.data`` only (the unlabelled corpus; none of the
   labelled photos, checked by content hash), then ridge-probe 5-fold inside each labelled category.
+  The check compares decoded pixels and perceptual hashes, so a resized or re-encoded copy of a
+  labelled photo in the corpus is caught too (``validate.near_duplicate_bits``).
   Anything chosen by looking at numbers (the best single hand-crafted measure here) is chosen on
   the ``--select`` category only; the other categories are the report.
 - ``final``: pretrain on everything available, ``pretrain.data`` plus the labelled photos: the
@@ -19,8 +21,9 @@ the random inits all follow the seed); ``bench/seed_table.py OUT...`` turns them
 and paired differences with intervals over seeds and images.
 
 Resumable: each method trains into ``OUT[/seed-<s>]/models/<method>`` (re-running continues from
-checkpoints), and a method whose encoder (same config) and probe report are there is not redone,
-so a long multi-seed run survives an interruption: run the same command again.
+checkpoints written by the same code), and a method whose encoder (same config) and probe report
+are there is not redone, so a long multi-seed run survives an interruption: run the same command
+again. Each row of ``table.json`` records the code version and git revision that trained it.
 
 The same seed is bit-identical only at the same thread count (``OMP_NUM_THREADS``, recorded in
 ``table.json``): other threads sum in another order, and the runs drift apart from the first step.
@@ -39,10 +42,11 @@ from typing import Any
 import numpy as np
 import torch
 
-from clic.config import data_config, load_params, pretrain_config, probe_config, to_dict
+from clic.config import data_config, load_params, pretrain_config, probe_config, to_dict, validate_config
 from clic.data.corpus import corpus_records, evaluation_records, find_leaks
 from clic.data.prepare import prepare
 from clic.data.table import read_table
+from clic.engine import checkpoint as ckpt
 from clic.evaluation import handcrafted
 from clic.evaluation.evaluate import evaluate_encoder, evaluate_random, handcrafted_features
 from clic.evaluation.metrics import bootstrap_ci, regression_metrics
@@ -129,9 +133,12 @@ def run_seed(args: argparse.Namespace, params: dict[str, Any], out: Path, data_s
     elif not corpus:
         raise ValueError("protocol 'unseen' needs pretrain.data (the unlabelled corpus) in the params")
     if args.protocol == "unseen":  # the labelled photos must not be in the pretraining corpus
-        leaks = find_leaks(corpus_records(corpus), evaluation_records(read_table(data_dir), pcfg.mode), workers=2)
+        bits = validate_config(params).near_duplicate_bits
+        leaks = find_leaks(corpus_records(corpus), evaluation_records(read_table(data_dir), pcfg.mode), data_dir,
+                           bits, workers=2)
         if leaks:
-            raise ValueError(f"{len(leaks)} labelled images are in the pretraining corpus, e.g. {leaks[:3]}")
+            raise ValueError(f"{len(leaks)} labelled images are in the pretraining corpus (identical or within "
+                             f"{bits} perceptual-hash bits), e.g. {'; '.join(map(str, leaks[:3]))}")
     section = {**params.get("pretrain", {}), "data": corpus}
     if args.protocol == "dev":  # every labelled image of the prepared dataset, labels unused
         section["common"] = {**section.get("common", {}), "splits": ["train", "test"]}
@@ -146,6 +153,7 @@ def run_seed(args: argparse.Namespace, params: dict[str, Any], out: Path, data_s
 
         evaluate_handcrafted(data_dir, pcfg, out / "reports" / "handcrafted", seed)
         table["handcrafted_ridge"] = category_table(*read_predictions(out / "reports" / "handcrafted"), n_boot, seed)
+    code = ckpt.code_version()  # a run interrupted under other code retrains instead of resuming
     randoms_done = set()
     for method in args.methods:
         cfg = pretrain_config(params, method)
@@ -160,14 +168,15 @@ def run_seed(args: argparse.Namespace, params: dict[str, Any], out: Path, data_s
             log.info("%s: trained and probed before with this config (%s); not redone", method, rdir)
             earlier = read_json(out / "table.json").get(method, {})
             table[method] = {**category_table(*read_predictions(rdir), n_boot, seed),
-                             **{k: earlier[k] for k in ("pretrain_minutes", "epochs") if k in earlier}}
+                             **{k: earlier[k] for k in ("pretrain_minutes", "epochs", "code_version", "git")
+                                if k in earlier}}
             continue
         start = time.time()
-        encoder = run(cfg, data_dir, out / "models" / method, progress=False)
+        encoder = run(cfg, data_dir, out / "models" / method, progress=False, code_version=code)
         minutes = round((time.time() - start) / 60, 1)
         evaluate_encoder(encoder, data_dir, pcfg, rdir, seed)
         table[method] = {**category_table(*read_predictions(rdir), n_boot, seed), "pretrain_minutes": minutes,
-                         "epochs": cfg.epochs}
+                         "epochs": cfg.epochs, "code_version": code, "git": ckpt.git_revision()}
         save_table(out, table)  # after each method: an interrupted run keeps what it measured
     print(json.dumps(save_table(out, table), indent=2))
 

@@ -22,7 +22,16 @@ import argparse
 import logging
 import sys
 
-from clic.config import METHODS, TOP_LEVEL, data_config, load_params, method_settings, pretrain_config, to_dict
+from clic.config import (
+    METHODS,
+    TOP_LEVEL,
+    data_config,
+    load_params,
+    method_settings,
+    pretrain_config,
+    to_dict,
+    validate_config,
+)
 
 log = logging.getLogger("clic")
 
@@ -222,7 +231,15 @@ def _corpus(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from clic.config import probe_config
-    from clic.data.corpus import CORPUS_DIR, INDEX_NAME, corpus_hashes, corpus_records, evaluation_records, leaks
+    from clic.data.corpus import (
+        CORPUS_DIR,
+        INDEX_NAME,
+        corpus_hashes,
+        corpus_records,
+        evaluation_hashes,
+        evaluation_records,
+        leaks,
+    )
     from clic.data.table import read_table
 
     params = load_params(args.params, args.overrides)
@@ -250,11 +267,12 @@ def _corpus(args: argparse.Namespace) -> int:
         print(f"{data_dir} is not prepared: evaluation images not checked")
         return 0
     evaluation = evaluation_records(read_table(data_dir), mode)
-    found = leaks(hashes.sha, evaluation)
-    print(f"evaluation images ({data_dir}, probe.mode={mode}): {len(evaluation)}; in the corpus: "
-          f"{len({e for _, e in found})}")
-    for corpus_name, eval_name in found[:20]:
-        print(f"  {eval_name} = {corpus_name}")
+    bits = validate_config(params).near_duplicate_bits
+    found = leaks(hashes, evaluation_hashes(evaluation, data_dir, work / INDEX_NAME, args.workers or None), bits)
+    print(f"evaluation images ({data_dir}, probe.mode={mode}): {len(evaluation)}; in the corpus (identical or "
+          f"within {bits} perceptual-hash bits): {len({x.evaluation for x in found})}")
+    for leak in found[:20]:
+        print(f"  {leak}")
     if len(found) > 20:
         print(f"  ... and {len(found) - 20} more")
     return 1 if found else 0

@@ -506,9 +506,15 @@ class ValidateConfig:
 
     min_rows: int = 1
     max_rows: int = 10_000_000
+    # an evaluation image whose perceptual hash is this close to a pretraining image's is a leak
+    # (resized / re-encoded copies: <= 4 of 64 bits; distinct photos: >= 6; -1: identical pixels only)
+    near_duplicate_bits: int = 4
 
     def __post_init__(self) -> None:
         _positive("validate.min_rows", self.min_rows)
+        if not -1 <= self.near_duplicate_bits <= 32:
+            raise ParamError("validate.near_duplicate_bits",
+                             f"{{key}} must be in [-1, 32], got {self.near_duplicate_bits}")
         if self.max_rows < self.min_rows:
             raise ParamError("validate.max_rows", f"{{key}} must be >= validate.min_rows ({self.min_rows}), "
                              f"got {self.max_rows}")

@@ -17,7 +17,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import os
 import traceback
 from collections.abc import Iterator
@@ -32,7 +31,7 @@ import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from clic.config import flatten, mlflow_config  # noqa: E402
-from clic.engine.checkpoint import git_revision  # noqa: E402
+from clic.engine.checkpoint import code_version, git_revision  # noqa: E402
 
 EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI: training runs vs GenAI traces
 KEY_METRICS = ("pcc", "srcc")  # with every ``<dataset>_top1``: copied onto the parent run
@@ -114,14 +113,6 @@ def _prefect_tag() -> dict[str, str]:
     """Link back to the Prefect flow run that launched this stage, if any."""
     fid = os.environ.get("CLIC_PREFECT_FLOW_RUN_ID") or os.environ.get("PREFECT__FLOW_RUN_ID")
     return {"prefect.flow_run_id": fid} if fid else {}
-
-
-def code_version() -> str:
-    """Hash of the package source: a changed method must retrain, not resume."""
-    h = hashlib.sha256()
-    for p in sorted((ROOT / "clic").rglob("*.py")):
-        h.update(p.relative_to(ROOT).as_posix().encode() + p.read_bytes())
-    return h.hexdigest()[:16]
 
 
 @contextlib.contextmanager

@@ -24,7 +24,15 @@ from typing import Any
 import pandas as pd
 
 from clic.config import METHODS, data_config, pretrain_config, probe_config, to_dict, validate_config
-from clic.data.corpus import CORPUS_DIR, INDEX_NAME, corpus_hashes, corpus_records, evaluation_records, leaks
+from clic.data.corpus import (
+    CORPUS_DIR,
+    INDEX_NAME,
+    corpus_hashes,
+    corpus_records,
+    evaluation_hashes,
+    evaluation_records,
+    leaks,
+)
 from clic.data.imageio import ImageError, load_rgb
 from clic.data.shards import is_url
 from clic.data.table import COLUMNS, SPLITS, read_table, resolve
@@ -55,27 +63,31 @@ def table_frame(data_dir: Path) -> pd.DataFrame:
 
 
 def mark_corpus_leaks(df: pd.DataFrame, p: dict[str, Any]) -> dict[str, Any]:
-    """Column ``in_pretraining_corpus``: for an evaluation image whose pixels are also in the
-    pretraining corpus, ``"<image> = <corpus image>"`` (so a failure names both), else null.
+    """Column ``in_pretraining_corpus``: for an evaluation image whose pixels, or a resized or
+    re-encoded copy of them (perceptual hash within ``validate.near_duplicate_bits``), are in the
+    pretraining corpus, ``"<image> = <corpus image> (...)"`` (so a failure names both), else null.
     Returns the corpus summary for ``metrics/validation.json``."""
     df["in_pretraining_corpus"] = None
     entries = pretrain_config(p, METHODS[0]).data
     if not entries:
         return {"entries": [], "images": 0}
-    dcfg = data_config(p)
+    dcfg, bits = data_config(p), validate_config(p).near_duplicate_bits
     anchored = [e if is_url(e) else str(ROOT / e) for e in entries]  # URLs (shard indexes) stay as they are
     records = corpus_records(anchored, ROOT / CORPUS_DIR, dcfg.max_archive_bytes,
                              dcfg.max_member_bytes, dcfg.max_archive_ratio)
-    hashes = corpus_hashes(records, ROOT / CORPUS_DIR / INDEX_NAME, max_pixels=dcfg.max_pixels)
-    rows = read_table(ROOT / dcfg.out_dir)
+    index = ROOT / CORPUS_DIR / INDEX_NAME
+    hashes = corpus_hashes(records, index, max_pixels=dcfg.max_pixels)
+    evaluation = evaluation_hashes(evaluation_records(read_table(ROOT / dcfg.out_dir), probe_config(p).mode),
+                                   ROOT / dcfg.out_dir, index)
     found: dict[str, list[str]] = {}
-    for corpus_name, eval_name in leaks(hashes.sha, evaluation_records(rows, probe_config(p).mode)):
-        found.setdefault(eval_name, []).append(corpus_name)
-    df["in_pretraining_corpus"] = [f"{n} = {', '.join(found[n])}" if n in found else None for n in df.name]
+    for leak in leaks(hashes, evaluation, bits):
+        found.setdefault(leak.evaluation, []).append(str(leak))
+    df["in_pretraining_corpus"] = ["; ".join(found[n]) if n in found else None for n in df.name]
     print(f"pretraining corpus: {len(records)} images ({hashes.hashed} hashed now, {len(hashes.errors)} unreadable); "
-          f"{len(found)} evaluation images in it")
+          f"{len(found)} evaluation images in it (identical or within {bits} perceptual-hash bits)")
     return {"entries": list(entries), "images": len(records), "unreadable": len(hashes.errors),
-            "unreadable_examples": sorted(hashes.errors)[:5], "evaluation_images_in_corpus": len(found)}
+            "unreadable_examples": sorted(hashes.errors)[:5], "evaluation_images_in_corpus": len(found),
+            "near_duplicate_bits": bits}
 
 
 def build_suite(gx: Any, gxe: Any, min_rows: int, max_rows: int, min_size: int) -> Any:

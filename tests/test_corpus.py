@@ -17,9 +17,18 @@ import pytest
 from PIL import Image
 
 from clic.config import DataConfig, PretrainConfig, from_dict, pretrain_config
-from clic.data.corpus import corpus_hashes, corpus_records, evaluation_records, find_leaks, leaks, read_index
+from clic.data.corpus import (
+    Leak,
+    corpus_hashes,
+    corpus_records,
+    evaluation_hashes,
+    evaluation_records,
+    find_leaks,
+    leaks,
+    read_index,
+)
 from clic.data.dataset import ViewDataset
-from clic.data.imageio import content_hash, load_rgb
+from clic.data.imageio import content_hash, hamming, load_rgb, perceptual_hash, resize_short
 from clic.data.prepare import prepare
 from clic.data.table import read_table
 from clic.engine import checkpoint as ckpt
@@ -103,11 +112,14 @@ def test_prepared_dataset_as_corpus_uses_its_cache_and_hashes(tiny_prepared: Pat
     assert len(records) == len(table) == 64
     assert all(r.split == "unlabeled" and r.score is None and Path(r.cache).is_file() for r in records)
     assert [r.sha256 for r in records] == [r.sha256 for r in table]
-    hashes = corpus_hashes(records, tmp_path / "work" / "hashes.jsonl", workers=1, progress=False)
-    assert hashes.hashed == 0 and len(hashes.sha) == 64  # nothing decoded: the table has the hashes
-    # the prepared test split is then entirely "in the corpus"
-    found = leaks(hashes.sha, evaluation_records(table, "split"))
-    assert sorted({e for _, e in found}) == sorted(r.name for r in table if r.split == "test")
+    index = tmp_path / "work" / "hashes.jsonl"
+    hashes = corpus_hashes(records, index, workers=1, progress=False)
+    assert len(hashes.sha) == 64 and [hashes.sha[r.name] for r in records] == [r.sha256 for r in table]
+    # the prepared test split is then entirely "in the corpus", by its pixels
+    evaluation = evaluation_hashes(evaluation_records(table, "split"), tiny_prepared, index, 1, False)
+    found = leaks(hashes, evaluation, max_bits=-1)
+    assert sorted({x.evaluation for x in found}) == sorted(r.name for r in table if r.split == "test")
+    assert all(x.exact and x.bits == 0 for x in found)
 
 
 @pytest.fixture()
@@ -141,12 +153,62 @@ def test_evaluation_images_in_the_corpus_are_found_by_pixels(labelled: Path, pho
     assert hashes.sha["corpus/nested/reencoded.bmp"] == content_hash(load_rgb(photos[7]))
     assert (corpus / "nested" / "reencoded.bmp").read_bytes() != photos[7].read_bytes()
     table = read_table(labelled)
-    assert leaks(hashes.sha, evaluation_records(table, "split")) == [
-        ("corpus/copy.png", "5.png"), ("corpus/nested/reencoded.bmp", "7.png")]
+    index = tmp_path / "work" / "hashes.jsonl"
+
+    def found(mode: str) -> list[tuple[str, str]]:
+        evaluation = evaluation_hashes(evaluation_records(table, mode), labelled, index, 1, False)
+        return [(x.corpus, x.evaluation) for x in leaks(hashes, evaluation, max_bits=-1)]
+
+    assert found("split") == [("corpus/copy.png", "5.png"), ("corpus/nested/reencoded.bmp", "7.png")]
     # with cross-validation every labelled image is evaluated: the train copy leaks too
-    every = [("corpus/copy.png", "5.png"), ("corpus/nested/reencoded.bmp", "7.png"), ("corpus/train-copy.jpg", "0.jpg")]
-    assert leaks(hashes.sha, evaluation_records(table, "cv")) == every
-    assert find_leaks(records, table, index=tmp_path / "work" / "hashes.jsonl", progress=False) == every
+    every = [("corpus/train-copy.jpg", "0.jpg"), ("corpus/copy.png", "5.png"), ("corpus/nested/reencoded.bmp", "7.png")]
+    assert found("cv") == every
+    assert [(x.corpus, x.evaluation) for x in find_leaks(records, table, labelled, -1, index=index,
+                                                          progress=False)] == every
+
+
+def test_perceptual_hash_is_the_dct_hash_of_its_definition(photos: list[Path]) -> None:
+    """pHash by hand on one photo: grey 32x32 Lanczos, 2-D DCT-II, 8x8 low frequencies > median."""
+    from scipy.fft import dct
+
+    img = load_rgb(photos[0])
+    grey = np.asarray(img.convert("L").resize((32, 32), Image.Resampling.LANCZOS), dtype=np.float64)
+    low = dct(dct(grey, axis=0), axis=1)[:8, :8]
+    bits = "".join("1" if v > np.median(low) else "0" for v in low.ravel())
+    assert perceptual_hash(img) == int(bits, 2) and bits.count("1") == 32
+    assert hamming(np.array([0b1011], np.uint64), np.array([0, 0b1000], np.uint64)).tolist() == [[3, 2]]
+
+
+def test_resized_reencoded_copy_of_an_evaluation_photo_is_caught(labelled: Path, photos: list[Path],
+                                                                 tmp_path: Path) -> None:
+    """The calibration case (bench/calibrate_leaks.py): an evaluation photo shrunk and saved as a
+    low-quality JPEG has other pixels, so only the perceptual hash finds it; resized, re-encoded
+    copies of the other (distinct) photos are not taken for it."""
+    import io
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i, ph in enumerate(photos):  # every photo shrunk to a short side of 96 px, JPEG quality 50
+        if i in (5, 7):
+            continue
+        img = resize_short(load_rgb(ph), 96)
+        buf = io.BytesIO()
+        img.save(buf, "JPEG", quality=50)
+        (corpus / f"web-{i}.jpg").write_bytes(buf.getvalue())
+    records = corpus_records([corpus], tmp_path / "work")
+    table = read_table(labelled)
+    leaks_found = find_leaks(records, evaluation_records(table, "split"), labelled,
+                             index=tmp_path / "work" / "hashes.jsonl", workers=1, progress=False)
+    assert [(x.corpus, x.evaluation, x.exact) for x in leaks_found] == [("corpus/web-6.jpg", "6.jpg", False)]
+    assert leaks_found[0].bits <= 4 and "near-duplicate" in str(leaks_found[0])  # other pixels, ~the same hash
+    # identical pixels only: the copy is not found
+    assert find_leaks(records, evaluation_records(table, "split"), labelled, -1,
+                      index=tmp_path / "work" / "hashes.jsonl", progress=False) == []
+    # the distinct photos lie far apart: the nearest pair of different photos is > 4 bits
+    hashes = np.array([perceptual_hash(load_rgb(p)) for p in photos], dtype=np.uint64)
+    d = hamming(hashes, hashes)
+    assert d[~np.eye(len(photos), dtype=bool)].min() > 4
+    assert isinstance(leaks_found[0], Leak)
 
 
 def test_hash_index_hashes_only_new_or_changed_files(tmp_path: Path) -> None:
@@ -155,8 +217,13 @@ def test_hash_index_hashes_only_new_or_changed_files(tmp_path: Path) -> None:
     index = tmp_path / "work" / "hashes.jsonl"
     first = corpus_hashes(corpus_records([corpus], tmp_path / "work"), index, workers=1, progress=False)
     assert first.hashed == 5 and len(read_index(index)) == 5
+    assert first.phash["corpus/3.png"] == perceptual_hash(load_rgb(paths[3]))
     again = corpus_hashes(corpus_records([corpus], tmp_path / "work"), index, workers=1, progress=False)
-    assert again.hashed == 0 and again.sha == first.sha
+    assert again.hashed == 0 and again.sha == first.sha and again.phash == first.phash
+    # an index written before perceptual hashes: those files are decoded once more
+    index.write_text("".join(json.dumps({k: v for k, v in e.items() if k != "phash"}) + "\n"
+                             for e in read_index(index).values()))
+    assert corpus_hashes(corpus_records([corpus], tmp_path / "work"), index, workers=1, progress=False).hashed == 5
     _image(paths[2], 99)  # rewritten: other size or mtime
     os.utime(paths[2], ns=(1, 1))
     _image(corpus / "new.png", 7)

@@ -262,9 +262,10 @@ def test_leak_check_lists_shards_from_their_summaries(corpus: Path, shards: Path
     hashes = corpus_hashes(records, tmp_path / "hashes.jsonl", workers=1, progress=False)
     assert hashes.hashed == 0 and len(hashes.sha) == 48  # nothing decoded: the summaries hold the hashes
     src = corpus / "b" / "000.png"
-    evaluation = [Record("eval/x.png", str(src), 0.5, "test", sha256=content_hash(load_rgb(src))),
-                  Record("eval/y.png", "y.png", 0.5, "test", sha256="0" * 64)]
-    assert leaks(hashes.sha, evaluation) == [("shards0/corpus0/b/000.png", "eval/x.png")]
+    evaluation = corpus_hashes([Record("eval/x.png", str(src), 0.5, "test", sha256=content_hash(load_rgb(src)))],
+                               tmp_path / "hashes.jsonl", workers=1, progress=False)
+    found = [(x.corpus, x.evaluation) for x in leaks(hashes, evaluation)]
+    assert found == [("shards0/corpus0/b/000.png", "eval/x.png")]
 
 
 def test_shard_loader_leaves_the_global_rng_alone(shards: Path, tmp_path: Path) -> None:

@@ -6,9 +6,10 @@ evaluate on IC9600. ``pretrain.data`` lists the corpus: image folders (walked re
 ``table.csv``, whose resized cache is used and whose labels are ignored). A corpus is only a list
 of paths: images are decoded one per sample by the data loader, so it may be any size.
 
-:func:`corpus_hashes` hashes the decoded pixels of every corpus image (in parallel, remembered in
-an on-disk index keyed by path, size and modification time, so a re-run hashes only new files) and
-:func:`leaks` names the evaluation images whose content is also in the corpus.
+:func:`corpus_hashes` hashes the decoded pixels of every corpus image (SHA-256 and a perceptual
+hash; in parallel, remembered in an on-disk index keyed by path, size and modification time, so a
+re-run hashes only new files) and :func:`leaks` names the evaluation images whose pixels, or a
+resized or re-encoded copy of them, are also in the corpus.
 """
 
 from __future__ import annotations
@@ -25,12 +26,22 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+import numpy as np
 from tqdm import tqdm
 
 from clic import atomic
 from clic.cores import usable_cores
 from clic.data.archive import ARCHIVE_SUFFIXES, MAX_RATIO, is_archive, safe_extract
-from clic.data.imageio import DEFAULT_MAX_PIXELS, IMAGE_SUFFIXES, ImageError, content_hash, is_image_file, load_rgb
+from clic.data.imageio import (
+    DEFAULT_MAX_PIXELS,
+    IMAGE_SUFFIXES,
+    ImageError,
+    content_hash,
+    hamming,
+    is_image_file,
+    load_rgb,
+    perceptual_hash,
+)
 from clic.data.shards import is_shard_index, shard_records
 from clic.data.table import Record, read_table, resolve
 
@@ -160,40 +171,71 @@ def _extracted(archive: Path, label: str, work_dir: Path, limits: Mapping[str, f
 
 
 # ---------------------------------------------------------------------------------- leakage
+NEAR_DUPLICATE_BITS = 4  # calibrated: resized / re-encoded copies <= 4 bits, distinct photos >= 6 (docs/results.md)
+
+
 @dataclasses.dataclass(frozen=True)
 class CorpusHashes:
-    """Content hashes of a corpus: ``sha`` (name -> SHA-256 of the decoded pixels) for every
-    readable image, ``errors`` (name -> reason) for the others, ``hashed``: how many were decoded
-    now (the rest came from the index or a prepared table)."""
+    """Hashes of a corpus: ``sha`` (name -> SHA-256 of the decoded pixels) and ``phash`` (name ->
+    64-bit perceptual hash) for every readable image, ``errors`` (name -> reason) for the others,
+    ``hashed``: how many were decoded now (the rest came from the index)."""
 
     sha: dict[str, str]
+    phash: dict[str, int]
     errors: dict[str, str]
     hashed: int
 
 
-def _hash_file(job: tuple[str, int]) -> tuple[str, str]:
+@dataclasses.dataclass(frozen=True)
+class Leak:
+    """An evaluation image found in the corpus: ``bits`` = 0 and ``exact`` for identical pixels,
+    else the perceptual hashes' Hamming distance (a resized or re-encoded copy)."""
+
+    corpus: str
+    evaluation: str
+    bits: int
+    exact: bool
+
+    def __str__(self) -> str:
+        how = "identical pixels" if self.exact else f"near-duplicate, {self.bits} of 64 hash bits differ"
+        return f"{self.evaluation} = {self.corpus} ({how})"
+
+
+def _hash_file(job: tuple[str, int]) -> tuple[str, str, str]:
     path, max_pixels = job
     try:
-        return content_hash(load_rgb(path, max_pixels)), ""
+        img = load_rgb(path, max_pixels)
+        return content_hash(img), f"{perceptual_hash(img):016x}", ""
     except ImageError as exc:
-        return "", str(exc)
+        return "", "", str(exc)
 
 
 def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | None = None,
                   max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> CorpusHashes:
-    """Hash every corpus image's decoded pixels (as ``clic data prepare`` does for its table).
+    """Hash every image's decoded pixels: SHA-256 (as ``clic data prepare`` does for its table)
+    and the perceptual hash (:func:`clic.data.imageio.perceptual_hash`).
 
-    ``index``: a JSON-lines file of ``{path, size, mtime_ns, sha256, error}``; files whose path,
-    size and modification time are in it are not decoded again. New results are appended as they
-    come (an interrupted run keeps them) and the index is rewritten atomically at the end.
+    ``index``: a JSON-lines file of ``{path, size, mtime_ns, sha256, phash, error}``; files whose
+    path, size and modification time are in it are not decoded again. New results are appended as
+    they come (an interrupted run keeps them) and the index is rewritten atomically at the end. A
+    record with a ``sha256`` of its own (a prepared table's, of the source pixels) keeps it.
     """
     index = Path(index)
     known = read_index(index)
     sha: dict[str, str] = {}
+    phash: dict[str, int] = {}
     errors: dict[str, str] = {}
     todo: list[tuple[Record, str, int, int]] = []
+
+    def take(r: Record, entry: Mapping[str, str]) -> None:
+        if entry["sha256"]:
+            sha[r.name] = r.sha256 or entry["sha256"]
+            phash[r.name] = int(entry["phash"], 16)
+        else:
+            errors[r.name] = entry["error"]
+
     for r in records:
-        if r.sha256:  # from a prepared table
+        if r.sha256 and "#" in r.path:  # a shard member: its summary's hash (no perceptual hash)
             sha[r.name] = r.sha256
             continue
         try:
@@ -202,11 +244,9 @@ def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | N
             errors[r.name] = f"{r.path}: {exc.strerror or exc}"
             continue
         hit = known.get(r.path)
-        if hit is not None and (hit["size"], hit["mtime_ns"]) == (st.st_size, st.st_mtime_ns):
-            if hit["sha256"]:
-                sha[r.name] = hit["sha256"]
-            else:
-                errors[r.name] = hit["error"]
+        if hit is not None and (hit["size"], hit["mtime_ns"]) == (st.st_size, st.st_mtime_ns) and \
+                (hit["phash"] or hit["error"]):
+            take(r, hit)
             continue
         todo.append((r, r.path, st.st_size, st.st_mtime_ns))
     if todo:
@@ -215,22 +255,19 @@ def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | N
         jobs = [(path, max_pixels) for _, path, _, _ in todo]
         with ProcessPoolExecutor(workers) as pool, index.open("a") as journal:
             results = pool.map(_hash_file, jobs, chunksize=32)
-            for (r, path, size, mtime), (digest, err) in tqdm(zip(todo, results, strict=True), total=len(todo),
-                                                              desc="hash corpus", unit="img",
-                                                              disable=None if progress else True):
-                entry = {"path": path, "size": size, "mtime_ns": mtime, "sha256": digest, "error": err}
+            for (r, path, size, mtime), (digest, ph, err) in tqdm(zip(todo, results, strict=True), total=len(todo),
+                                                                  desc="hash images", unit="img",
+                                                                  disable=None if progress else True):
+                entry = {"path": path, "size": size, "mtime_ns": mtime, "sha256": digest, "phash": ph, "error": err}
                 known[path] = entry
                 journal.write(json.dumps(entry) + "\n")
-                if digest:
-                    sha[r.name] = digest
-                else:
-                    errors[r.name] = err
+                take(r, entry)
         _write_index(index, known)
     for name, err in sorted(errors.items())[:20]:
-        log.warning("unreadable corpus image %s: %s", name, err)
+        log.warning("unreadable image %s: %s", name, err)
     if len(errors) > 20:
-        log.warning("... and %d more unreadable corpus images", len(errors) - 20)
-    return CorpusHashes(sha, errors, len(todo))
+        log.warning("... and %d more unreadable images", len(errors) - 20)
+    return CorpusHashes(sha, phash, errors, len(todo))
 
 
 def read_index(index: Path) -> dict[str, dict]:
@@ -242,10 +279,13 @@ def read_index(index: Path) -> dict[str, dict]:
         for line in fh:
             try:
                 entry = json.loads(line)
+                ph = str(entry.get("phash", ""))
+                if ph:
+                    int(ph, 16)
                 known[str(entry["path"])] = {"path": str(entry["path"]), "size": int(entry["size"]),
                                              "mtime_ns": int(entry["mtime_ns"]), "sha256": str(entry["sha256"]),
-                                             "error": str(entry.get("error", ""))}
-            except (ValueError, KeyError, TypeError):
+                                             "phash": ph, "error": str(entry.get("error", ""))}
+            except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # a line cut short by a crash: that file is hashed again
     return known
 
@@ -265,16 +305,42 @@ def evaluation_records(table: Iterable[Record], probe_mode: str) -> list[Record]
     return [r for r in table if r.split == "test"]
 
 
-def leaks(corpus: Mapping[str, str], evaluation: Iterable[Record]) -> list[tuple[str, str]]:
-    """``(corpus name, evaluation name)`` for every evaluation image whose decoded pixels are also
-    in the corpus (``corpus``: name -> content hash, from :func:`corpus_hashes`)."""
+def leaks(corpus: CorpusHashes, evaluation: CorpusHashes, max_bits: int = NEAR_DUPLICATE_BITS) -> list[Leak]:
+    """Every (corpus image, evaluation image) pair with identical decoded pixels or perceptual
+    hashes at most ``max_bits`` apart (-1: identical pixels only), sorted by evaluation name."""
     by_sha: dict[str, list[str]] = defaultdict(list)
-    for name, digest in corpus.items():
+    for name, digest in corpus.sha.items():
         by_sha[digest].append(name)
-    return sorted((c, r.name) for r in evaluation if r.sha256 for c in by_sha.get(r.sha256, ()))
+    found = {(c, e): Leak(c, e, 0, True) for e, digest in evaluation.sha.items() for c in by_sha.get(digest, ())}
+    if max_bits >= 0 and corpus.phash and evaluation.phash:
+        c_names, e_names = list(corpus.phash), list(evaluation.phash)
+        c_hash = np.array([corpus.phash[n] for n in c_names], dtype=np.uint64)
+        for e in e_names:  # one evaluation image at a time: memory O(corpus)
+            bits = hamming(c_hash, np.array([evaluation.phash[e]], dtype=np.uint64))[:, 0]  # (corpus,)
+            for i in np.flatnonzero(bits <= max_bits):
+                found.setdefault((c_names[i], e), Leak(c_names[i], e, int(bits[i]), False))
+    return sorted(found.values(), key=lambda x: (x.evaluation, x.bits, x.corpus))
 
 
-def find_leaks(records: Sequence[Record], evaluation: Iterable[Record], workers: int | None = None,
-               index: str | Path = Path(CORPUS_DIR) / INDEX_NAME, progress: bool = True) -> list[tuple[str, str]]:
-    """:func:`corpus_hashes` then :func:`leaks`: ``(corpus name, evaluation name)`` pairs."""
-    return leaks(corpus_hashes(records, index, workers, progress=progress).sha, evaluation)
+def find_leaks(records: Sequence[Record], evaluation: Iterable[Record], data_dir: str | Path,
+               max_bits: int = NEAR_DUPLICATE_BITS, workers: int | None = None,
+               index: str | Path = Path(CORPUS_DIR) / INDEX_NAME, progress: bool = True) -> list[Leak]:
+    """Hash the corpus ``records`` and the ``evaluation`` records of the prepared dataset
+    ``data_dir`` (their source files where present, else their cache), then :func:`leaks`."""
+    return leaks(corpus_hashes(records, index, workers, progress=progress),
+                 evaluation_hashes(evaluation, data_dir, index, workers, progress), max_bits)
+
+
+def evaluation_hashes(evaluation: Iterable[Record], data_dir: str | Path,
+                      index: str | Path = Path(CORPUS_DIR) / INDEX_NAME, workers: int | None = None,
+                      progress: bool = True) -> CorpusHashes:
+    """:func:`corpus_hashes` of a prepared dataset's records: the source image where it is still
+    there (the perceptual hash of a full-size photo), else the prepared cache; a record keeps the
+    table's SHA-256 of its source pixels."""
+    root = Path(data_dir)
+    files = []
+    for r in evaluation:
+        source = resolve(root, r.path)
+        path = source if source.is_file() else r.image_path(root)
+        files.append(dataclasses.replace(r, path=str(path)))
+    return corpus_hashes(files, index, workers, progress=progress)

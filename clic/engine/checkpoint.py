@@ -6,6 +6,7 @@ Everything saved is tensors, numbers, strings, lists, tuples and dicts, so
 
 from __future__ import annotations
 
+import hashlib
 import os
 import random
 import re
@@ -28,6 +29,16 @@ def git_revision(cwd: str | Path | None = None) -> str:
         return f"{sha}-dirty" if dirty else sha
     except (OSError, subprocess.SubprocessError):
         return "unknown"
+
+
+def code_version() -> str:
+    """Hash of the ``clic`` package's source: a run resumes only from a checkpoint of the same code
+    (a changed method retrains), and a result names the code that produced it."""
+    package = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted(package.rglob("*.py")):
+        h.update(p.relative_to(package.parent).as_posix().encode() + p.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def remove_leftovers(path: str | Path) -> list[Path]:
