@@ -7,7 +7,7 @@
     clic embed --model CHECKPOINT --out FEATURES.npz IMAGE_OR_FOLDER...
     clic probe --model ENCODER --out DIR [--data DIR]       (also --baseline random|handcrafted)
     clic transfer --model ENCODER --out METRICS.json [--data IMAGEFOLDER] [--name imagenet]
-    clic score --model SCORER --out SCORES.csv IMAGE_OR_FOLDER...
+    clic score --model SCORER [--out SCORES.csv] IMAGE_OR_FOLDER...    (path,score rows; stdout without --out)
     clic map --model SCORER --out MAP.png IMAGE
     clic params PROFILE.yaml [--set key=value ...]           (print the merged params, e.g. > params.yaml)
     clic params PROFILE.yaml --method M                      (M's resolved pretraining settings)
@@ -124,7 +124,7 @@ def parser() -> argparse.ArgumentParser:
 
     sco = sub.add_parser("score", help="complexity scores for images or folders")
     sco.add_argument("--model", required=True, help="scorer.pt (from clic probe) or an MLflow models:/ URI")
-    sco.add_argument("--out", required=True, help="CSV with path,score rows")
+    sco.add_argument("--out", default="", help="write the path,score rows to this CSV (default: print them)")
     _batch_inputs(sco)
 
     mp = sub.add_parser("map", help="per-patch complexity heat map blended over an image")
@@ -353,16 +353,26 @@ def _score(args: argparse.Namespace) -> None:
     scores, kept, errors = scorer.score_files(paths, args.batch_size, args.workers, threads=args.threads)
     for e in errors:
         log.warning("skipped unreadable image: %s", e)
+    if not kept:
+        raise ValueError(f"none of the {len(paths)} images could be read (first: {errors[0] if errors else '?'})")
+    rows = [(str(paths[i]), f"{s:.6f}") for i, s in zip(kept, scores, strict=True)]
+    skipped = f" ({len(errors)} unreadable, skipped)" if errors else ""
+    if not args.out:  # path,score rows on stdout, like every scoring tool; the summary on stderr
+        w = csv.writer(sys.stdout)
+        w.writerow(["path", "score"])
+        w.writerows(rows)
+        sys.stdout.flush()
+        print(f"scored {len(kept)} images{skipped}", file=sys.stderr)
+        return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp")
     with tmp.open("w", newline="") as fh:
         w = csv.writer(fh)
         w.writerow(["path", "score"])
-        for i, s in zip(kept, scores, strict=True):
-            w.writerow([str(paths[i]), f"{s:.6f}"])
+        w.writerows(rows)
     tmp.replace(out)
-    print(f"scored {len(kept)} images -> {out}" + (f" ({len(errors)} unreadable, skipped)" if errors else ""))
+    print(f"scored {len(kept)} images -> {out}{skipped}")
 
 
 def _map(args: argparse.Namespace) -> None:

@@ -444,10 +444,16 @@ class ProbeConfig:
     folds: int = 5
     input: Literal["auto", "crop", "whole"] = "auto"
     image_size: int = 0  # input side for features and the scorer; 0 = pretraining size (icnet: 512)
+    # last: the last stage's pooled features (the papers' probe); stages: pools of four depths
+    # concatenated (ResNet stages, ViT quarters), keeping early layers' texture statistics
+    features: Literal["last", "stages"] = "last"
     alphas: tuple[float, ...] = (1e-3, 1e-2, 1e-1, 1.0, 10.0, 100.0, 1e3, 1e4, 1e5)
     sgd_epochs: int = 100
     sgd_lr: float = 0.01
     bootstrap: int = 1000
+    # the registry's champion is chosen on this fraction of the training images (drawn with the
+    # seed), predicted by a head fitted on the rest; never on the reported (test) images
+    validation_fraction: float = 0.2
     batch_size: int = 64
     workers: int = 2
     baselines: tuple[str, ...] = ("random", "handcrafted")
@@ -457,8 +463,13 @@ class ProbeConfig:
         _choice("probe.protocol", self.protocol, ("ridge", "sgd", "icnet"))
         _choice("probe.mode", self.mode, ("split", "cv"))
         _choice("probe.input", self.input, ("auto", "crop", "whole"))
+        _choice("probe.features", self.features, ("last", "stages"))
+        if self.features == "stages" and self.protocol == "icnet":
+            raise ParamError("probe.features", "{key}=stages pools vectors; protocol icnet needs the last stage's map")
         if self.folds < 2:
             raise ParamError("probe.folds", f"{{key}} must be >= 2, got {self.folds}")
+        if not 0 <= self.validation_fraction < 1:
+            raise ParamError("probe.validation_fraction", f"{{key}} must be in [0, 1), got {self.validation_fraction}")
         if self.image_size < 0:
             raise ParamError("probe.image_size", "{key} must be >= 0 (0 = the pretraining size), "
                              f"got {self.image_size}")

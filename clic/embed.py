@@ -164,6 +164,8 @@ def embed_to_npz(model: str | Path, inputs: Iterable[str | Path], out: str | Pat
     feats, kept, errors = extract(backbone, paths, cfg.image_size, batch_size, workers, dev, threads=threads)
     for e in errors:
         log.warning("skipped: %s", e)
+    if not kept:
+        raise ValueError(f"none of the {len(paths)} images could be read (first: {errors[0] if errors else '?'})")
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.npz")

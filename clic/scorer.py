@@ -38,10 +38,12 @@ ImageLike = str | Path | Image.Image | torch.Tensor
 
 class Scorer:
     def __init__(self, backbone: ResNetBackbone | ViTBackbone, cfg: PretrainConfig, head: LinearHead | ICNetHead,
-                 meta: dict[str, Any] | None = None, device: str | torch.device = "cpu", whole: bool = False) -> None:
+                 meta: dict[str, Any] | None = None, device: str | torch.device = "cpu", whole: bool = False,
+                 stages: bool = False) -> None:
+        """``stages``: the head reads pools of several depths (``probe.features: stages``)."""
         self.device = torch.device(device)
         self.backbone = backbone.to(self.device).eval()
-        self.cfg, self.head, self.meta, self.whole = cfg, head, dict(meta or {}), whole
+        self.cfg, self.head, self.meta, self.whole, self.stages = cfg, head, dict(meta or {}), whole, stages
         self.transform = eval_transform(cfg.image_size, whole)
         if isinstance(head, ICNetHead):
             head.to(self.device).eval()
@@ -55,7 +57,10 @@ class Scorer:
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Pooled features (B, D) of a normalised batch."""
         with autocast(self.device, "auto"):
-            return self.backbone(x.to(self.device)).float()
+            return self._pool(x.to(self.device)).float()
+
+    def _pool(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.forward_pooled_stages(x) if self.stages else self.backbone(x)
 
     @torch.no_grad()
     def _scores(self, x: torch.Tensor) -> torch.Tensor:
@@ -100,7 +105,7 @@ class Scorer:
                                            self.device, progress, self.whole, forward=self._scores, threads=threads)
             return scores.reshape(-1).astype(np.float64), kept, errors
         feats, kept, errors = extract(self.backbone, paths, self.cfg.image_size, batch_size, workers,
-                                      self.device, progress, self.whole, threads=threads)
+                                      self.device, progress, self.whole, forward=self._pool, threads=threads)
         return feats.astype(np.float64) @ self._w.cpu().double().numpy() + self._b, kept, errors
 
     # --------------------------------------------------------------------------------- maps
@@ -108,6 +113,9 @@ class Scorer:
     def map(self, image: ImageLike) -> np.ndarray:
         """Per-position complexity (h, w): the linear head applied to each spatial feature, or
         ICNet's complexity map."""
+        if self.stages:
+            raise ValueError("this scorer's head reads pools of several depths (probe.features: stages); a "
+                             "per-position map needs one of the last stage (probe.features: last)")
         x = self._tensor(image)[None].to(self.device)
         with autocast(self.device, "auto"):
             spatial = self.backbone.forward_spatial(x).float()  # (1, D, h, w)
@@ -126,7 +134,7 @@ class Scorer:
     def save(self, path: str | Path) -> None:
         ckpt.save_atomic({"kind": "clic-scorer", "config": to_dict(self.cfg), "head": self.head.state(),
                           "head_type": "icnet" if isinstance(self.head, ICNetHead) else "linear",
-                          "input": "whole" if self.whole else "crop",
+                          "input": "whole" if self.whole else "crop", "features": "stages" if self.stages else "last",
                           "backbone": {k: v.detach().cpu() for k, v in self.backbone.state_dict().items()},
                           "meta": self.meta, "git": ckpt.git_revision()}, path)
 
@@ -138,8 +146,7 @@ def load_scorer(path_or_uri: str | Path, device: str | torch.device | None = Non
     text = str(path_or_uri)
     path = Path(text)
     if "://" in text or text.startswith(("models:/", "runs:/")):
-        local = _download(text)
-        path = local / "scorer.pt" if local.is_dir() else local
+        path = scorer_file(_download(text), text)
     state = ckpt.load(path)
     if state.get("kind") != "clic-scorer":
         raise ValueError(f"{path}: not a clic scorer (kind={state.get('kind')!r}); fit one with `clic probe`")
@@ -147,10 +154,37 @@ def load_scorer(path_or_uri: str | Path, device: str | torch.device | None = Non
     backbone = build_backbone(cfg.backbone, cfg.image_size, cfg.patch_size, cfg.depth, cfg.pool)
     load_weights(backbone, state["backbone"], path, cfg)
     head_type, view = state.get("head_type", "linear"), state.get("input", "crop")
-    if head_type not in ("linear", "icnet") or view not in ("crop", "whole"):
-        raise ValueError(f"{path}: unknown scorer head {head_type!r} or input {view!r}; a newer clic wrote it")
+    features = state.get("features", "last")
+    if head_type not in ("linear", "icnet") or view not in ("crop", "whole") or features not in ("last", "stages"):
+        raise ValueError(f"{path}: unknown scorer head {head_type!r}, input {view!r} or features {features!r}; "
+                         "a newer clic wrote it")
     head = ICNetHead.from_state(state["head"]) if head_type == "icnet" else LinearHead.from_state(state["head"])
-    return Scorer(backbone, cfg, head, state.get("meta"), device, whole=view == "whole")
+    return Scorer(backbone, cfg, head, state.get("meta"), device, whole=view == "whole", stages=features == "stages")
+
+
+def scorer_file(local: Path, uri: str) -> Path:
+    """The scorer file inside what an MLflow URI downloaded: a file, a folder holding
+    ``scorer.pt``, or a logged pyfunc model (its ``MLmodel`` names the ``scorer`` artifact; read as
+    YAML data, nothing in it is run)."""
+    if local.is_file():
+        return local
+    if (local / "scorer.pt").is_file():
+        return local / "scorer.pt"
+    mlmodel = local / "MLmodel"
+    if mlmodel.is_file():
+        import yaml  # noqa: PLC0415
+
+        try:
+            spec = yaml.safe_load(mlmodel.read_text())
+            rel = spec["flavors"]["python_function"]["artifacts"]["scorer"]["path"]
+        except (yaml.YAMLError, KeyError, TypeError) as exc:
+            raise ValueError(f"{uri}: {mlmodel} names no 'scorer' artifact ({exc!r}); "
+                             "not a clic scorer model") from None
+        path = (local / rel).resolve()
+        if path.is_relative_to(local.resolve()) and path.is_file():
+            return path
+        raise ValueError(f"{uri}: {mlmodel} names the scorer artifact {rel!r}, which is not a file inside the model")
+    raise ValueError(f"{uri}: downloaded to {local}, which holds neither scorer.pt nor an MLflow model (MLmodel)")
 
 
 def _download(uri: str) -> Path:

@@ -171,15 +171,6 @@ def mlflow_parent(name: str) -> Iterator[None]:
             get_run_logger().warning("could not close the MLflow parent run: %s", exc)
 
 
-def mlflow_ui(tracking_uri: str) -> str:
-    """Base address of the MLflow UI for the store: the server itself, else ``make mlflow-ui``'s."""
-    if os.environ.get("MLFLOW_UI_URL"):
-        return os.environ["MLFLOW_UI_URL"].rstrip("/")
-    if tracking_uri.startswith(("http://", "https://")):
-        return tracking_uri.rstrip("/")
-    return f"http://127.0.0.1:{os.environ.get('MLFLOW_PORT', '5000')}"
-
-
 def _mlflow_runs(env: dict[str, str]) -> list[tuple[str, str, str, str, bool]]:
     """(run name, run id, status, experiment id, is parent) of this flow run's MLflow runs."""
     import mlflow
@@ -201,14 +192,19 @@ def publish(ws: Path, title: str, metric_files: dict[str, Path], extra: str = ""
         results[name] = m
         cells = " | ".join(f"{m.get(k, float('nan')):.4f}" for k in ("pcc", "srcc", "krcc", "rmse"))
         rows.append(f"| {name} | {cells} |")
-    ui = mlflow_ui(env["MLFLOW_TRACKING_URI"])
+    from stages.tracking import ui_link, ui_url
+
+    tracking = env["MLFLOW_TRACKING_URI"]
     runs = sorted(_mlflow_runs(env), key=lambda r: (not r[4], r[0]))
-    links = [f"| [{n}]({ui}/#/experiments/{e}/runs/{i}) | `{i}` | {s} |" for n, i, s, e, _ in runs]
+    links = [f"| [{n}]({ui_link(f'experiments/{e}/runs/{i}', tracking)}) | {'flow (parent)' if p else 'stage'} "
+             f"| `{i}` | {s} |" for n, i, s, e, p in runs]
     exp = runs[0][3] if runs else ""
     md = [f"# {title}", "", "| model | PCC | SRCC | KRCC | RMSE |", "|---|---|---|---|---|", *rows, "",
-          f"MLflow store: `{env['MLFLOW_TRACKING_URI']}`, workspace: `{ws}`; runs of experiment clic in the UI: "
-          f"[{ui}]({ui}/#/experiments/{exp}?workflowType=machine_learning)", "",
-          "| MLflow run | id | status |", "|---|---|---|", *links, "", extra]
+          f"MLflow store: `{tracking}`, workspace: `{ws}`; runs of experiment clic in the UI: "
+          f"[{ui_url(tracking)}]({ui_link(f'experiments/{exp}', tracking)})", "",
+          "| MLflow run | kind | id | status |", "|---|---|---|---|", *links, "",
+          "Registered scorers: " + ", ".join(f"[clic-{m}]({ui_link(f'models/clic-{m}', tracking)})"
+                                               for m in metric_files if m in METHODS), "", extra]
     create_markdown_artifact(markdown="\n".join(md), key=title.lower().replace(" ", "-").replace("/", "-")[:60],
                              description=title)
     return results
@@ -223,7 +219,7 @@ def pretrain(method: str = "clicv2", dataset: str = "", overrides: dict[str, Any
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     with workspace("pretrain", method, dataset, overrides) as ws:
-        with mlflow_parent(f"pretrain {method}"):
+        with mlflow_parent(f"flow pretrain/{method}"):
             fetch(ws)
             stage(ws, "validate")
             with gpu_slot():
@@ -238,13 +234,14 @@ def reprobe(ws: Path, method: str, alias: str) -> Path:
     the metrics to MLflow, linked to the model version."""
     import mlflow
 
+    from clic.scorer import scorer_file
     from stages import tracking
 
     env = _env()
     mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
     local = mlflow.artifacts.download_artifacts(f"models:/clic-{method}@{alias}",
                                                 dst_path=str(ws / "registry" / method))
-    scorer = next(Path(local).rglob("scorer.pt"))
+    scorer = scorer_file(Path(local), f"models:/clic-{method}@{alias}")
     out = ws / "reports" / "evaluate" / method
     rc, tail = stream(["clic", "probe", "--model", str(scorer), "--out", str(out)], ws, env)
     if rc != 0:
@@ -269,7 +266,7 @@ def evaluate(dataset: str = "", methods: list[str] | None = None, alias: str = "
         raise ValueError(f"methods: unknown {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
     with workspace("evaluate", "", dataset, overrides) as ws:
         files = {}
-        with mlflow_parent("evaluate"):
+        with mlflow_parent("flow evaluate"):
             fetch(ws)
             stage(ws, "validate")
             with gpu_slot():
@@ -282,7 +279,7 @@ def evaluate(dataset: str = "", methods: list[str] | None = None, alias: str = "
 def pipeline(dataset: str = "", overrides: dict[str, Any] | None = None) -> dict:
     """Every stage for every method and baseline, one task per stage; publishes the comparison."""
     with workspace("pipeline", "", dataset, overrides) as ws:
-        with mlflow_parent("pipeline"):
+        with mlflow_parent("flow pipeline"):
             names = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=ws, env=_env(), check=True,
                                    capture_output=True, text=True).stdout.split()
             gpu = [i for i, n in enumerate(names) if n.split("@")[0] in GPU_STAGES]

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 
 from clic.config import METHODS
 from stages import tracking
@@ -55,9 +54,9 @@ def compare() -> None:
     parent = tracking.finish_parent(p)
     print(table)
     print("results: metrics/comparison.md, metrics/<method>.json, reports/<method>/ (plots), reports/gx (data docs)")
-    port = os.environ.get("MLFLOW_PORT", "5000")
+    exp = tracking.setup(p)
     print(f"MLflow: parent run {parent} in {tracking.tracking_uri(p)}; browse with `make mlflow-ui`: "
-          f"http://127.0.0.1:{port}/#/experiments/{tracking.setup(p)}?workflowType=machine_learning")
+          f"{tracking.ui_link(f'experiments/{exp}')}")
 
 
 if __name__ == "__main__":

@@ -3,22 +3,26 @@
 Writes ``reports/<method>/`` (metrics.json, predictions.csv, scatter.png, categories.png,
 scorer.pt) and ``metrics/probe/<method>.json``; logs metrics and plots to MLflow; registers the
 scorer as ``clic-<method>`` (alias ``current`` on every version: MLflow reserves ``latest``, which
-``models:/clic-<method>/latest`` resolves anyway; ``champion`` moved only when the new SRCC beats
-the champion's on the same dataset fingerprint).
+``models:/clic-<method>/latest`` resolves anyway; ``champion`` moved only when the new version is
+better on the validation images carved from the training split, by a paired bootstrap:
+:func:`champion_decision`).
 """
 
 from __future__ import annotations
 
 import base64
+import csv
 import io
 import json
 import logging
+from pathlib import Path
 
 import pandas as pd
 
 from clic.config import data_config, mlflow_config, probe_config, to_dict
 from clic.data.synthetic import render
 from clic.evaluation.evaluate import evaluate_encoder
+from clic.evaluation.metrics import paired_srcc_difference
 from clic.scorer import load_scorer
 from stages import tracking
 from stages.common import ROOT, main, method_arg, params
@@ -38,7 +42,7 @@ def log_report(report: dict, folder: str, prefix: str = "") -> None:
     tracking.mlflow.log_metrics({f"{prefix}{k}": float(report[k]) for k in keys})
     for c, m in (report.get("per_category") or {}).items():
         tracking.mlflow.log_metrics({f"{prefix}srcc_{c}": float(m["srcc"]), f"{prefix}rmse_{c}": float(m["rmse"])})
-    for f in ("metrics.json", "predictions.csv", "scatter.png", "categories.png"):
+    for f in ("metrics.json", "predictions.csv", "validation.csv", "scatter.png", "categories.png"):
         if (ROOT / folder / f).exists():
             tracking.mlflow.log_artifact(str(ROOT / folder / f), "report")
 
@@ -50,20 +54,21 @@ def input_example() -> pd.DataFrame:
     return pd.DataFrame({"image": [base64.b64encode(buf.getvalue()).decode()]})
 
 
-def register(method: str, scorer_path: str, report: dict, fingerprint: str) -> str:
-    """Log the scorer as a pyfunc, register it, and move the aliases; returns the version."""
+def register(method: str, scorer_path: str, report: dict, fingerprint: str, validation: str) -> str:
+    """Log the scorer as a pyfunc (with its code and pinned requirements), register it, move the
+    aliases; returns the version. ``validation``: this probe's ``validation.csv``."""
     from mlflow.models import infer_signature
 
     example = input_example()
     scorer = load_scorer(scorer_path, "cpu")
     from stages.scorer_model import ScorerModel
 
-    preds = pd.DataFrame({"score": scorer([ScorerModel._image(example["image"][0])])})
+    preds = ScorerModel.score_rows(scorer, example["image"])
     name = f"clic-{method}"
     info = tracking.mlflow.pyfunc.log_model(
         name="scorer", python_model=str(ROOT / "stages" / "scorer_model.py"), artifacts={"scorer": scorer_path},
-        signature=infer_signature(example, preds), input_example=example, registered_model_name=name,
-        pip_requirements=["clic", "torch", "torchvision", "timm", "pillow", "pandas"])
+        code_paths=[str(ROOT / "clic")], signature=infer_signature(example, preds), input_example=example,
+        registered_model_name=name, pip_requirements=scorer_requirements())
     client = tracking.MlflowClient()
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, "dataset_fingerprint", fingerprint)
@@ -71,28 +76,62 @@ def register(method: str, scorer_path: str, report: dict, fingerprint: str) -> s
     # MLflow 3 reserves the alias name "latest" (models:/clic-<method>/latest already resolves to the
     # newest version), so the moving "newest version" alias is called "current"
     client.set_registered_model_alias(name, "current", version)
-    promote, champion = beats_champion(client, name, float(report["srcc"]), fingerprint)
+    promote, why = champion_decision(client, name, fingerprint, validation)
+    client.set_model_version_tag(name, version, "champion_decision", why)
     if promote:
         client.set_registered_model_alias(name, "champion", version)
-    log.info("registered %s version %s (champion: %s)", name, version, version if promote else champion)
+    log.info("registered %s version %s: %s", name, version, why)
     return version
 
 
-def beats_champion(client: tracking.MlflowClient, name: str, srcc: float, fingerprint: str) -> tuple[bool, str]:
-    """Whether a new version with this SRCC takes the ``champion`` alias of model ``name``, and
-    the champion's version. Compares like with like: the champion's SRCC as its probe run logged it
-    (full precision; the model-version tag is rounded for display), on the same dataset fingerprint;
-    a tie keeps the champion."""
+# what the logged scorer imports (clic's core at load time); all on PyPI
+SCORER_PACKAGES = ("torch", "torchvision", "timm", "numpy", "scipy", "pillow", "pandas", "pyyaml", "tqdm",
+                   "huggingface-hub", "safetensors")
+
+
+def scorer_requirements() -> list[str]:
+    """``name==version`` of :data:`SCORER_PACKAGES` as installed (the pins of requirements/lock.txt
+    in a `make`-built environment); ``clic`` itself travels inside the model as code."""
+    from importlib.metadata import version
+
+    return [f"{p}=={version(p)}" for p in SCORER_PACKAGES]
+
+
+def read_validation(path: str | Path) -> dict[str, tuple[float, float]]:
+    """``validation.csv`` as name -> (human, predicted)."""
+    with open(path, newline="") as fh:
+        return {r["name"]: (float(r["human"]), float(r["predicted"])) for r in csv.DictReader(fh)}
+
+
+def champion_decision(client: tracking.MlflowClient, name: str, fingerprint: str, validation: str,
+                      n_boot: int = 2000) -> tuple[bool, str]:
+    """Whether the new version (validation predictions in ``validation``) takes the ``champion``
+    alias of model ``name``, and why. It does when there is no champion, or when, on the same
+    validation images of the same dataset, a paired bootstrap of the SRCC difference puts its
+    one-sided 95% lower bound above zero: better by more than the noise of those images. Test
+    images never enter the decision."""
     try:
         champ = client.get_model_version_by_alias(name, "champion")
     except Exception:  # noqa: BLE001 - no champion yet
-        return True, ""
+        return True, "first version of this model: champion"
     if champ.tags.get("dataset_fingerprint") != fingerprint:
-        return False, str(champ.version)
-    best = client.get_run(champ.run_id).data.metrics.get("srcc") if champ.run_id else None
-    if best is None:  # a version registered without its probe run: the tag is all there is
-        best = float(champ.tags.get("srcc", "-inf"))
-    return srcc > best, str(champ.version)
+        return False, (f"champion version {champ.version} kept: it was validated on another dataset "
+                       f"({champ.tags.get('dataset_fingerprint')}), so the two cannot be compared")
+    try:
+        local = client.download_artifacts(champ.run_id, "report/validation.csv")
+        old = read_validation(local)
+    except Exception as exc:  # noqa: BLE001 - an older version without validation predictions
+        return False, f"champion version {champ.version} kept: it has no validation predictions to compare ({exc})"
+    new = read_validation(validation)
+    if set(new) != set(old):
+        return False, (f"champion version {champ.version} kept: its validation images differ from this version's "
+                       "(another seed or probe.validation_fraction)")
+    names = sorted(new)
+    human = [new[n][0] for n in names]
+    d = paired_srcc_difference([new[n][1] for n in names], [old[n][1] for n in names], human, n_boot)
+    verdict = "> 0: promoted" if d["lower"] > 0 else f"<= 0: champion version {champ.version} kept"
+    return d["lower"] > 0, (f"validation SRCC difference against version {champ.version} on {len(names)} images: "
+                            f"{d['diff']:+.4f}, one-sided 95% lower bound {d['lower']:+.4f} {verdict}")
 
 
 def probe() -> None:
@@ -110,9 +149,12 @@ def probe() -> None:
         log_report(report, folder)
         version = ""
         if mlflow_config(p).register:
-            version = register(method, str(ROOT / folder / "scorer.pt"), report, fingerprint)
+            version = register(method, str(ROOT / folder / "scorer.pt"), report, fingerprint,
+                               str(ROOT / folder / "validation.csv"))
         print(f"{method}: PCC {report['pcc']:.4f} SRCC {report['srcc']:.4f} KRCC {report['krcc']:.4f} "
               f"RMSE {report['rmse']:.4f} (run {active.info.run_id}{', model version ' + version if version else ''})")
+        if version:
+            print(f"model: {tracking.ui_link(f'models/clic-{method}/versions/{version}')}")
 
 
 if __name__ == "__main__":

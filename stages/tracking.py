@@ -42,6 +42,35 @@ def tracking_uri(params: dict[str, Any]) -> str:
             or f"sqlite:///{ROOT / 'mlflow.db'}")
 
 
+UI_FILE = ".mlflow-ui"  # written by `make mlflow-ui`: "<url> <pid>" of the UI it started
+TRAINING_VIEW = "workflowType=machine_learning"  # MLflow 3's UI opens GenAI pages without it
+
+
+def ui_url(tracking: str = "") -> str:
+    """Base address of the MLflow UI a link should open: ``MLFLOW_UI_URL``; else the UI that
+    `make mlflow-ui` started in this project, while it runs (whatever its port); else the tracking
+    server itself; else ``http://127.0.0.1:$MLFLOW_PORT`` (5000)."""
+    if os.environ.get("MLFLOW_UI_URL"):
+        return os.environ["MLFLOW_UI_URL"].rstrip("/")
+    project = Path(os.environ.get("CLIC_PROJECT_DIR") or ROOT)
+    try:
+        url, pid = (project / UI_FILE).read_text().split()
+        os.kill(int(pid), 0)  # raises when that UI has stopped
+        return url.rstrip("/")
+    except (OSError, ValueError):
+        pass
+    tracking = tracking or os.environ.get("MLFLOW_TRACKING_URI", "")
+    if tracking.startswith(("http://", "https://")):
+        return tracking.rstrip("/")
+    return f"http://127.0.0.1:{os.environ.get('MLFLOW_PORT', '5000')}"
+
+
+def ui_link(path: str, tracking: str = "") -> str:
+    """``path`` (``experiments/1/runs/<id>``, ``models/clic-clicv2/versions/3``) in the MLflow UI,
+    in its training (not GenAI) view."""
+    return f"{ui_url(tracking)}/#/{path}?{TRAINING_VIEW}"
+
+
 def setup(params: dict[str, Any]) -> str:
     """Point MLflow at the store, check it answers, and return the experiment id."""
     uri = tracking_uri(params)

@@ -222,3 +222,23 @@ def test_at_resolution_resamples_the_vit_position_embedding() -> None:
     resnet = build_backbone("resnet18")
     same, rcfg = at_resolution(resnet, from_dict(PretrainConfig, {"image_size": 32}), 48)
     assert same is resnet and rcfg.image_size == 48
+
+
+@pytest.mark.parametrize(("name", "kw", "dims"), [
+    ("resnet18", {}, [64, 128, 256, 512]),
+    ("vit_tiny", {"image_size": 32, "patch_size": 8, "depth": 6}, [192] * 4),
+])
+def test_pooled_stages_end_with_the_last_stage_pool(name: str, kw: dict, dims: list[int]) -> None:
+    """``probe.features: stages``: one pool per depth, the last of them the usual pooled feature."""
+    torch.manual_seed(0)
+    backbone = build_backbone(name, **kw).eval()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        stages, last = backbone.forward_pooled_stages(x), backbone(x)
+    assert stages.shape == (2, sum(dims)) and backbone.stages_dim == sum(dims)
+    torch.testing.assert_close(stages[:, -dims[-1]:], last, rtol=1e-5, atol=1e-5)
+    if name.startswith("vit"):
+        assert backbone.stage_taps == [1, 2, 3, 5]  # the last block of each quarter of 6
+    else:  # the first stage's pool is layer1's mean activation
+        with torch.no_grad():
+            torch.testing.assert_close(stages[:, :64], backbone.forward_stages(x)[0].mean(dim=(2, 3)))

@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 import yaml
 
@@ -120,7 +121,8 @@ def test_scorer_loads_from_the_registry(project: Path) -> None:
     mlflow.set_tracking_uri(f"sqlite:///{project / 'mlflow.db'}")
     model = mlflow.pyfunc.load_model("models:/clic-clicv2@champion")
     out = model.predict(input_example())
-    assert isinstance(out, pd.DataFrame) and list(out.columns) == ["score"] and len(out) == 1
+    assert isinstance(out, pd.DataFrame) and list(out.columns) == ["score", "error"] and len(out) == 1
+    assert out["error"][0] == ""
     import clic.scorer
 
     direct = clic.scorer.load_scorer(project / "reports" / "clicv2" / "scorer.pt", "cpu")
@@ -130,7 +132,7 @@ def test_scorer_loads_from_the_registry(project: Path) -> None:
     assert out["score"][0] == pytest.approx(float(direct(img)[0]), abs=1e-5)
 
 
-def test_champion_moves_only_on_a_better_srcc(project: Path) -> None:
+def test_champion_stays_when_the_same_model_is_probed_again(project: Path) -> None:
     p = yaml.safe_load((project / "params.yaml").read_text())
     p["probe"]["bootstrap"] = 21  # re-probe: same features, same SRCC
     (project / "params.yaml").write_text(yaml.safe_dump(p, sort_keys=False))
@@ -140,7 +142,9 @@ def test_champion_moves_only_on_a_better_srcc(project: Path) -> None:
     _runs(project)
     client = MlflowClient()
     assert str(client.get_model_version_by_alias("clic-moco", "current").version) == "2"
-    assert str(client.get_model_version_by_alias("clic-moco", "champion").version) == "1"  # not strictly better
+    assert str(client.get_model_version_by_alias("clic-moco", "champion").version) == "1"  # no better on validation
+    why = client.get_model_version("clic-moco", "2").tags["champion_decision"]
+    assert "difference against version 1" in why and "+0.0000" in why and "champion version 1 kept" in why
     assert "pretrain" not in dvc(project, "status").stdout  # probing again did not retrain
 
 
@@ -216,9 +220,17 @@ def test_mlflow_ui_shows_training_runs_in_a_browser(project: Path) -> None:
         runs_page = _chromium_dom(f"{ui}?workflowType=machine_learning")
         assert ">pipeline<" in runs_page and "Run Name" in runs_page, runs_page[-2000:]
         assert "No data available" not in runs_page  # not the empty GenAI traces overview
-        run_page = _chromium_dom(f"{ui}/runs/{probe.info.run_id}")
-        assert "probe clicv2" in run_page and ">srcc<" in run_page
+        # the links we print carry the training view: run pages without GenAI's evaluation pages,
+        # model pages with the model registry (not the prompts and AI gateway) in the side bar
+        run_page = _chromium_dom(f"{ui}/runs/{probe.info.run_id}?workflowType=machine_learning")
+        assert "probe clicv2" in run_page and ">srcc<" in run_page and "Evaluation runs" not in run_page
         assert f"{probe.data.metrics['srcc']:.3f}"[:-1] in run_page  # its value, as shown
+        assert "Evaluation runs" in _chromium_dom(f"{ui}/runs/{probe.info.run_id}")  # what the bare link opens
+        base = f"http://127.0.0.1:{port}/#/models/clic-clicv2"
+        for page in (f"{base}?workflowType=machine_learning", f"{base}/versions/1?workflowType=machine_learning"):
+            dom = _chromium_dom(page)
+            assert ">Model registry<" in dom and ">Prompts<" not in dom and "champion" in dom, page
+            assert "new Model Registry UI" not in dom  # no announcement pop-up over the page
         artifact = _chromium_dom(f"{ui}/runs/{probe.info.run_id}/artifacts/report/scatter.png")
         assert 'alt="report/scatter.png" src="blob:' in artifact  # the plot itself, loaded into the page
 
@@ -271,27 +283,144 @@ def test_bad_params_and_unreachable_server_fail_clearly(tmp_path: Path) -> None:
     assert not (root / "data" / "prepared").exists()
 
 
-def test_champion_tie_at_full_precision_keeps_the_champion(tmp_path: Path) -> None:
-    """The champion's SRCC is compared as logged (full precision), not as its 6-decimal tag:
-    0.1234564 against a champion of 0.1234564 is a tie (kept), though it beats the tag 0.123456."""
+def _validation(path: Path, human: np.ndarray, pred: np.ndarray) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    rows = [f"img{i}.png,{h:.6f},{q:.6f}" for i, (h, q) in enumerate(zip(human, pred, strict=True))]
+    path.write_text("name,human,predicted\n" + "\n".join(rows) + "\n")
+    return path
+
+
+def test_champion_moves_only_when_validation_says_better(project: Path, tmp_path: Path) -> None:
+    """Through the probe stage's own ``register``: a first version is champion; a version better
+    by noise on the validation images (a smoke run) is not promoted and says why; a clearly better
+    one is. Each version's validation predictions are read back from its MLflow run."""
     import mlflow
+    import numpy as np
     from mlflow import MlflowClient
 
     sys.path.insert(0, str(REPO))
-    from stages.probe import beats_champion
+    from stages.probe import register
 
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    mlflow.set_experiment("clic")
+    scorer = str(project / "reports" / "clicv2" / "scorer.pt")
+    rng = np.random.default_rng(0)
+    human = rng.uniform(0, 1, 60)
+    weak = human + rng.normal(0, 0.5, 60)  # SRCC ~0.5
+    from scipy.stats import spearmanr
+
+    lucky = weak  # another model of the same quality whose draw happens to rank these images better
+    while spearmanr(lucky, human)[0] <= spearmanr(weak, human)[0] + 0.02:
+        lucky = human + rng.normal(0, 0.5, 60)
+    strong = human + rng.normal(0, 0.05, 60)  # SRCC ~0.99
+    versions = {}
+    for name, pred in (("weak", weak), ("lucky", lucky), ("strong", strong)):
+        csv = _validation(tmp_path / name / "validation.csv", human, pred)
+        with mlflow.start_run(run_name=f"probe {name}"):
+            mlflow.log_artifact(str(csv), "report")
+            versions[name] = register("x", scorer, {"srcc": 0.5}, "fp", str(csv))
     client = MlflowClient()
-    exp = client.create_experiment("clic", artifact_location=(tmp_path / "art").as_uri())
-    run = client.create_run(exp)
-    client.log_metric(run.info.run_id, "srcc", 0.1234564)
-    client.set_terminated(run.info.run_id)
-    client.create_registered_model("clic-x")
-    mv = client.create_model_version("clic-x", f"runs:/{run.info.run_id}/scorer", run.info.run_id,
-                                     tags={"srcc": f"{0.1234564:.6f}", "dataset_fingerprint": "fp"})
-    client.set_registered_model_alias("clic-x", "champion", mv.version)
-    assert beats_champion(client, "clic-x", 0.1234564, "fp") == (False, "1")  # tie: champion stays
-    assert beats_champion(client, "clic-x", 0.1234563, "fp") == (False, "1")
-    assert beats_champion(client, "clic-x", 0.1234565, "fp") == (True, "1")
-    assert beats_champion(client, "clic-x", 0.9, "other") == (False, "1")  # other dataset: no contest
-    assert beats_champion(client, "clic-y", 0.1, "fp") == (True, "")  # no model yet: first is champion
+    tag = {n: client.get_model_version("clic-x", v).tags["champion_decision"] for n, v in versions.items()}
+    assert tag["weak"] == "first version of this model: champion"
+    assert f"champion version {versions['weak']} kept" in tag["lucky"] and "lower bound" in tag["lucky"]
+    assert tag["strong"].endswith("> 0: promoted")
+    assert str(client.get_model_version_by_alias("clic-x", "champion").version) == versions["strong"]
+    assert str(client.get_model_version_by_alias("clic-x", "current").version) == versions["strong"]
+
+
+def test_registered_scorer_from_the_shell_python_and_rest(project: Path, tmp_path: Path) -> None:
+    """What the probe stage registered (its real layout) scores the same image the same from
+    `clic score models:/...` (rows on stdout), `clic.load_scorer`, the pyfunc in an interpreter that
+    cannot import the project, and `mlflow models serve` over REST with the documented curl, where
+    a bad row gets its own error and the good rows are scored."""
+    import base64
+    import re
+
+    import clic.scorer
+
+    store = f"sqlite:///{project / 'mlflow.db'}"
+    img = tmp_path / "photo.png"
+
+    from clic.data.synthetic import render
+
+    render(1, 1, 64, "mixed")[0].save(img)
+    direct = float(clic.scorer.load_scorer(project / "reports" / "clicv2" / "scorer.pt", "cpu")(img)[0])
+    env = {**_env(), "MLFLOW_TRACKING_URI": store}
+    res = subprocess.run([BIN / "clic", "score", "--model", "models:/clic-clicv2@champion", str(img)], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=300, env=env)
+    assert res.returncode == 0, res.stderr
+    rows = res.stdout.splitlines()
+    assert rows[0] == "path,score" and len(rows) == 2 and rows[1].startswith(f"{img},")
+    assert float(rows[1].split(",")[1]) == pytest.approx(direct, abs=1e-5)
+    os.environ["MLFLOW_TRACKING_URI"] = store
+    try:
+        assert float(clic.scorer.load_scorer("models:/clic-clicv2@champion", "cpu")(img)[0]) == pytest.approx(direct,
+                                                                                                          abs=1e-5)
+    finally:
+        del os.environ["MLFLOW_TRACKING_URI"]
+    # the logged model's requirements: PyPI pins from the lock, no bare `clic` (it travels as code)
+    import mlflow
+
+    mlflow.set_tracking_uri(store)
+    local = Path(mlflow.artifacts.download_artifacts("models:/clic-clicv2@champion", dst_path=str(tmp_path / "m")))
+    reqs = [r for r in (local / "requirements.txt").read_text().split() if r]
+    lock = {line.split("==")[0].lower().replace("_", "-"): line.split("==")[1].strip()
+            for line in (REPO / "requirements" / "lock.txt").read_text().splitlines() if "==" in line}
+    assert reqs and all("==" in r for r in reqs) and not any(r.split("==")[0] == "clic" for r in reqs), reqs
+    assert all(lock.get(r.split("==")[0].lower().replace("_", "-")) == r.split("==")[1] for r in reqs), reqs
+    assert (local / "code" / "clic" / "scorer.py").is_file()
+    # a fresh interpreter where the project is not importable: clic comes from the model's own code
+    script = f"""
+import sys
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
+sys.path[:] = [p for p in sys.path if p and not p.startswith({str(REPO)!r})]
+try:
+    import clic
+    raise SystemExit("the project is importable: " + clic.__file__)
+except ModuleNotFoundError:
+    pass
+import base64, mlflow, pandas as pd
+model = mlflow.pyfunc.load_model("models:/clic-clicv2@champion")
+import clic
+out = model.predict(pd.DataFrame({{"image": [base64.b64encode(open({str(img)!r}, "rb").read()).decode()]}}))
+print(clic.__file__)
+print(repr(float(out["score"][0])))
+"""
+    res = subprocess.run([sys.executable, "-c", script], cwd=tmp_path, capture_output=True, text=True, timeout=300,
+                         env=env)
+    assert res.returncode == 0, res.stderr[-3000:]
+    where, score = res.stdout.strip().splitlines()[-2:]
+    assert not Path(where).is_relative_to(REPO) and "/code/clic/" in where
+    assert float(score) == pytest.approx(direct, abs=1e-5)
+    # REST: the two commands of docs/usage.md (the README links there), on a free port
+    usage = (REPO / "docs" / "usage.md").read_text()
+    block = re.search(r"```bash\n(mlflow models serve .*?)```", usage, re.S)
+    assert block, "docs/usage.md: no `mlflow models serve` example"
+    serve_cmd, curl_cmd = (c.strip() for c in block.group(1).split("\n\n", 1))
+    port = _free_port()
+    serve_cmd = serve_cmd.replace("5001", str(port)).rstrip("&").strip()
+    curl_cmd = curl_cmd.replace("5001", str(port)).replace("photo.jpg", str(img))
+    server = subprocess.Popen(["bash", "-c", f"exec {serve_cmd}"], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        for _ in range(240):
+            try:
+                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
+                break
+            except OSError:
+                assert server.poll() is None, "mlflow models serve exited"
+                time.sleep(0.5)
+        res = subprocess.run(["bash", "-c", curl_cmd], capture_output=True, text=True, timeout=120)
+        answer = json.loads(res.stdout)["predictions"]
+        assert answer[0]["score"] == pytest.approx(direct, abs=1e-5) and not answer[0]["error"]
+        good = base64.b64encode(img.read_bytes()).decode()
+        body = {"dataframe_split": {"columns": ["image"], "data": [[good], ["not an image"], [good]]}}
+        req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
+                                     headers={"Content-Type": "application/json"})
+        answer = json.loads(urllib.request.urlopen(req, timeout=120).read())["predictions"]
+        assert [a["score"] == pytest.approx(direct, abs=1e-5) for a in (answer[0], answer[2])] == [True, True]
+        assert answer[1]["error"].startswith("row 1: neither an existing file path nor base64")
+        assert answer[1]["score"] is None or answer[1]["score"] != answer[1]["score"]  # NaN or null
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

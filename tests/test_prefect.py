@@ -4,13 +4,16 @@ the stage's error in the logs, then `down` stops everything by process id."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -59,9 +62,25 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
     script = root / "flows" / "local.sh"
     pids: list[int] = []
     holder: subprocess.Popen | None = None
+    mlflow_ui: subprocess.Popen | None = None
     try:
         up = subprocess.run([script, "up"], cwd=root, env=env, capture_output=True, text=True, timeout=300)
         assert up.returncode == 0, up.stdout[-2000:] + up.stderr[-2000:]
+        # the MLflow UI as a user starts it, on another port than the default
+        for item in ("Makefile", "pyproject.toml", "requirements/lock.txt"):
+            (root / item).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(REPO / item, root / item)  # mtimes kept: make sees the venv as up to date
+        ui_port = _free_port()
+        mlflow_ui = subprocess.Popen(["make", "-s", "mlflow-ui", f"VENV={BIN.parent}", f"MLFLOW_PORT={ui_port}"],
+                                     cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                     start_new_session=True)
+        for _ in range(240):
+            with contextlib.suppress(OSError):
+                urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/health", timeout=2)
+                break
+            time.sleep(0.5)
+        url, ui_pid = (root / ".mlflow-ui").read_text().split()
+        assert url == f"http://127.0.0.1:{ui_port}" and _alive(int(ui_pid))
         pids = [int((tmp_path / "prefect" / f"{n}.pid").read_text()) for n in ("server", "worker")]
         assert all(_alive(p) for p in pids)
 
@@ -109,10 +128,10 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
 
         runs = _runs(root)
         mine = {r.info.run_name: r for r in runs if r.data.tags.get("prefect.flow_run_id") == flow_id}
-        assert {"pretrain clicv2", "fetch", "validate", "probe clicv2"} <= set(mine)
+        assert {"flow pretrain/clicv2", "pretrain clicv2", "fetch", "validate", "probe clicv2"} <= set(mine)
         assert all(r.info.status == "FINISHED" for r in mine.values())  # parent run closed too
         parent = next(r for r in mine.values() if r.data.tags.get("clic.kind") == "pipeline")
-        assert parent.info.run_name == "pretrain clicv2"
+        assert parent.info.run_name == "flow pretrain/clicv2"  # named apart from its stage run
         assert parent.data.metrics["clicv2_srcc"] == mine["probe clicv2"].data.metrics["srcc"]
         import mlflow
 
@@ -120,9 +139,14 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
         assert exp.tags["mlflow.experimentKind"] == "custom_model_development"
         artifact = prefect("artifact", "inspect", "pretrain-clicv2").stdout.replace("\n", "")
         assert "SRCC" in artifact and "RUNNING" not in artifact
-        link = f"(http://127.0.0.1:5000/#/experiments/{exp.experiment_id}/runs/{parent.info.run_id})"
-        assert f"[pretrainclicv2]{link}" in artifact.replace(" ", ""), artifact[-2000:]
-        assert f"experiments/{exp.experiment_id}?workflowType=machine_learning" in artifact.replace(" ", "")
+        # links go to the UI that `make mlflow-ui` started (its port, not 5000), in the training view
+        ui = f"http://127.0.0.1:{ui_port}/#/experiments/{exp.experiment_id}"
+        flat = artifact.replace(" ", "")
+        assert f"[flowpretrain/clicv2]({ui}/runs/{parent.info.run_id}?workflowType=machine_learning)|flow(parent)" \
+            in flat, artifact[-2000:]
+        stage = mine["pretrain clicv2"].info.run_id
+        assert f"[pretrainclicv2]({ui}/runs/{stage}?workflowType=machine_learning)|stage" in flat
+        assert f"({ui}?workflowType=machine_learning)" in flat
 
         ev = prefect("deployment", "run", "evaluate/all", "--param", 'methods=["clicv2"]', "--watch",
                      "--watch-timeout", "400")
@@ -131,7 +155,7 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
         ev_runs = {r.info.run_name: r for r in _runs(root) if r.data.tags.get("prefect.flow_run_id") == ev_id}
         scored = ev_runs["evaluate clicv2"]  # the re-probe's metrics, linked to the model version it scored
         assert scored.data.tags["clic.model"] == "clic-clicv2" and scored.data.tags["clic.model_version"] == "1"
-        assert ev_runs["evaluate"].data.metrics["clicv2_srcc"] == scored.data.metrics["srcc"]
+        assert ev_runs["flow evaluate"].data.metrics["clicv2_srcc"] == scored.data.metrics["srcc"]
         model = mlflow.MlflowClient().get_logged_model(scored.data.tags["clic.model_id"])
         assert any(m.key == "srcc" and m.run_id == scored.info.run_id for m in model.metrics)
         assert all(r.info.status == "FINISHED" for r in ev_runs.values())
@@ -152,10 +176,14 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
         bad_runs = {r.info.run_name: r for r in _runs(root) if r.data.tags.get("prefect.flow_run_id") == bad_id}
         statuses = {n: r.info.status for n, r in bad_runs.items()}
         assert statuses["validate"] == "FAILED" and "RUNNING" not in statuses.values()
-        for name in ("validate", "pretrain moco"):  # the stage's run and the parent run
+        for name in ("validate", "flow pretrain/moco"):  # the stage's run and the parent run
             error = mlflow.artifacts.load_text(f"runs:/{bad_runs[name].info.run_id}/error.txt")
             assert "validation failed: 1 of" in error, error[:500]
     finally:
+        if mlflow_ui is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(mlflow_ui.pid, signal.SIGTERM)
+            mlflow_ui.wait(timeout=60)
         if holder is not None and holder.poll() is None:
             holder.kill()
             holder.wait(timeout=30)

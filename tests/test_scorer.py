@@ -220,3 +220,25 @@ def test_a_registered_scorer_loads_by_alias(scorer_file: Path, tmp_path: Path, m
     Image.fromarray(_gradient(40, 40)).save(img)
     np.testing.assert_allclose(load_scorer("models:/clic-t@champion", "cpu")(img),
                                load_scorer(scorer_file, "cpu")(img), atol=1e-6)
+
+
+def test_a_stage_pooled_scorer_round_trips(tmp_path: Path) -> None:
+    """``probe.features: stages``: the saved scorer reads the same pools after loading, and a map
+    (which needs the last stage's layout) is refused with the reason."""
+    cfg = PretrainConfig(backbone="vit_tiny", image_size=32, patch_size=8, depth=2)
+    torch.manual_seed(0)
+    backbone = build_backbone(cfg.backbone, cfg.image_size, cfg.patch_size, cfg.depth)
+    dim = backbone.stages_dim
+    rng = np.random.default_rng(0)
+    head = LinearHead(np.zeros(dim), np.ones(dim), rng.normal(size=dim), np.array(0.5))
+    Scorer(backbone, cfg, head, stages=True).save(tmp_path / "s.pt")
+    scorer = load_scorer(tmp_path / "s.pt", "cpu")
+    img = tmp_path / "a.png"
+    Image.fromarray(_gradient(40, 40)).save(img)
+    with torch.no_grad():
+        feats = backbone.eval().forward_pooled_stages(scorer._tensor(img)[None])[0].double().numpy()
+    assert scorer.stages and float(scorer(img)[0]) == pytest.approx(float(feats @ head.weight + 0.5), abs=1e-4)
+    scores, kept, _ = scorer.score_files([img], workers=0, progress=False)
+    assert kept == [0] and scores[0] == pytest.approx(float(scorer(img)[0]), abs=1e-5)
+    with pytest.raises(ValueError, match="per-position map needs one of the last stage"):
+        scorer.map(img)

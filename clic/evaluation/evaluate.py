@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -123,7 +124,8 @@ def evaluate_backbone(backbone: torch.nn.Module, pcfg: PretrainConfig, model_key
 
     def feats(recs: list[Record], flip: bool = False) -> np.ndarray:
         return dataset_features(backbone, recs, data_dir, pcfg.image_size, model_key, cache_dir, cfg.batch_size,
-                                cfg.workers, dev, whole=cfg.whole, spatial=spatial, flip=flip)
+                                cfg.workers, dev, whole=cfg.whole, spatial=spatial, flip=flip,
+                                stages=cfg.features == "stages")
 
     start = time.perf_counter()
     x_fit = feats(fit)  # (N, D), or (N, D, h, w) for icnet
@@ -135,15 +137,52 @@ def evaluate_backbone(backbone: torch.nn.Module, pcfg: PretrainConfig, model_key
              fitted - start, cfg.protocol, cfg.mode, time.perf_counter() - fitted)
     meta = {"dataset_fingerprint": fingerprint(fit + ([] if evaluate is fit else evaluate)),
             "protocol": cfg.protocol, "mode": cfg.mode, "alpha": float(head.alpha),
-            "input": "whole" if cfg.whole else "crop", "image_size": int(pcfg.image_size)}
+            "input": "whole" if cfg.whole else "crop", "image_size": int(pcfg.image_size), "features": cfg.features}
     extra: dict[str, Any] = {**meta, "feature_dim": int(x_fit.shape[1])}
     if spatial:
         extra["feature_grid"] = [int(x_fit.shape[2]), int(x_fit.shape[3])]
+    if cfg.validation_fraction > 0:
+        extra["validation"] = write_validation(x_fit, fit, x_aug, cfg, seed, dev, out_dir)
     report = write_report(out_dir, name, pred, evaluate, cfg, seed, extra)
     scorer = Scorer(backbone, pcfg, head, {**meta, "srcc": report["srcc"], "pcc": report["pcc"]}, dev,  # type: ignore[arg-type]
-                    whole=cfg.whole)
+                    whole=cfg.whole, stages=cfg.features == "stages")
     scorer.save(out_dir / "scorer.pt")
     return report
+
+
+def validation_split(records: list[Record], fraction: float, seed: int) -> np.ndarray:
+    """Indices of the validation images carved from ``records`` (the training images): a
+    ``fraction`` of them drawn with ``seed``, at least 2, leaving at least 2 to fit on."""
+    n = len(records)
+    k = min(max(2, round(fraction * n)), n - 2)
+    if k < 2:
+        raise ValueError(f"probe.validation_fraction={fraction}: {n} training images are too few to carve a "
+                         "validation set of 2 and fit on 2 more; set it to 0")
+    return np.sort(np.random.default_rng(seed).choice(n, k, replace=False))
+
+
+def write_validation(x_fit: np.ndarray, fit: list[Record], x_aug: np.ndarray | None, cfg: ProbeConfig, seed: int,
+                     dev: torch.device, out_dir: Path) -> dict[str, Any]:
+    """Predictions for the validation images (:func:`validation_split`) by a head fitted on the
+    other training images, in ``validation.csv`` (name, human, predicted): what the registry's
+    champion is chosen on. Returns their summary for the report."""
+    val = validation_split(fit, cfg.validation_fraction, seed)
+    rest = np.setdiff1d(np.arange(len(fit)), val)
+    y = np.array([r.score for r in fit], np.float64)
+    head = fit_regression(x_fit[rest], y[rest], folds=min(cfg.folds, len(rest)), seed=seed,
+                          x_aug=None if x_aug is None else x_aug[rest], **_fit_kw(cfg, dev))
+    pred = head.predict(x_fit[val])
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tmp = out_dir / ".validation.csv.tmp"
+    with tmp.open("w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["name", "human", "predicted"])
+        for i, p in zip(val, pred, strict=True):
+            w.writerow([fit[i].name, f"{fit[i].score:.6f}", f"{p:.6f}"])
+    os.replace(tmp, out_dir / "validation.csv")
+    return {"n": len(val), "fraction": cfg.validation_fraction, "seed": seed,
+            "srcc": regression_metrics(pred, y[val])["srcc"],
+            "names_sha256": hashlib.sha256("\n".join(sorted(fit[i].name for i in val)).encode()).hexdigest()}
 
 
 def evaluate_scorer(scorer_path: str | Path, data_dir: str | Path, cfg: ProbeConfig, out_dir: str | Path,

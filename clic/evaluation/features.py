@@ -60,23 +60,25 @@ def input_paths(records: list[Record], root: Path, size: int) -> tuple[list[Path
 def dataset_features(backbone: nn.Module, records: list[Record], root: Path, size: int, model_key: str,
                      cache_dir: str | Path | None = None, batch_size: int = 64, workers: int = 2,
                      device: str | torch.device = "cpu", whole: bool = False, spatial: bool = False,
-                     flip: bool = False) -> np.ndarray:
+                     flip: bool = False, stages: bool = False) -> np.ndarray:
     """Float32 features of ``records`` (in order): (N, D) pooled, or (N, D, h, w) with ``spatial``
     (``backbone.forward_spatial``); cached under ``cache_dir`` when given.
 
     ``whole``: the whole image resized to ``size`` x ``size`` (else the centre crop); ``flip``:
-    features of the horizontally flipped images (a training augmentation for frozen features).
+    features of the horizontally flipped images (a training augmentation for frozen features);
+    ``stages``: pools of several depths (``backbone.forward_pooled_stages``) instead of the last.
     """
     paths, any_source = input_paths(records, root, size)
     cache = None
     if cache_dir:
         tags = "".join(f"|{t}" for t, on in (("whole", whole), ("spatial", spatial), ("flip", flip),
-                                             ("source", any_source)) if on)
+                                             ("source", any_source), ("stages", stages)) if on)
         key = hashlib.sha256(f"{model_key}|{fingerprint(records)}|{size}|{[r.name for r in records]}{tags}".encode())
         cache = Path(cache_dir) / f"features-{key.hexdigest()[:20]}.npy"
         if cache.is_file():
             return np.load(cache)
-    base = cast(Callable[[torch.Tensor], torch.Tensor], backbone.forward_spatial if spatial else backbone)
+    base = cast(Callable[[torch.Tensor], torch.Tensor], backbone.forward_spatial if spatial
+                else backbone.forward_pooled_stages if stages else backbone)
 
     def forward(x: torch.Tensor) -> torch.Tensor:
         return base(x.flip(-1) if flip else x)  # x: (B, 3, H, W), flipped along W

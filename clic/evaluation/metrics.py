@@ -67,3 +67,21 @@ def full_report(pred: np.ndarray, true: np.ndarray, categories: Sequence[str] | 
     if categories is not None and len(set(categories)) > 1:
         report["per_category"] = per_category(pred, true, categories)
     return report
+
+
+def paired_srcc_difference(new: Sequence[float] | np.ndarray, old: Sequence[float] | np.ndarray,
+                           true: Sequence[float] | np.ndarray, n_boot: int = 2000, seed: int = 0,
+                           level: float = 0.95) -> dict[str, float]:
+    """SRCC(new) - SRCC(old) on the same images, with the one-sided lower bound at ``level`` of a
+    paired bootstrap (each draw resamples the images once for both): ``lower > 0`` says ``new``
+    ranks these images better than ``old`` by more than their sampling noise."""
+    a, b, t = (np.asarray(v, np.float64) for v in (new, old, true))
+    if not a.shape == b.shape == t.shape or a.ndim != 1:
+        raise ValueError(f"new, old and true must be 1-D of one length, got {a.shape}, {b.shape}, {t.shape}")
+    rng = np.random.default_rng(seed)
+    draws = np.empty(n_boot)
+    for i in range(n_boot):
+        idx = rng.integers(0, len(t), len(t))
+        draws[i] = _corr("srcc", a[idx], t[idx]) - _corr("srcc", b[idx], t[idx])
+    lower = float(np.nanpercentile(draws, (1 - level) * 100))
+    return {"diff": _corr("srcc", a, t) - _corr("srcc", b, t), "lower": lower, "n": float(len(t)), "level": level}

@@ -4,8 +4,9 @@
 - ViT tiny/small/base/large from timm with configurable image size, patch size and depth;
   features = mean of patch tokens (or the CLS token).
 
-Every backbone exposes ``forward(x) -> (B, D)``, ``forward_spatial(x) -> (B, D, h, w)`` and
-``feature_dim``; ViTs also ``forward_tokens(x, mask, mask_token) -> (B, L, D)`` and ResNets
+Every backbone exposes ``forward(x) -> (B, D)``, ``forward_spatial(x) -> (B, D, h, w)``,
+``forward_pooled_stages(x) -> (B, stages_dim)`` (pools of several depths) and ``feature_dim``;
+ViTs also ``forward_tokens(x, mask, mask_token) -> (B, L, D)`` and ResNets
 ``forward_stages(x) -> list of (B, C, H, W)``.
 """
 
@@ -52,8 +53,24 @@ class ResNetBackbone(nn.Module):
     def forward_spatial(self, x: torch.Tensor) -> torch.Tensor:
         return self.forward_stages(x)[-1]  # (B, D, H/32, W/32)
 
+    @property
+    def stages_dim(self) -> int:
+        n = self.net
+        return sum(_out_channels(layer) for layer in (n.layer1, n.layer2, n.layer3, n.layer4))
+
+    def forward_pooled_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """Global average pools of the four stages, concatenated: (B, C1 + C2 + C3 + C4). Early
+        stages keep the texture density that the last stage's pool averages away."""
+        return torch.cat([s.mean(dim=(2, 3)) for s in self.forward_stages(x)], dim=1)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.net(x)  # (B, D)
+
+
+def _out_channels(layer: nn.Sequential) -> int:
+    """Output channels of a torchvision ResNet stage (its last block's last BatchNorm)."""
+    norm: Any = getattr(layer[-1], "bn3", None) or layer[-1].bn2  # Bottleneck / BasicBlock
+    return int(norm.num_features)
 
 
 class ViTBackbone(nn.Module):
@@ -97,6 +114,28 @@ class ViTBackbone(nn.Module):
         t = v.norm_pre(v.patch_drop(t))
         t = v.norm(v.blocks(t))  # (B, prefix + L, D)
         return t
+
+    @property
+    def stages_dim(self) -> int:
+        return len(self.stage_taps) * self.feature_dim
+
+    @property
+    def stage_taps(self) -> list[int]:
+        """The blocks whose outputs :meth:`forward_pooled_stages` pools: the last of each quarter."""
+        depth = len(self.vit.blocks)
+        return sorted({max(0, round(depth * k / 4) - 1) for k in range(1, 5)})
+
+    def forward_pooled_stages(self, x: torch.Tensor) -> torch.Tensor:
+        """Mean patch token after each quarter of the blocks (final norm applied to each),
+        concatenated: (B, taps x D)."""
+        v, taps = self.vit, set(self.stage_taps)
+        t = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))  # (B, prefix + L, D)
+        out = []
+        for i, block in enumerate(v.blocks):
+            t = block(t)
+            if i in taps:
+                out.append(v.norm(t)[:, v.num_prefix_tokens:].mean(dim=1))  # (B, D)
+        return torch.cat(out, dim=1)
 
     def forward_spatial(self, x: torch.Tensor) -> torch.Tensor:
         t = self.forward_tokens(x)  # (B, L, D)
