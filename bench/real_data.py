@@ -100,6 +100,8 @@ def main() -> None:
     ap.add_argument("--select", default="Scenes", help="the one category anything is chosen on")
     ap.add_argument("--methods", nargs="+", default=["moco", "clic", "clicv2"])
     ap.add_argument("--skip-baselines", action="store_true")
+    ap.add_argument("--encoders", nargs="+", default=[], metavar="METHOD=PATH",
+                    help="probe these encoders (encoder.pt or checkpoint.pt) instead of pretraining those methods")
     ap.add_argument("--seeds", nargs="+", type=int, default=None,
                     help="one run per seed into OUT/seed-<s>/ (default: the params' seed, into OUT)")
     args = ap.parse_args()
@@ -154,6 +156,10 @@ def run_seed(args: argparse.Namespace, params: dict[str, Any], out: Path, data_s
         evaluate_handcrafted(data_dir, pcfg, out / "reports" / "handcrafted", seed)
         table["handcrafted_ridge"] = category_table(*read_predictions(out / "reports" / "handcrafted"), n_boot, seed)
     code = ckpt.code_version()  # a run interrupted under other code retrains instead of resuming
+    given = dict(e.split("=", 1) for e in args.encoders)
+    for m, path in given.items():
+        if m not in args.methods or not Path(path).is_file():
+            raise ValueError(f"--encoders {m}={path}: expected METHOD=PATH with METHOD in --methods and PATH a file")
     randoms_done = set()
     for method in args.methods:
         cfg = pretrain_config(params, method)
@@ -164,6 +170,11 @@ def run_seed(args: argparse.Namespace, params: dict[str, Any], out: Path, data_s
             table[f"random_{cfg.backbone}"] = category_table(*read_predictions(rdir), n_boot, seed)
             randoms_done.add(key)
         rdir, encoder = out / "reports" / method, out / "models" / method / "encoder.pt"
+        if method in given:  # trained elsewhere (bench/gpu_corpus.py): probed only
+            evaluate_encoder(given[method], data_dir, pcfg, rdir, seed)
+            table[method] = {**category_table(*read_predictions(rdir), n_boot, seed), "encoder": str(given[method])}
+            save_table(out, table)
+            continue
         if done_before(encoder, rdir, cfg):
             log.info("%s: trained and probed before with this config (%s); not redone", method, rdir)
             earlier = read_json(out / "table.json").get(method, {})

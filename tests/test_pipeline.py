@@ -372,7 +372,7 @@ def test_registered_scorer_from_the_shell_python_and_rest(project: Path, tmp_pat
     # a fresh interpreter where the project is not importable: clic comes from the model's own code
     script = f"""
 import sys
-sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in type(f).__module__.lower()]
+sys.meta_path[:] = [f for f in sys.meta_path if "editable" not in (getattr(f, "__module__", "") or "").lower()]
 sys.path[:] = [p for p in sys.path if p and not p.startswith({str(REPO)!r})]
 try:
     import clic

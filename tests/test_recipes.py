@@ -17,7 +17,8 @@ from clic.config import ENGINEERING, METHODS, flatten, load_params, method_setti
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD = ROOT / "docs" / "recipes.md"
-PROFILES = {"params.yaml": "params.yaml", "real-photos": "params/real-photos.yaml", "gpu": "params/gpu.yaml"}
+PROFILES = {"params.yaml": "params.yaml", "real-photos": "params/real-photos.yaml", "gpu": "params/gpu.yaml",
+            "gpu-corpus": "params/gpu-corpus.yaml"}
 NOT_ON_CARD = {*ENGINEERING, "method", "seed", "data", "splits", "max_images"}
 
 
@@ -32,7 +33,7 @@ def card() -> dict[str, dict[str, dict[str, Any]]]:
             out[method] = {}
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
-        if method is None or len(cells) != 6 or not cells[0].startswith("`"):
+        if method is None or len(cells) != 3 + len(PROFILES) or not cells[0].startswith("`"):
             continue
         key, recipe = cells[0].strip("`"), _value(cells[1])
         row = {"recipe": recipe}
