@@ -39,8 +39,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clic.config import PretrainConfig, load_params, pretrain_config
+from clic.config import PretrainConfig
 from clic.data.imageio import load_rgb, read_encoded, resize_short
+from clic.params import load_params, pretrain_config
 from clic.pretrain import build_boxes, build_views
 from clic.transforms.decode import DeviceDecode, collate_encoded
 

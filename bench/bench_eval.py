@@ -25,12 +25,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clic.config import PretrainConfig, from_dict
+from clic.config import PretrainConfig
 from clic.cores import torch_threads, usable_cores
 from clic.data.synthetic import render
 from clic.embed import eval_transform
 from clic.evaluation.probe import LinearHead, fit_ridge
 from clic.models.backbones import build_backbone
+from clic.params import from_dict
 from clic.scorer import Scorer
 
 

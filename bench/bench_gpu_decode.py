@@ -28,8 +28,9 @@ import numpy as np
 import torch
 from bench_decode import photo_like  # this folder's decode benchmark (the script's own folder is on sys.path)
 
-from clic.config import MocoViewConfig, PretrainConfig, ShiftConfig, from_dict
+from clic.config import MocoViewConfig, PretrainConfig, ShiftConfig
 from clic.data.imageio import read_encoded, resize_short
+from clic.params import from_dict
 from clic.pretrain import run
 from clic.transforms.decode import DeviceDecode, MocoBoxes, ShiftBoxes, collate_encoded, decode_batch
 

@@ -28,11 +28,12 @@ from pathlib import Path
 import torch
 from torch.utils.data import default_collate
 
-from clic.config import PretrainConfig, data_config, from_dict, load_params, pretrain_config, to_dict
+from clic.config import PretrainConfig
 from clic.data.dataset import ViewDataset
 from clic.data.prepare import prepare
 from clic.data.table import read_table
 from clic.engine.train import autocast, train_one_epoch
+from clic.params import data_config, from_dict, load_params, pretrain_config, to_dict
 from clic.pretrain import build_device_views, build_model, build_optimizer, build_views, run
 from clic.transforms.decode import collate_encoded
 

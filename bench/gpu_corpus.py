@@ -47,7 +47,7 @@ def last_metrics(folder: Path) -> dict[str, Any]:
 
 def samples_per_epoch(params: dict[str, Any], method: str, images: int) -> int:
     """CLIC with offline-style mosaics (``rcm.pairing`` extra/both) trains on each image and its mosaics."""
-    from clic.config import pretrain_config
+    from clic.params import pretrain_config
 
     cfg = pretrain_config(params, method)
     extra = cfg.rcm.extra_per_image if method == "clic" and cfg.rcm.pairing in ("extra", "both") else 0
@@ -55,8 +55,8 @@ def samples_per_epoch(params: dict[str, Any], method: str, images: int) -> int:
 
 
 def corpus_size(params: dict[str, Any], method: str) -> int:
-    from clic.config import pretrain_config
     from clic.data.corpus import corpus_records
+    from clic.params import pretrain_config
 
     cfg = pretrain_config(params, method)
     n = len(corpus_records(cfg.data))
@@ -64,7 +64,7 @@ def corpus_size(params: dict[str, Any], method: str) -> int:
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    from clic.config import load_params
+    from clic.params import load_params
 
     params = load_params(args.params, args.overrides)
     sets = [x for o in args.overrides for x in ("--set", o)]

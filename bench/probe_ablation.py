@@ -23,7 +23,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from clic.config import data_config, load_params, probe_config
 from clic.data.imageio import load_rgb, resize_short
 from clic.data.prepare import prepare
 from clic.embed import load_encoder
@@ -32,6 +31,7 @@ from clic.evaluation.evaluate import evaluate_backbone, labelled, probe
 from clic.evaluation.features import file_digest
 from clic.evaluation.metrics import regression_metrics
 from clic.models.backbones import at_resolution
+from clic.params import data_config, load_params, probe_config
 
 
 def _handcrafted_srcc(data_dir: Path, pcfg, size: int, seed: int) -> float:

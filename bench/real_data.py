@@ -42,7 +42,6 @@ from typing import Any
 import numpy as np
 import torch
 
-from clic.config import data_config, load_params, pretrain_config, probe_config, to_dict, validate_config
 from clic.data.corpus import corpus_records, evaluation_records, find_leaks
 from clic.data.prepare import prepare
 from clic.data.table import read_table
@@ -50,6 +49,7 @@ from clic.engine import checkpoint as ckpt
 from clic.evaluation import handcrafted
 from clic.evaluation.evaluate import evaluate_encoder, evaluate_random, handcrafted_features
 from clic.evaluation.metrics import bootstrap_ci, regression_metrics
+from clic.params import data_config, load_params, pretrain_config, probe_config, to_dict, validate_config
 from clic.pretrain import run
 
 log = logging.getLogger("real_data")

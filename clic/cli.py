@@ -22,16 +22,8 @@ import argparse
 import logging
 import sys
 
-from clic.config import (
-    METHODS,
-    TOP_LEVEL,
-    data_config,
-    load_params,
-    method_settings,
-    pretrain_config,
-    to_dict,
-    validate_config,
-)
+from clic.config import METHODS
+from clic.params import TOP_LEVEL, data_config, load_params, method_settings, pretrain_config, to_dict, validate_config
 
 log = logging.getLogger("clic")
 
@@ -230,7 +222,6 @@ def _corpus(args: argparse.Namespace) -> int:
     from collections import Counter
     from pathlib import Path
 
-    from clic.config import probe_config
     from clic.data.corpus import (
         CORPUS_DIR,
         INDEX_NAME,
@@ -241,6 +232,7 @@ def _corpus(args: argparse.Namespace) -> int:
         leaks,
     )
     from clic.data.table import read_table
+    from clic.params import probe_config
 
     params = load_params(args.params, args.overrides)
     pcfg, dcfg, mode = pretrain_config(params, METHODS[0]), data_config(params), probe_config(params).mode
@@ -299,8 +291,8 @@ def _shard(args: argparse.Namespace) -> int:
 
 
 def _probe(args: argparse.Namespace) -> None:
-    from clic.config import probe_config
     from clic.evaluation.evaluate import evaluate_encoder, evaluate_handcrafted, evaluate_random, evaluate_scorer
+    from clic.params import probe_config
 
     params = load_params(args.params, args.overrides)
     cfg, seed = probe_config(params), int(params.get("seed", 0))
@@ -323,9 +315,9 @@ def _transfer(args: argparse.Namespace) -> None:
     import json
     from pathlib import Path
 
-    from clic.config import transfer_config
     from clic.embed import load_encoder
     from clic.evaluation.transfer import transfer_probe
+    from clic.params import transfer_config
 
     params = load_params(args.params, args.overrides)
     cfg = transfer_config(params)

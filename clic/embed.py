@@ -18,12 +18,13 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
-from clic.config import PretrainConfig, from_dict
+from clic.config import PretrainConfig
 from clic.cores import torch_threads
 from clic.data.imageio import ImageError, decode_opened, is_image_file, load_rgb
 from clic.engine import checkpoint as ckpt
 from clic.engine.train import autocast
 from clic.models.backbones import build_backbone
+from clic.params import from_dict
 from clic.transforms.common import MEAN, STD
 
 log = logging.getLogger(__name__)

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from clic.config import MocoConfig, PretrainConfig, to_dict
+from clic.config import MocoConfig, PretrainConfig
 from clic.cores import usable_cores
 from clic.data.corpus import CORPUS_DIR, corpus_records
 from clic.data.dataset import EpochBatches, ViewDataset
@@ -35,6 +35,7 @@ from clic.engine.train import NonFiniteLossError, train_one_epoch
 from clic.models.backbones import ResNetBackbone, ViTBackbone, build_backbone
 from clic.models.clicv2 import CLICv2
 from clic.models.moco import MoCo
+from clic.params import to_dict
 from clic.transforms.batch import DeviceViews
 from clic.transforms.decode import DecodeThenViews, DeviceDecode, MocoBoxes, ShiftBoxes, collate_encoded
 from clic.transforms.moco import MocoViews

@@ -25,13 +25,14 @@ import numpy as np
 import torch
 from PIL import Image
 
-from clic.config import PretrainConfig, from_dict, to_dict
+from clic.config import PretrainConfig
 from clic.embed import eval_transform, extract, load_for_model, load_weights
 from clic.engine import checkpoint as ckpt
 from clic.engine.train import autocast
 from clic.evaluation.icnet import ICNetHead
 from clic.evaluation.probe import LinearHead
 from clic.models.backbones import ResNetBackbone, ViTBackbone, build_backbone
+from clic.params import from_dict, to_dict
 
 ImageLike = str | Path | Image.Image | torch.Tensor
 

@@ -35,7 +35,8 @@ from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
-from clic.config import METHODS, load_params
+from clic.config import METHODS
+from clic.params import load_params
 from flows.workspace import ROOT, stage_env, workspace
 
 GPU_STAGES = ("pretrain", "probe", "baselines", "transfer")

@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
-from clic.config import TOP_LEVEL, apply_overrides, check_override, load_params
 from clic.data.shards import is_url
+from clic.params import TOP_LEVEL, apply_overrides, check_override, load_params
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ("clic", "stages", "dvc.yaml", "params.yaml")
@@ -136,7 +136,8 @@ def _flat_items(overrides: dict[str, Any]) -> list[str]:
 
 def load_check(params: dict[str, Any], method: str) -> None:
     """Fail before any work when the overrides make the params invalid."""
-    from clic.config import METHODS, data_config, pretrain_config, probe_config, transfer_config
+    from clic.config import METHODS
+    from clic.params import data_config, pretrain_config, probe_config, transfer_config
 
     data_config(params)
     probe_config(params)

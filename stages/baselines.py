@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import json
 
-from clic.config import METHODS, data_config, pretrain_config, probe_config, to_dict
+from clic.config import METHODS
 from clic.evaluation.evaluate import evaluate_handcrafted, evaluate_random
+from clic.params import data_config, pretrain_config, probe_config, to_dict
 from stages import tracking
 from stages.common import ROOT, main, params
 from stages.probe import KEYS, log_report

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import json
 
-from clic.config import data_config
 from clic.data.prepare import prepare, prepare_transfer
+from clic.params import data_config
 from stages import tracking
 from stages.common import ROOT, main, params
 

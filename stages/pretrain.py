@@ -13,7 +13,7 @@ import os
 import subprocess
 import sys
 
-from clic.config import data_config, pretrain_config, to_dict
+from clic.params import data_config, pretrain_config, to_dict
 from clic.pretrain import run
 from stages import tracking
 from stages.common import ROOT, main, method_arg, params

@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from clic.config import data_config, mlflow_config, probe_config, to_dict
 from clic.data.synthetic import render
 from clic.evaluation.evaluate import evaluate_encoder
 from clic.evaluation.metrics import paired_srcc_difference
+from clic.params import data_config, mlflow_config, probe_config, to_dict
 from clic.scorer import load_scorer
 from stages import tracking
 from stages.common import ROOT, main, method_arg, params

@@ -30,8 +30,8 @@ os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
 import mlflow  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
-from clic.config import flatten, mlflow_config  # noqa: E402
 from clic.engine.checkpoint import code_version, git_revision  # noqa: E402
+from clic.params import flatten, mlflow_config  # noqa: E402
 
 EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI: training runs vs GenAI traces
 KEY_METRICS = ("pcc", "srcc")  # with every ``<dataset>_top1``: copied onto the parent run

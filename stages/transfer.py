@@ -5,9 +5,9 @@ from __future__ import annotations
 
 import json
 
-from clic.config import to_dict, transfer_config
 from clic.embed import load_encoder
 from clic.evaluation.transfer import transfer_probe
+from clic.params import to_dict, transfer_config
 from stages import tracking
 from stages.common import ROOT, main, method_arg, params
 

@@ -23,7 +23,7 @@ from typing import Any
 
 import pandas as pd
 
-from clic.config import METHODS, data_config, pretrain_config, probe_config, to_dict, validate_config
+from clic.config import METHODS
 from clic.data.corpus import (
     CORPUS_DIR,
     INDEX_NAME,
@@ -36,6 +36,7 @@ from clic.data.corpus import (
 from clic.data.imageio import ImageError, load_rgb
 from clic.data.shards import is_url
 from clic.data.table import COLUMNS, SPLITS, read_table, resolve
+from clic.params import data_config, pretrain_config, probe_config, to_dict, validate_config
 from stages import tracking
 from stages.common import ROOT, main, params
 

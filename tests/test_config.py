@@ -1,16 +1,14 @@
 from __future__ import annotations
 
-import dataclasses
 import re
 from pathlib import Path
 
 import pytest
 import yaml
 
-from clic.config import (
-    METHODS,
-    ParamsFile,
-    PretrainConfig,
+from clic.config import METHODS, PretrainConfig
+from clic.params import (
+    TOP_LEVEL,
     apply_overrides,
     check_params,
     data_config,
@@ -126,7 +124,7 @@ def test_profiles_extend_the_base_params(tmp_path: Path) -> None:
     ("seed: zero\n", "seed: expected int, got 'zero'"),
     ("data:\n  cache_size: big\n", "data.cache_size: expected int, got 'big'"),
     ("mlflow:\n  register: 3\n", "mlflow.register: expected bool"),
-    ("pretrain:\n  data: 3\n", "pretrain.data: expected str or a list, got 3"),
+    ("pretrain:\n  data: 3\n", "pretrain.data: expected a list of folder/archive paths (or one path), got 3"),
     ("pretrain:\n  common:\n    optim:\n      base_lr: fast\n",
      "pretrain.common.optim.base_lr: expected float, got 'fast'"),
 ])
@@ -189,6 +187,76 @@ def test_every_repo_params_file_passes_the_key_check() -> None:
         params = load_params(REPO / name)
         check_params(params)
         assert validate_config(params).min_rows == 10 and mlflow_config(params).experiment == "clic"
-        assert set(params) <= {f.name for f in dataclasses.fields(ParamsFile)}
+        assert set(params) <= TOP_LEVEL
     assert pretrain_config(load_params(REPO / "params.yaml", ["pretrain.clicv2.optim.base_lr=1e-3"]),
                            "clicv2").optim.base_lr == 1e-3  # PyYAML reads 1e-3 as a string
+
+
+def _alias_bomb(levels: int = 9) -> str:
+    """YAML whose aliases expand to 9**levels strings (a few hundred bytes)."""
+    node = "&a0 [x, x, x, x, x, x, x, x, x]"
+    for k in range(1, levels):
+        node = f"&a{k} [{node}" + f", *a{k - 1}" * 8 + "]"
+    return node
+
+
+@pytest.mark.parametrize("key", ["seed", "pretrain:\n  data"])
+def test_a_yaml_alias_bomb_under_a_known_key_is_refused_at_once(tmp_path: Path, key: str) -> None:
+    import time
+
+    p = tmp_path / "bomb.yaml"
+    p.write_text(f"{key}: {_alias_bomb()}\n")
+    start = time.perf_counter()
+    with pytest.raises(ValueError, match=r"bomb\.yaml: YAML aliases expand to more than 100,000 values") as err:
+        load_params(p)
+    assert time.perf_counter() - start < 5 and len(str(err.value)) < 300  # the value is not quoted
+    with pytest.raises(ValueError, match="YAML aliases expand"):
+        apply_overrides({}, [f"seed={_alias_bomb()}"])
+    small = tmp_path / "small.yaml"  # aliases themselves are fine
+    small.write_text("seed: 1\nprobe:\n  alphas: &al [1.0, 10.0]\ntransfer:\n  epochs: 3\n")
+    assert probe_config(load_params(small)).alphas == (1.0, 10.0)
+
+
+def test_a_nested_override_merges_into_its_section() -> None:
+    """``optim={base_lr: 0.001}`` changes the rate and keeps CLICv2's AdamW (it used to replace the
+    section and silently train with SGD)."""
+    params = load_params(REPO / "params.yaml", ["pretrain.clicv2.optim={base_lr: 0.001}"])
+    optim = pretrain_config(params, "clicv2").optim
+    assert (optim.name, optim.base_lr, optim.weight_decay) == ("adamw", 0.001, 0.05)
+
+
+def test_one_key_set_twice_to_different_values_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"epochs is also set to 3 by --set 'pretrain\.clicv2\.epochs=3'"):
+        apply_overrides({}, ["pretrain.clicv2.epochs=3", "pretrain.clicv2.epochs=4"])
+    with pytest.raises(ValueError, match=r"pretrain\.clicv2\.optim\.base_lr is also set"):
+        apply_overrides({}, ["pretrain.clicv2.optim.base_lr=0.1", "pretrain.clicv2.optim={base_lr: 0.2}"])
+    assert apply_overrides({}, ["seed=2", "seed=2"]) == {"seed": 2}  # the same value twice is no conflict
+    from clic.cli import main  # `epochs` relative to the method and its full path, in one run
+
+    assert main(["pretrain", "--method", "clicv2", "--out", str(tmp_path / "m"), "--set", "epochs=3",
+                 "--set", "pretrain.clicv2.epochs=4"]) == 2
+    assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("text", ["pretrain:\n  clicv2:\n    optim:\n      base_lr: .inf\n",
+                                  "pretrain:\n  common:\n    optim:\n      base_lr: .nan\n"])
+def test_non_finite_values_are_refused(tmp_path: Path, text: str) -> None:
+    p = tmp_path / "p.yaml"
+    p.write_text(text)
+    with pytest.raises(ValueError, match=r"optim\.base_lr must be a finite number"):
+        pretrain_config(load_params(p), "clicv2")
+    with pytest.raises(ValueError, match=r"pretrain\.moco\.optim\.base_lr must be a finite number, got inf"):
+        pretrain_config(load_params(REPO / "params.yaml", ["pretrain.moco.optim.base_lr=.inf"]), "moco")
+    clic = pretrain_config(load_params(REPO / "params.yaml"), "clic")
+    assert clic.rcm.max_upscale == float("inf")  # where infinity means "no cap", it stays allowed
+
+
+def test_a_params_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
+    bad = tmp_path / "latin1.yaml"
+    bad.write_bytes("seed: 1\n# caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(ValueError, match=r"latin1\.yaml: not UTF-8 text \(invalid continuation byte at byte 13\)"):
+        load_params(bad)
+    child = tmp_path / "child.yaml"  # through `extends`, the base is named
+    child.write_text("extends: latin1.yaml\nseed: 2\n")
+    with pytest.raises(ValueError, match=r"latin1\.yaml: not UTF-8"):
+        load_params(child)

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clic.config import DataConfig, PretrainConfig, from_dict, pretrain_config
+from clic.config import DataConfig, PretrainConfig
 from clic.data.corpus import (
     Leak,
     corpus_hashes,
@@ -32,6 +32,7 @@ from clic.data.imageio import content_hash, hamming, load_rgb, perceptual_hash, 
 from clic.data.prepare import prepare
 from clic.data.table import read_table
 from clic.engine import checkpoint as ckpt
+from clic.params import from_dict, pretrain_config
 from clic.pretrain import run
 
 from .conftest import tiny_overrides

@@ -14,10 +14,11 @@ import pytest
 import torch
 from PIL import Image
 
-from clic.config import MocoViewConfig, ParamError, PretrainConfig, ShiftConfig, from_dict
+from clic.config import MocoViewConfig, ParamError, PretrainConfig, ShiftConfig
 from clic.data.dataset import ViewDataset
 from clic.data.imageio import ImageError, load_rgb, read_encoded
 from clic.data.table import Record
+from clic.params import from_dict
 from clic.pretrain import run
 from clic.transforms.decode import DeviceDecode, MocoBoxes, ShiftBoxes, collate_encoded, decode_batch
 from clic.transforms.moco import MocoViews

@@ -16,12 +16,13 @@ import pytest
 import torch
 import yaml
 
-from clic.config import PretrainConfig, from_dict
+from clic.config import PretrainConfig
 from clic.data.dataset import ViewDataset
 from clic.data.table import read_table
 from clic.engine import checkpoint as ckpt
 from clic.engine.schedule import cosine_lr, cosine_momentum
 from clic.engine.train import NonFiniteLossError, train_one_epoch
+from clic.params import from_dict
 from clic.pretrain import build_views, intra_op_threads, pick_device, run
 
 from .conftest import REPO, tiny_overrides

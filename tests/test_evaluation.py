@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from clic.config import PretrainConfig, ProbeConfig, from_dict
+from clic.config import PretrainConfig, ProbeConfig
 from clic.data.table import read_table
 from clic.evaluation import handcrafted
 from clic.evaluation.evaluate import evaluate_encoder, evaluate_handcrafted, evaluate_random
@@ -21,6 +21,7 @@ from clic.evaluation.metrics import bootstrap_ci, full_report, regression_metric
 from clic.evaluation.probe import cross_validated_predictions, fit_classifier, fit_ridge, fit_sgd, topk_accuracy
 from clic.evaluation.transfer import transfer_probe
 from clic.models.backbones import build_backbone
+from clic.params import from_dict
 from clic.pretrain import run
 from clic.scorer import load_scorer
 

@@ -8,10 +8,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clic.config import CLICv2Config, MocoConfig, PretrainConfig, from_dict
+from clic.config import CLICv2Config, MocoConfig, PretrainConfig
 from clic.models.backbones import build_backbone
 from clic.models.clicv2 import CLICv2
 from clic.models.moco import MoCo
+from clic.params import from_dict
 from clic.pretrain import build_model
 
 

@@ -219,7 +219,7 @@ def test_workspace_anchors_relative_corpus_paths(tmp_path: Path) -> None:
 
 def test_overrides_accept_method_relative_keys_and_refuse_unknown_ones() -> None:
     sys.path.insert(0, str(REPO))
-    from clic.config import load_params
+    from clic.params import load_params
     from flows.workspace import resolve_overrides
 
     params = load_params(REPO / "params.yaml")

@@ -13,7 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from clic.config import ENGINEERING, METHODS, flatten, load_params, method_settings, pretrain_config
+from clic.config import METHODS
+from clic.params import ENGINEERING, flatten, load_params, method_settings, pretrain_config
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD = ROOT / "docs" / "recipes.md"

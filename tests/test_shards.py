@@ -18,12 +18,13 @@ import torch
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from clic.config import PretrainConfig, from_dict
+from clic.config import PretrainConfig
 from clic.data.corpus import corpus_records
 from clic.data.imageio import content_hash, load_rgb
 from clic.data.shard_stream import ShardStream
 from clic.data.shards import INDEX_NAME, ShardIndex, is_shard_index, iter_shard, shard_plan, write_shards
 from clic.engine import checkpoint as ckpt
+from clic.params import from_dict
 from clic.pretrain import run
 
 from .conftest import tiny_overrides

@@ -8,10 +8,11 @@ import pytest
 import torch
 from PIL import Image
 
-from clic.config import MocoViewConfig, PretrainConfig, RCMConfig, ShiftConfig, from_dict
+from clic.config import MocoViewConfig, PretrainConfig, RCMConfig, ShiftConfig
 from clic.data.dataset import ViewDataset
 from clic.data.imageio import load_rgb
 from clic.data.table import Record
+from clic.params import from_dict
 from clic.transforms.common import denormalize
 from clic.transforms.masking import image_entropy, patch_entropy, random_mask
 from clic.transforms.moco import MocoViews
@@ -47,19 +48,21 @@ def test_rcm_mosaic_is_made_of_the_source(photos) -> None:
 
 
 def test_rcm_config_guards() -> None:
+    def rcm(**kw: object) -> RCMConfig:  # built as params are: errors at the dotted key
+        return from_dict(RCMConfig, kw, "rcm")
     with pytest.raises(ValueError, match="rcm.grid=3 needs 9 cells"):
-        RCMConfig(crops=1, grid=3)
-    assert RCMConfig(mode="authors", crops=1, grid=3).grid == 3  # authors: copies fill any grid
+        rcm(crops=1, grid=3)
+    assert rcm(mode="authors", crops=1, grid=3).grid == 3  # authors: copies fill any grid
     with pytest.raises(ValueError, match="rcm.grid must be >= 2 with rcm.mode authors"):
-        RCMConfig(mode="authors", grid=1)
+        rcm(mode="authors", grid=1)
     with pytest.raises(ValueError, match=r"rcm.max_upscale must be >= 1 \(.inf: no cap\), got 0.5"):
-        RCMConfig(max_upscale=0.5)
+        rcm(max_upscale=0.5)
     with pytest.raises(ValueError, match="rcm.max_upscale must be >= 1"):
-        RCMConfig(max_upscale=float("nan"))
+        rcm(max_upscale=float("nan"))
     with pytest.raises(ValueError, match="rcm.jitter must be >= 0"):
-        RCMConfig(jitter=-0.1)
+        rcm(jitter=-0.1)
     with pytest.raises(ValueError, match="rcm.aug_p must be a probability"):
-        RCMConfig(aug_p=1.5)
+        rcm(aug_p=1.5)
     with pytest.raises(ValueError, match="pretrain.clic.rcm.mode: expected one of pool, authors, got 'tiles'"):
         from_dict(PretrainConfig, {"method": "clic", "rcm": {"mode": "tiles"}}, "pretrain.clic")
     with pytest.raises(ValueError, match="pretrain.clic.rcm.max_upscale: expected float, got 'big'"):

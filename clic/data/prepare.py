@@ -27,13 +27,14 @@ from pathlib import Path
 from tqdm import tqdm
 
 from clic import atomic
-from clic.config import DataConfig, to_dict
+from clic.config import DataConfig
 from clic.cores import usable_cores
 from clic.data.archive import file_sha256, find_root, is_archive, safe_extract
 from clic.data.imageio import ImageError, content_hash, load_rgb, resize_short
 from clic.data.sources import Entry, read_folder, read_ic9600, read_savoias
 from clic.data.synthetic import generate_classification, generate_ic9600
 from clic.data.table import Record, relative_to, write_table
+from clic.params import to_dict
 
 log = logging.getLogger(__name__)
 

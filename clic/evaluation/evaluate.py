@@ -13,7 +13,6 @@ images resized to 512 x 512 (``probe.input``, ``probe.image_size``) with ICNet's
 from __future__ import annotations
 
 import csv
-import dataclasses
 import hashlib
 import json
 import logging
@@ -110,7 +109,7 @@ def evaluate_random(arch: PretrainConfig, data_dir: str | Path, cfg: ProbeConfig
     """The random-initialised encoder of the same architecture, probed the same way."""
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     torch.manual_seed(seed)
-    arch = dataclasses.replace(arch, image_size=cfg.input_size(arch.image_size))
+    arch = arch.model_copy(update={"image_size": cfg.input_size(arch.image_size)})
     backbone = build_backbone(arch.backbone, arch.image_size, arch.patch_size, arch.depth, arch.pool).to(dev).eval()
     return evaluate_backbone(backbone, arch, f"random-{arch.backbone}-{seed}", Path(data_dir), cfg,
                              Path(out_dir), seed, dev, None, f"random_{arch.backbone}")
@@ -231,7 +230,7 @@ def evaluate_handcrafted(data_dir: str | Path, cfg: ProbeConfig, out_dir: str | 
             per = [regression_metrics(x_eval[cats == c, j], true[cats == c]) for c in sorted(set(cats.tolist()))]
             zero_shot[m]["srcc_mean_category"] = float(np.mean([p["srcc"] for p in per]))
     best = max(handcrafted.MEASURES, key=lambda m: zero_shot[m]["srcc"])
-    ridge_cfg = ProbeConfig(**{**cfg.__dict__, "protocol": "ridge"})
+    ridge_cfg = cfg.model_copy(update={"protocol": "ridge"})
     pred, _ = probe(np.log1p(np.abs(x_fit)), fit, np.log1p(np.abs(x_eval)), evaluate, ridge_cfg, seed)
     return write_report(out_dir, "handcrafted", pred, evaluate, cfg, seed,
                         {"zero_shot": zero_shot, "best_zero_shot": best,

@@ -12,7 +12,6 @@ ViTs also ``forward_tokens(x, mask, mask_token) -> (B, L, D)`` and ResNets
 
 from __future__ import annotations
 
-import dataclasses
 from typing import Any
 
 import timm
@@ -156,7 +155,7 @@ def at_resolution(backbone: nn.Module, cfg: PretrainConfig, size: int) -> tuple[
     compensates RandomResizedCrop's magnification (Touvron et al. 2019, FixRes)."""
     if not size or size == cfg.image_size:
         return backbone, cfg
-    new_cfg = dataclasses.replace(cfg, image_size=size)
+    new_cfg = cfg.model_copy(update={"image_size": size})
     if not isinstance(backbone, ViTBackbone):
         return backbone, new_cfg
     new = build_backbone(cfg.backbone, size, cfg.patch_size, cfg.depth, cfg.pool)
