@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import os
+import signal
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -12,6 +15,17 @@ import torch
 def usable_cores() -> int:
     """Cores this process may run on (its affinity mask: taskset, cgroups' cpusets), else all."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def die_with_parent() -> None:
+    """Initializer of worker processes: on Linux, the kernel kills this process when its parent
+    dies (``PR_SET_PDEATHSIG``), so a ``kill -9`` of a command leaves no workers blocked forever on
+    a queue nobody feeds. Elsewhere nothing (the workers end when their queue is closed)."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGKILL)  # 1 = PR_SET_PDEATHSIG
+        if os.getppid() == 1:  # the parent died before the call: nobody would signal us
+            os._exit(1)
 
 
 @contextlib.contextmanager

@@ -26,7 +26,7 @@ from clic.cores import usable_cores
 from clic.data.corpus import CORPUS_DIR, corpus_records
 from clic.data.dataset import EpochBatches, ViewDataset
 from clic.data.shard_stream import ShardStream
-from clic.data.shards import ShardIndex, is_shard_index
+from clic.data.shards import ShardIndex, check_summaries, is_shard_index
 from clic.data.table import Record, read_table, resolve
 from clic.engine import checkpoint as ckpt
 from clic.engine import distributed as dist
@@ -299,7 +299,9 @@ def shard_stream(cfg: PretrainConfig, rank: int, world: int) -> ShardStream:
     if cfg.max_images:
         raise ValueError(f"pretrain.max_images={cfg.max_images} does not apply to shards (pretrain.data); set it to "
                          "0, or shard fewer images")
-    return ShardStream(ShardIndex.load(cfg.data), build_views(cfg), cfg.batch_size, cfg.seed, rank, world,
+    index = ShardIndex.load(cfg.data)
+    check_summaries(index)  # counts against the index before any step; contents as they stream
+    return ShardStream(index, build_views(cfg), cfg.batch_size, cfg.seed, rank, world,
                        decode_side=2 * cfg.image_size, encoded=cfg.decode_on == "device")
 
 

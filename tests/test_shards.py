@@ -3,13 +3,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
+import re
 import socket
 import subprocess
 import sys
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +26,15 @@ from clic.config import PretrainConfig
 from clic.data.corpus import corpus_records
 from clic.data.imageio import content_hash, load_rgb
 from clic.data.shard_stream import ShardStream
-from clic.data.shards import INDEX_NAME, ShardIndex, is_shard_index, iter_shard, shard_plan, write_shards
+from clic.data.shards import (
+    INDEX_NAME,
+    ShardIndex,
+    check_summaries,
+    is_shard_index,
+    iter_shard,
+    shard_plan,
+    write_shards,
+)
 from clic.engine import checkpoint as ckpt
 from clic.params import from_dict
 from clic.pretrain import run
@@ -105,18 +117,134 @@ def test_another_listing_is_refused_unless_forced(corpus: Path, shards: Path) ->
         write_shards(corpus_records([corpus]), shards, per_shard=5, seed=5, workers=1, progress=False)
 
 
+def _index(folder: Path, name: str, shards: list[dict], source: Path) -> Path:
+    """An index ``name`` in ``folder`` listing ``shards``, the shard files copied from ``source``."""
+    folder.mkdir(parents=True, exist_ok=True)
+    for f in source.glob("shard-*"):
+        if not (folder / f.name).exists():
+            (folder / f.name).write_bytes(f.read_bytes())
+    path = folder / name
+    path.write_text(json.dumps({"format": "clic-shards", "version": 1, "total": sum(x["count"] for x in shards),
+                                "shards": shards}))
+    return path
+
+
 def test_bad_index_names_the_file(tmp_path: Path, shards: Path) -> None:
     bad = tmp_path / "x.shards.json"
     bad.write_text('{"shards": []}')
     with pytest.raises(ValueError, match=r"x.shards.json: not a shard index"):
         ShardIndex.load([bad])
-    index = json.loads((shards / INDEX_NAME).read_text())
-    index["shards"][0]["count"] = 9  # the index promises more than the shard holds
-    lying = tmp_path / "lying.shards.json"
-    lying.write_text(json.dumps({**index, "shards": [{**s, "url": str(shards / s["url"])} for s in index["shards"]]}))
-    stream = ShardStream(ShardIndex.load([lying]), _ident, batch_size=50)
-    with pytest.raises(ValueError, match=r"shard-000000.tar: holds 7 samples, its index says 9"):
-        list(stream.samples())
+    listed = json.loads((shards / INDEX_NAME).read_text())["shards"]
+    # the index promises more than the shard holds, or less: named, never a silent drop or short epoch
+    for count, message in ((9, r"shard-000000.tar \(listed in .*more.shards.json\): holds 7 samples, its index says 9"),
+                           (5, r"shard-000000.tar \(listed in .*less.shards.json\): holds more than the 5 samples")):
+        name = "more.shards.json" if count > 7 else "less.shards.json"
+        lying = _index(tmp_path / "lying", name, [{**listed[0], "count": count}, *listed[1:]], shards)
+        stream = ShardStream(ShardIndex.load([lying]), _ident, batch_size=7)
+        with pytest.raises(ValueError, match=message):
+            list(stream.samples())
+        with pytest.raises(ValueError, match=rf"its summary counts 7 samples, the index {count}"):
+            check_summaries(ShardIndex.load([lying]))  # what pretraining checks before any step
+    twice = _index(tmp_path / "twice", "twice.shards.json", [listed[0], listed[1], listed[0]], shards)
+    with pytest.raises(ValueError, match=r"twice.shards.json: shards\[2\] lists shard-000000.tar a second time"):
+        ShardIndex.load([twice])
+    for url, why in (("pipe:touch pwned", "is a shell command"), ("/etc/passwd.tar", "relative to the index"),
+                     ("../shard-000000.tar", "no '..'"), ("file:///etc/x.tar", "file:// URL")):
+        hostile = _index(tmp_path / "hostile", "h.shards.json", [{"url": url, "count": 1}], shards)
+        with pytest.raises(ValueError, match=re.escape(why)):
+            ShardIndex.load([hostile])
+
+
+def test_an_index_from_a_server_never_runs_a_command(tmp_path: Path, shards: Path) -> None:
+    """The worst failure found: a fetched index whose entry is ``pipe:CMD`` ran CMD. Through the
+    commands a user runs (listing the corpus, pretraining), the command is refused and never run."""
+    marker = tmp_path / "pwned"
+    site = tmp_path / "site"
+    _index(site, INDEX_NAME, [{"url": f"pipe:touch {marker}; cat shard-000000.tar", "count": 7}], shards)
+    with _http(site) as base:
+        url = f"{base}/{INDEX_NAME}"
+        with pytest.raises(ValueError, match="is a shell command; an index never runs one"):
+            ShardIndex.load([url])
+        params = tmp_path / "p.yaml"
+        base_params = Path(__file__).resolve().parents[1] / "params.yaml"
+        params.write_text(f"extends: {base_params}\npretrain:\n  data: [{url}]\n")
+        for cmd in (["data", "corpus", "--params", str(params)],
+                    ["pretrain", "--params", str(params), "--method", "moco", "--out", str(tmp_path / "m")]):
+            res = subprocess.run([sys.executable, "-m", "clic.cli", *cmd], capture_output=True, text=True, timeout=300,
+                                 cwd=tmp_path)
+            assert res.returncode == 2 and "is a shell command" in res.stderr and "Traceback" not in res.stderr, \
+                res.stderr[-2000:]
+    assert not marker.exists() and not (tmp_path / "m").exists()
+
+
+@contextlib.contextmanager
+def _http(folder: Path, cut_after: dict[str, int] | None = None) -> Iterator[str]:
+    """A real HTTP server on 127.0.0.1 serving ``folder``; ``cut_after``: path -> bytes after which
+    the connection is dropped, for that many requests (value: (bytes, times) as a list)."""
+    import http.server
+    import threading
+
+    cuts = {k: list(v) for k, v in (cut_after or {}).items()}  # type: ignore[call-overload]
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: object, **kw: object) -> None:
+            super().__init__(*a, directory=str(folder), **kw)  # type: ignore[arg-type]
+
+        def log_message(self, *a: object) -> None:
+            pass
+
+        def copyfile(self, source, outputfile) -> None:  # type: ignore[no-untyped-def]
+            cut = cuts.get(self.path)
+            if cut and cut[1] > 0:
+                cut[1] -= 1
+                outputfile.write(source.read(cut[0]))
+                self.close_connection = True
+                self.connection.shutdown(socket.SHUT_RDWR)
+                return
+            super().copyfile(source, outputfile)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_broken_shards_are_named_and_remote_faults_retried(tmp_path: Path, shards: Path) -> None:
+    listed = json.loads((shards / INDEX_NAME).read_text())["shards"]
+    folder = tmp_path / "broken"
+    ok = _index(folder, "ok.shards.json", listed, shards)
+    data = (folder / "shard-000002.tar").read_bytes()
+    cases = {"truncated": data[: len(data) // 2], "empty": b"", "not a tar": b"GIF89a" + b"\0" * 600}
+    for what, content in cases.items():
+        (folder / "shard-000002.tar").write_bytes(content)
+        stream = ShardStream(ShardIndex.load([ok]), _ident, batch_size=1)  # every sample of every shard
+        with pytest.raises(ValueError, match=r"shard-000002.tar \(listed in .*ok.shards.json\): (cannot read the shard|"
+                                             r"holds \d samples)") as err:
+            list(stream.samples())
+        assert "Traceback" not in str(err.value), what
+    (folder / "shard-000002.tar").write_bytes(data)
+    huge = tarfile.TarInfo("000099.jpg")  # a member that claims 3 GB: refused from its header
+    huge.size = 3 * 2**30
+    (folder / "shard-000003.tar").write_bytes(huge.tobuf() + b"\0" * 1024)
+    with pytest.raises(ValueError, match=r"shard-000003.tar .*3,221,225,472 bytes, over the 67,108,864-byte limit"):
+        list(ShardStream(ShardIndex.load([ok]), _ident, batch_size=1).samples())
+    # over http: a server that drops the connection mid-transfer twice is read again; one that
+    # keeps dropping it is named after 3 attempts
+    site = tmp_path / "site"
+    _index(site, INDEX_NAME, listed, shards)
+    good = [k for k, _, _ in iter_shard(str(site / "shard-000001.tar"))]
+    with _http(site, {"/shard-000001.tar": [3000, 2]}) as base:
+        index = ShardIndex.load([f"{base}/{INDEX_NAME}"])
+        assert [k for k, _, _ in iter_shard(index.urls[1], index.where(1), 7)] == good
+    with _http(site, {"/shard-000001.tar": [3000, 99]}) as base:
+        index = ShardIndex.load([f"{base}/{INDEX_NAME}"])
+        with pytest.raises(ValueError, match=r"shard-000001.tar \(listed in http://.*\): cannot read the shard .* "
+                                             r"after 3 attempts"):
+            list(iter_shard(index.urls[1], index.where(1), 7))
 
 
 def _ident(img: Image.Image) -> dict:
@@ -254,19 +382,43 @@ def test_cli_shard_and_one_writer_per_folder(corpus: Path, shards: Path, tmp_pat
     assert len(list(out.glob("shard-*.tar"))) == 7
 
 
-def test_leak_check_lists_shards_from_their_summaries(corpus: Path, shards: Path, tmp_path: Path) -> None:
+def test_leak_check_reads_what_the_shards_hold(shards: Path, tmp_path: Path, photos: list[Path]) -> None:
+    """An evaluation photo slipped into a shard whose summary was left alone is found: the check
+    hashes the shards' content, never the summaries' word."""
     from clic.data.corpus import corpus_hashes, leaks
+    from clic.data.imageio import resize_short
     from clic.data.table import Record
 
-    records = corpus_records([shards / INDEX_NAME])
+    listed = json.loads((shards / INDEX_NAME).read_text())["shards"]
+    folder = tmp_path / "tampered"
+    index = _index(folder, INDEX_NAME, listed, shards)
+    summary = (folder / "shard-000004.json").read_text()
+    buf = io.BytesIO()
+    resize_short(load_rgb(photos[3]), 48).save(buf, "JPEG", quality=85)
+    victim = ""
+    with tarfile.open(shards / "shard-000004.tar") as src, tarfile.open(folder / "shard-000004.tar", "w") as dst:
+        for member in src.getmembers():
+            payload = src.extractfile(member).read()  # type: ignore[union-attr]
+            if member.name.endswith(".jpg") and not victim:  # the first sample's image, swapped
+                payload, victim = buf.getvalue(), member.name
+            member.size = len(payload)
+            dst.addfile(member, io.BytesIO(payload))
+    assert (folder / "shard-000004.json").read_text() == summary  # the summary says nothing changed
+    records = corpus_records([index])
     assert len(records) == 48 and all(r.path.split("#")[0].endswith(".tar") for r in records)
     hashes = corpus_hashes(records, tmp_path / "hashes.jsonl", workers=1, progress=False)
-    assert hashes.hashed == 0 and len(hashes.sha) == 48  # nothing decoded: the summaries hold the hashes
-    src = corpus / "b" / "000.png"
-    evaluation = corpus_hashes([Record("eval/x.png", str(src), 0.5, "test", sha256=content_hash(load_rgb(src)))],
+    assert len(hashes.sha) == 48 and not hashes.errors
+    evaluation = corpus_hashes([Record("eval/photo3", str(photos[3]), 0.5, "test",
+                                       sha256=content_hash(load_rgb(photos[3])))],
                                tmp_path / "hashes.jsonl", workers=1, progress=False)
-    found = [(x.corpus, x.evaluation) for x in leaks(hashes, evaluation)]
-    assert found == [("shards0/corpus0/b/000.png", "eval/x.png")]
+    found = leaks(hashes, evaluation)
+    key = victim.rsplit(".", 1)[0]
+    assert [(x.evaluation, x.exact) for x in found] == [("eval/photo3", False)] and x_bits_ok(found[0].bits)
+    assert next(r.name for r in records if r.path.endswith(f"#{key}")) == found[0].corpus
+
+
+def x_bits_ok(bits: int) -> bool:
+    return 0 <= bits <= 4
 
 
 def test_shard_loader_leaves_the_global_rng_alone(shards: Path, tmp_path: Path) -> None:
@@ -318,3 +470,48 @@ def test_sigkilled_writer_is_completed_by_a_rerun(corpus: Path, shards: Path, tm
     assert again.written == reference.shards - blocked and again.images == reference.images == 49
     ref = tmp_path / "ref"
     assert {p.name: _sha(p) for p in out.glob("shard-*")} == {p.name: _sha(p) for p in ref.glob("shard-*")}
+
+
+def test_workers_die_with_a_killed_writer(corpus: Path, tmp_path: Path) -> None:
+    """kill -9 of `clic data shard` alone (not its process group): its workers, one blocked on an
+    image that never comes (a FIFO), end with it instead of waiting forever (~300 MB each)."""
+    import os
+    import signal
+
+    slow = tmp_path / "slow.jpg"
+    os.mkfifo(slow)
+    params = tmp_path / "params.yaml"
+    params.write_text("seed: 0\n")
+    proc = subprocess.Popen([sys.executable, "-m", "clic.cli", "data", "shard", "--params", str(params), "--out",
+                             str(tmp_path / "out"), "--per-shard", "4", "--workers", "2", "--no-progress", str(slow),
+                             str(corpus)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+
+    def children() -> list[int]:
+        found = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == proc.pid and fields[0] != "Z":
+                found.append(int(stat.parent.name))
+        return found
+
+    try:
+        deadline = time.monotonic() + 60
+        while len(workers := children()) < 2 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert len(workers) >= 2, "the writer started no workers"
+        time.sleep(1.0)  # a worker is now blocked opening the FIFO
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    deadline = time.monotonic() + 10
+    alive = workers
+    while alive and time.monotonic() < deadline:
+        alive = [p for p in alive if Path(f"/proc/{p}").exists()
+                 and Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"]
+        time.sleep(0.1)
+    for p in alive:  # leave nothing behind whatever the outcome
+        os.kill(p, signal.SIGKILL)
+    assert alive == [], "workers outlived their killed parent"

@@ -30,19 +30,20 @@ import numpy as np
 from tqdm import tqdm
 
 from clic import atomic
-from clic.cores import usable_cores
+from clic.cores import die_with_parent, usable_cores
 from clic.data.archive import ARCHIVE_SUFFIXES, MAX_RATIO, is_archive, safe_extract
 from clic.data.imageio import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
     ImageError,
     content_hash,
+    decode_bytes,
     hamming,
     is_image_file,
     load_rgb,
     perceptual_hash,
 )
-from clic.data.shards import is_shard_index, shard_records
+from clic.data.shards import is_shard_index, is_shard_member, iter_shard, shard_records
 from clic.data.table import Record, read_table, resolve
 
 log = logging.getLogger(__name__)
@@ -210,6 +211,18 @@ def _hash_file(job: tuple[str, int]) -> tuple[str, str, str]:
         return "", "", str(exc)
 
 
+def _hash_shard(url: str) -> dict[str, tuple[str, str, str]]:
+    """Worker: key -> (SHA-256, perceptual hash, error) of each sample a shard holds."""
+    out = {}
+    for key, data, _ in iter_shard(url):
+        try:
+            img = decode_bytes(data, f"{url}#{key}")
+            out[key] = (content_hash(img), f"{perceptual_hash(img):016x}", "")
+        except ImageError as exc:
+            out[key] = ("", "", str(exc))
+    return out
+
+
 def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | None = None,
                   max_pixels: int = DEFAULT_MAX_PIXELS, progress: bool = True) -> CorpusHashes:
     """Hash every image's decoded pixels: SHA-256 (as ``clic data prepare`` does for its table)
@@ -234,9 +247,11 @@ def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | N
         else:
             errors[r.name] = entry["error"]
 
+    members: dict[str, dict[str, Record]] = defaultdict(dict)  # shard URL -> key -> record
     for r in records:
-        if r.sha256 and "#" in r.path:  # a shard member: its summary's hash (no perceptual hash)
-            sha[r.name] = r.sha256
+        if "#" in r.path and is_shard_member(r.path):  # hashed from the shard's content below
+            url, key = r.path.rsplit("#", 1)
+            members[url][key] = r
             continue
         try:
             st = os.stat(r.path)
@@ -253,7 +268,7 @@ def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | N
         index.parent.mkdir(parents=True, exist_ok=True)
         workers = workers or min(usable_cores(), 8)
         jobs = [(path, max_pixels) for _, path, _, _ in todo]
-        with ProcessPoolExecutor(workers) as pool, index.open("a") as journal:
+        with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool, index.open("a") as journal:
             results = pool.map(_hash_file, jobs, chunksize=32)
             for (r, path, size, mtime), (digest, ph, err) in tqdm(zip(todo, results, strict=True), total=len(todo),
                                                                   desc="hash images", unit="img",
@@ -263,6 +278,18 @@ def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | N
                 journal.write(json.dumps(entry) + "\n")
                 take(r, entry)
         _write_index(index, known)
+    if members:  # never the summaries' word: what the shards hold is what training reads
+        workers = workers or min(usable_cores(), 8)
+        with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool:
+            for url, hashed in tqdm(zip(members, pool.map(_hash_shard, list(members)), strict=True),
+                                    total=len(members), desc="hash shards", unit="shard",
+                                    disable=None if progress else True):
+                for key, (digest, ph, err) in hashed.items():
+                    if key in members[url]:  # the summary's claimed hash is not kept
+                        take(dataclasses.replace(members[url][key], sha256=""),
+                             {"sha256": digest, "phash": ph, "error": err})
+                for key in members[url].keys() - hashed.keys():
+                    errors[members[url][key].name] = f"{url}: no sample {key} in the shard"
     for name, err in sorted(errors.items())[:20]:
         log.warning("unreadable image %s: %s", name, err)
     if len(errors) > 20:

@@ -28,7 +28,7 @@ from tqdm import tqdm
 
 from clic import atomic
 from clic.config import DataConfig
-from clic.cores import usable_cores
+from clic.cores import die_with_parent, usable_cores
 from clic.data.archive import file_sha256, find_root, is_archive, safe_extract
 from clic.data.imageio import ImageError, content_hash, load_rgb, resize_short
 from clic.data.sources import Entry, read_folder, read_ic9600, read_savoias
@@ -181,7 +181,7 @@ def _prepare_locked(cfg: DataConfig, out: Path, seed: int, workers: int | None, 
     records: list[Record] = []
     errors: list[str] = []
     try:
-        with ProcessPoolExecutor(workers) as pool:
+        with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool:
             for rec, err in tqdm(pool.map(_process, jobs, chunksize=16), total=len(jobs),
                                  desc="prepare", unit="img", disable=None):
                 if err:

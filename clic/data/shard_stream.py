@@ -21,7 +21,8 @@ decoding them) and rotates the workers so that the round-robin continues where i
 remainder equals the uninterrupted epoch's. The split depends on the worker count, so a run
 resumes mid-epoch only with the same ``num_workers`` (pretraining checks it).
 
-Reading uses the standard library's ``tarfile`` over :func:`clic.data.shards.open_url` streams:
+Reading uses the standard library's ``tarfile`` over :func:`clic.data.shards.open_url` streams
+(:func:`clic.data.shards.iter_shard`: bounded members, remote faults retried, counts checked):
 webdataset (or litdata) splits by whole shards, which cannot give every rank the same number of
 steps with each sample exactly once, and cannot skip to a step; what they add beyond that (URL
 pipes, buffer shuffling) is a few lines here, and the core stays torch-only. The shards remain
@@ -118,16 +119,11 @@ class ShardStream(IterableDataset):
                 continue
             if pos >= hi:
                 return
-            seen = 0
-            for m, (_, data, meta) in enumerate(iter_shard(url)):
-                seen = m + 1
-                if m >= count or pos + m >= hi:
+            start = max(0, lo - pos)  # samples of this shard before the range are read, not yielded
+            for m, (_, data, meta) in enumerate(iter_shard(url, self.index.where(k), count, start), start=start):
+                if pos + m >= hi:
                     break
-                if pos + m >= lo:
-                    yield offsets[k] + m, data, meta
-            if seen < min(count, hi - pos):
-                raise ValueError(f"{url}: holds {seen} samples, its index says {count}; rewrite the shards "
-                                 "(clic data shard) or fix the index")
+                yield offsets[k] + m, data, meta
             pos += count
 
     def __iter__(self) -> Iterator[dict]:

@@ -33,6 +33,7 @@ import os
 import random
 import subprocess
 import tarfile
+import time
 import urllib.parse
 import urllib.request
 from collections import deque
@@ -45,7 +46,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from clic import atomic
-from clic.cores import usable_cores
+from clic.cores import die_with_parent, usable_cores
 from clic.data.imageio import DEFAULT_MAX_PIXELS, ImageError, content_hash, load_rgb, resize_short
 from clic.data.table import Record
 
@@ -56,11 +57,20 @@ INDEX_SUFFIX = ".shards.json"
 PLAN_NAME = "plan.json"
 FORMAT, VERSION = "clic-shards", 1
 CHUNK = 32  # images per worker task
+MAX_MEMBER_BYTES = 64 * 2**20  # a shard member (one JPEG or its metadata) larger than this is refused
+MAX_SUMMARY_BYTES = 64 * 2**20
+RETRIES = 3  # attempts at a remote shard before its fault is reported
 
 
 # ------------------------------------------------------------------------------------ reading
 def is_url(entry: str) -> bool:
     return entry.startswith("pipe:") or "://" in entry
+
+
+def is_shard_member(path: str) -> bool:
+    """``path`` is a record of :func:`shard_records` (``<shard URL>#<key>``)."""
+    head, sep, key = path.rpartition("#")
+    return bool(sep) and head.endswith(".tar") and key.isdigit()
 
 
 def is_shard_index(entry: str | Path) -> bool:
@@ -109,6 +119,24 @@ def open_url(url: str) -> Iterator[IO[bytes]]:
             yield fh
 
 
+def _safe_shard_url(url: str, where: str) -> str:
+    """A shard URL as an index may list it: a relative path inside the index's folder, or an
+    ``http(s)://`` or storage (``s3://``, ``gs://``) URL. Never a command (``pipe:``), a local
+    file outside the index's folder (absolute, ``..``, ``file://``): an index may come from anyone."""
+    if url.startswith("pipe:"):
+        raise ValueError(f"{where}: {url[:80]!r} is a shell command; an index never runs one (a pipe may only be "
+                         "the index location in your own params: pretrain.data)")
+    if "://" in url:
+        if url.startswith("file://"):
+            raise ValueError(f"{where}: {url[:80]!r}: a file:// URL in an index is refused; list shards relative "
+                             "to the index")
+        return url
+    if os.path.isabs(url) or ".." in Path(url).parts or not url.endswith(".tar"):
+        raise ValueError(f"{where}: {url[:80]!r} must be a .tar path relative to the index's folder (no absolute "
+                         "paths, no '..') or an http(s)/storage URL")
+    return url
+
+
 def join_url(base: str, rel: str) -> str:
     """``rel`` (a shard URL from an index) relative to the index at ``base``."""
     if is_url(rel) or os.path.isabs(rel):
@@ -125,6 +153,11 @@ class ShardIndex:
 
     urls: tuple[str, ...]
     counts: tuple[int, ...]
+    sources: tuple[str, ...] = ()  # the index that lists each shard (for messages)
+
+    def where(self, k: int) -> str:
+        """Shard ``k`` and the index that lists it, for an error message."""
+        return f"{self.urls[k]} (listed in {self.sources[k]})" if self.sources else self.urls[k]
 
     @property
     def total(self) -> int:
@@ -143,11 +176,12 @@ class ShardIndex:
         """Read and validate the indexes ``entries`` (files, folders or URLs), concatenated."""
         urls: list[str] = []
         counts: list[int] = []
+        sources: list[str] = []
         for entry in entries:
             where = index_location(entry)
             try:
                 with open_url(where) as fh:
-                    raw = json.loads(fh.read())
+                    raw = json.loads(fh.read(MAX_SUMMARY_BYTES + 1)[:MAX_SUMMARY_BYTES])
             except (OSError, ValueError) as exc:
                 raise ValueError(f"{where}: cannot read the shard index ({exc})") from exc
             if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("shards"), list):
@@ -156,13 +190,37 @@ class ShardIndex:
             for i, shard in enumerate(raw["shards"]):
                 if (not isinstance(shard, dict) or not isinstance(shard.get("url"), str)
                         or not isinstance(shard.get("count"), int) or shard["count"] < 0):
-                    raise ValueError(f"{where}: shards[{i}] must be {{'url': str, 'count': int >= 0}}, got {shard!r}")
-                urls.append(join_url(where, shard["url"]))
+                    raise ValueError(f"{where}: shards[{i}] must be {{'url': str, 'count': int >= 0}}, "
+                                     f"got {str(shard)[:200]}")
+                url = _safe_shard_url(shard["url"], f"{where}: shards[{i}]")
+                full = join_url(where, url)
+                if full in urls:
+                    raise ValueError(f"{where}: shards[{i}] lists {url} a second time (each sample would be "
+                                     "trained on twice an epoch)")
+                urls.append(full)
                 counts.append(shard["count"])
-        index = cls(tuple(urls), tuple(counts))
+                sources.append(where)
+        index = cls(tuple(urls), tuple(counts), tuple(sources))
         if index.total == 0:
             raise ValueError(f"{', '.join(map(str, entries))}: the shard index lists no images")
         return index
+
+
+def check_summaries(index: ShardIndex) -> None:
+    """Each shard's summary (written beside it) against the index's count, before any training: a
+    count that disagrees would drop samples or end an epoch early. The shards' contents are
+    checked as they stream (:func:`iter_shard` with ``expected``)."""
+    for k, url in enumerate(index.urls):
+        where = summary_url(url)
+        try:
+            with open_url(where) as fh:
+                count = json.loads(fh.read(MAX_SUMMARY_BYTES + 1)[:MAX_SUMMARY_BYTES])["count"]
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise ValueError(f"{index.where(k)}: cannot read its summary {where} ({exc}); rewrite the shards "
+                             "with clic data shard") from None
+        if count != index.counts[k]:
+            raise ValueError(f"{index.where(k)}: its summary counts {count} samples, the index {index.counts[k]}; "
+                             "rewrite the shards (clic data shard) or fix the index")
 
 
 def summary_url(shard_url: str) -> str:
@@ -183,7 +241,7 @@ def shard_records(entry: str | Path, label: str) -> list[Record]:
         where = summary_url(url)
         try:
             with open_url(where) as fh:
-                samples = json.loads(fh.read())["samples"]
+                samples = json.loads(fh.read(MAX_SUMMARY_BYTES + 1)[:MAX_SUMMARY_BYTES])["samples"]
             out += [Record(f"{label}/{name}", f"{url}#{key}", None, "unlabeled", source, int(w), int(h), digest)
                     for key, name, source, digest, w, h in samples]
         except (OSError, ValueError, KeyError, TypeError) as exc:
@@ -192,13 +250,51 @@ def shard_records(entry: str | Path, label: str) -> list[Record]:
     return out
 
 
-def iter_shard(url: str) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
-    """``(key, jpeg bytes, metadata)`` of each sample of one shard, streamed in member order."""
+def iter_shard(url: str, where: str = "", expected: int | None = None,
+               start: int = 0) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
+    """``(key, jpeg bytes, metadata)`` of each sample of one shard from sample ``start`` on, in
+    member order. A remote shard that fails mid-transfer is read again (``RETRIES`` attempts,
+    1-2-4 s apart) from the sample it stopped at; a fault that stays, a member over
+    ``MAX_MEMBER_BYTES``, or a sample count other than ``expected`` is a ``ValueError`` naming the
+    shard (``where``: the shard and its index)."""
+    where = where or url
+    remote = "://" in url and not url.startswith("file://")
+    done, attempt = start, 0
+    while True:
+        try:
+            for m, sample in enumerate(_members(url, where), start=0):
+                if m < done:
+                    continue
+                if expected is not None and m >= expected:
+                    raise ValueError(f"{where}: holds more than the {expected} samples its index says; rewrite the "
+                                     "shards (clic data shard) or fix the index")
+                done = m + 1
+                yield sample
+            if remote and expected is not None and done < expected:  # a dropped connection can end a tar stream
+                raise EOFError(f"the stream ended after {done} of {expected} samples")
+            break
+        except (OSError, EOFError, tarfile.TarError, json.JSONDecodeError) as exc:
+            attempt += 1
+            if not remote or attempt >= RETRIES:
+                raise ValueError(f"{where}: cannot read the shard ({type(exc).__name__}: {str(exc)[:200]})"
+                                 + (f" after {attempt} attempts" if remote else "")) from None
+            log.warning("%s: %s; reading it again from sample %d (attempt %d of %d)", where, exc, done, attempt + 1,
+                        RETRIES)
+            time.sleep(2 ** (attempt - 1))
+    if expected is not None and done < expected:
+        raise ValueError(f"{where}: holds {done} samples, its index says {expected}; rewrite the shards "
+                         "(clic data shard) or fix the index")
+
+
+def _members(url: str, where: str) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
     with open_url(url) as fh, tarfile.open(fileobj=fh, mode="r|") as tar:
         key, image, meta = "", b"", None
         for member in tar:
             if not member.isfile():
                 continue
+            if member.size > MAX_MEMBER_BYTES:
+                raise ValueError(f"{where}: member {member.name[:80]} holds {member.size:,} bytes, over the "
+                                 f"{MAX_MEMBER_BYTES:,}-byte limit of a shard sample")
             stem, _, ext = member.name.rpartition(".")
             data = tar.extractfile(member)
             payload = data.read() if data is not None else b""
@@ -208,6 +304,8 @@ def iter_shard(url: str) -> Iterator[tuple[str, bytes, dict[str, Any]]]:
                 image = payload
             elif ext == "json":
                 meta = json.loads(payload)
+                if not isinstance(meta, dict):
+                    raise ValueError(f"{where}: member {member.name[:80]} is not a JSON object")
             if image and meta is not None:
                 yield key, image, meta
                 key, image, meta = "", b"", None
@@ -297,9 +395,9 @@ def _write(items: list[tuple[str, str, str]], out: Path, per_shard: int, side: i
              per_shard, out, len(done))
     workers = workers or usable_cores()
     remaining = sum(len(items[i * per_shard:(i + 1) * per_shard]) for i in todo)
-    with ProcessPoolExecutor(workers) as pool, tqdm(total=len(items), initial=len(items) - remaining,
-                                                    desc="shard", unit="img", disable=None if progress else True,
-                                                    smoothing=0.05) as bar:
+    with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool, \
+            tqdm(total=len(items), initial=len(items) - remaining, desc="shard", unit="img",
+                 disable=None if progress else True, smoothing=0.05) as bar:
         pending: deque[tuple[int, bool, Future]] = deque()  # (shard, last chunk of it, result)
         writer: _ShardWriter | None = None
         for shard, last, future in _bounded(_chunks(items, todo, per_shard), pending, pool, side, quality,

@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from clic.config import PretrainConfig, ProbeConfig
+from clic.cores import die_with_parent
 from clic.data.imageio import load_rgb
 from clic.data.table import Record, fingerprint, read_table
 from clic.embed import load_encoder
@@ -211,7 +212,7 @@ def _measure(path: Path) -> list[float]:
 
 def handcrafted_features(records: list[Record], root: Path, workers: int = 2) -> np.ndarray:
     paths = [r.image_path(root) for r in records]
-    with ProcessPoolExecutor(max(1, workers)) as pool:
+    with ProcessPoolExecutor(max(1, workers), initializer=die_with_parent) as pool:
         return np.array(list(pool.map(_measure, paths, chunksize=8)), np.float64)
 
 
