@@ -294,6 +294,20 @@ def test_prepare_fails_whole_and_keeps_the_previous_output(tmp_path: Path, photo
         prepare(cfg, workers=1)
     assert (out / "table.csv").read_text() == before
     assert not list(tmp_path.glob("prep.partial*"))
+    # corrupted in the middle of its entropy-coded data: Pillow decodes it into garbage without a
+    # word, prepare names it
+    buf = io.BytesIO()
+    Image.open(photos[1]).convert("RGB").save(buf, "JPEG")  # skimage's coffee
+    data = bytearray(buf.getvalue())
+    mid = len(data) // 2
+    for i in range(mid, mid + 40):  # bits flipped, no marker byte made or broken
+        if data[i] != 0xFF and data[i] ^ 0x55 != 0xFF:
+            data[i] ^= 0x55
+    (folder / photos[1].name).write_bytes(bytes(data))
+    Image.open(folder / photos[1].name).load()  # what Pillow alone says: nothing
+    with pytest.raises(ValueError, match=rf"{photos[1].name}: corrupt JPEG data \(Corrupt JPEG data"):
+        prepare(cfg, workers=1)
+    assert (out / "table.csv").read_text() == before
 
 
 def test_prepare_refuses_images_below_min_size(tmp_path: Path) -> None:

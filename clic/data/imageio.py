@@ -51,6 +51,23 @@ def check_pixels(name: str, w: int, h: int, max_pixels: int) -> None:
                          "(possible decompression bomb); raise data.max_pixels if it is genuine")
 
 
+def check_jpeg_data(path: str | Path) -> None:
+    """Decode a JPEG's whole entropy-coded data strictly (libjpeg-turbo through simplejpeg, at the
+    smallest scale): data corrupted mid-stream, which Pillow decodes into garbage without a word,
+    is an :class:`ImageError` naming the file. Other formats pass (Pillow refuses their damage)."""
+    import simplejpeg
+
+    data = Path(path).read_bytes()
+    if data[:2] != b"\xff\xd8":
+        return
+    try:
+        space = simplejpeg.decode_jpeg_header(data)[2]
+        simplejpeg.decode_jpeg(data, colorspace={"Gray": "GRAY", "CMYK": "CMYK", "YCCK": "CMYK"}.get(space, "RGB"),
+                               strict=True, min_height=1, min_width=1)
+    except ValueError as exc:
+        raise ImageError(f"{path}: corrupt JPEG data ({exc})") from None
+
+
 def decode_bytes(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS,
                  min_size: int | None = None) -> Image.Image:
     """:func:`load_rgb` for an image file's bytes (e.g. a shard member); errors name ``name``."""
