@@ -242,3 +242,32 @@ def test_a_stage_pooled_scorer_round_trips(tmp_path: Path) -> None:
     assert kept == [0] and scores[0] == pytest.approx(float(scorer(img)[0]), abs=1e-5)
     with pytest.raises(ValueError, match="per-position map needs one of the last stage"):
         scorer.map(img)
+
+
+def test_score_and_embed_fail_when_no_image_could_be_read(scorer_file: Path, tmp_path: Path) -> None:
+    """Nothing readable is an error (exit 2, the file named), not "scored 0 images" and exit 0;
+    without --out the rows go to stdout."""
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"\xff\xd8 not a jpeg")
+    res, _ = _clic(tmp_path, "score", "--model", str(scorer_file), "--out", "s.csv", str(bad))
+    assert "none of the 1 images could be read" in _one_error_or_warned(res) and not (tmp_path / "s.csv").exists()
+    state = ckpt.load(scorer_file)
+    encoder = tmp_path / "encoder.pt"
+    ckpt.save_atomic({"config": state["config"], "backbone": state["backbone"]}, encoder)
+    res, _ = _clic(tmp_path, "embed", "--model", str(encoder), "--out", "f.npz", str(bad))
+    assert "none of the 1 images could be read" in _one_error_or_warned(res) and not (tmp_path / "f.npz").exists()
+    good = tmp_path / "good.png"
+    Image.fromarray(_gradient(40, 40)).save(good)
+    res, _ = _clic(tmp_path, "score", "--model", str(scorer_file), str(good), str(bad))
+    rows = res.stdout.splitlines()
+    assert res.returncode == 0 and rows[0] == "path,score" and len(rows) == 2 and rows[1].startswith(f"{good},")
+    assert float(rows[1].split(",")[1]) == pytest.approx(float(load_scorer(scorer_file, "cpu")(good)[0]), abs=1e-5)
+    assert "bad.jpg" in res.stderr and "scored 1 images (1 unreadable, skipped)" in res.stderr
+
+
+def _one_error_or_warned(res: subprocess.CompletedProcess) -> str:
+    """The error line of a failed command that may also have warned about the files it skipped."""
+    assert res.returncode == 2 and "Traceback" not in res.stderr, res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("clic: error: ")]
+    assert len(errors) == 1, res.stderr
+    return errors[0]
