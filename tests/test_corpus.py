@@ -99,12 +99,14 @@ def test_archive_corpus_is_extracted_once(tmp_path: Path, kind: str) -> None:
     records = corpus_records([archive], work)
     prefix = "web/" if kind == "zip" else "web/top/"
     assert sorted(r.name for r in records) == sorted(f"{prefix}{x}" for x in ("3.png", "a/1.png", "b/2.jpg"))
-    extracted = [p for p in work.iterdir()]
-    assert len(extracted) == 1 and extracted[0].name.startswith("web-")
-    stamp = extracted[0].stat().st_mtime_ns
-    assert corpus_records([archive], work) == records
-    assert [p for p in work.iterdir()] == extracted and extracted[0].stat().st_mtime_ns == stamp
-    assert all(Path(r.path).is_relative_to(extracted[0]) for r in records)
+    folders = [p for p in work.iterdir() if p.is_dir()]
+    assert [p.name for p in folders] == ["web"] and (work / "web.source.json").is_file()  # the cache's marker
+    stamp = folders[0].stat().st_mtime_ns
+    assert corpus_records([archive], work) == records  # the same archive: not extracted again
+    assert [p for p in work.iterdir() if p.is_dir()] == folders and folders[0].stat().st_mtime_ns == stamp
+    assert all(Path(r.path).is_relative_to(folders[0]) for r in records)
+    os.utime(archive, ns=(1, 1))  # touched, same content: its hash says so, nothing extracted
+    assert corpus_records([archive], work) == records and folders[0].stat().st_mtime_ns == stamp
 
 
 def test_prepared_dataset_as_corpus_uses_its_cache_and_hashes(tiny_prepared: Path, tmp_path: Path) -> None:

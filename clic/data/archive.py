@@ -12,6 +12,8 @@ sibling folder renamed into place at the end, so a refused archive leaves nothin
 from __future__ import annotations
 
 import hashlib
+import json
+import logging
 import os
 import shutil
 import stat
@@ -20,6 +22,7 @@ import zipfile
 import zlib
 from pathlib import Path, PurePosixPath
 
+log = logging.getLogger(__name__)
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
 MAX_RATIO = 200.0  # uncompressed/compressed, per zip member or per compressed tar, above 1 MiB
 CORRUPT = (zipfile.BadZipFile, tarfile.TarError, zlib.error, EOFError)  # damaged data, named by member
@@ -73,6 +76,40 @@ def safe_extract(archive: str | Path, dest: str | Path, max_member_bytes: int = 
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    return dest
+
+
+def extracted(archive: str | Path, dest: str | Path, max_member_bytes: int = 2**30,
+              max_total_bytes: int = 64 * 2**30, max_ratio: float = MAX_RATIO, force: bool = False) -> Path:
+    """``archive`` extracted into ``dest`` once (:func:`safe_extract`), reused while its content is
+    the same: ``<dest>.source.json`` records the archive's stat key and SHA-256; an unchanged key
+    reuses ``dest`` without reading the archive, a changed one hashes it and extracts again unless
+    the hash is the same. One writer at a time (a lock beside ``dest``: DDP ranks, parallel
+    stages); the new extraction replaces the old one atomically, and a kill leaves the old one."""
+    from clic import atomic
+
+    archive, dest = Path(archive), Path(dest)
+    marker = dest.with_name(f"{dest.name}.source.json")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    with atomic.lock(dest, "extracting into"):
+        atomic.recover_dir(dest)
+        st = archive.stat()
+        key = {"path": str(archive.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
+        try:
+            known = json.loads(marker.read_text()) if dest.is_dir() else {}
+        except (OSError, ValueError):
+            known = {}
+        if not force and known.get("stat") == key:
+            return dest
+        digest = file_sha256(archive)
+        if force or known.get("sha256") != digest:
+            log.info("extracting %s into %s (%s)", archive, dest,
+                     "forced" if force else "new content" if known else "first time")
+            marker.unlink(missing_ok=True)  # a kill from here on leaves no marker: extracted again next time
+            tmp = atomic.staging_dir(dest)
+            safe_extract(archive, tmp, max_member_bytes, max_total_bytes, max_ratio)
+            atomic.replace_dir(tmp, dest)
+        atomic.write_text(marker, json.dumps({"stat": key, "sha256": digest}, indent=1, sort_keys=True) + "\n")
     return dest
 
 

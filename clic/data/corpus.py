@@ -15,12 +15,9 @@ resized or re-encoded copy of them, are also in the corpus.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
-import re
-import shutil
 from collections import defaultdict
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -29,9 +26,8 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from clic import atomic
 from clic.cores import die_with_parent, usable_cores
-from clic.data.archive import ARCHIVE_SUFFIXES, MAX_RATIO, is_archive, safe_extract
+from clic.data.archive import ARCHIVE_SUFFIXES, MAX_RATIO, extracted, is_archive
 from clic.data.imageio import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
@@ -84,7 +80,8 @@ def corpus_records(paths: Sequence[str | Path], work_dir: str | Path = CORPUS_DI
         elif path.is_dir():
             records = _folder(path, label)
         elif is_archive(path):
-            records = _folder(_extracted(path, label, Path(work_dir), limits), label)
+            records = _folder(extracted(path, Path(work_dir) / label, int(limits["max_member_bytes"]),
+                                        int(limits["max_total_bytes"]), limits["max_ratio"]), label)
         elif is_image_file(path):
             records = [Record(f"{label}", str(path.resolve()), None, "unlabeled")]
         else:
@@ -144,31 +141,6 @@ def _prepared(root: Path, label: str) -> list[Record]:
     return [Record(f"{label}/{r.name}", str(resolve(root, r.path).resolve()), None, "unlabeled", r.category,
                    r.width, r.height, r.sha256, str(root / r.cache) if r.cache else "")
             for r in read_table(root)]
-
-
-def _extracted(archive: Path, label: str, work_dir: Path, limits: Mapping[str, float]) -> Path:
-    """Extract ``archive`` once into ``work_dir/<label>-<key>`` (key: its path, size and mtime).
-    Concurrent callers (DDP ranks) each extract into a private folder; the first rename wins.
-    Private folders of killed runs are deleted."""
-    st = archive.stat()
-    key = hashlib.sha256(f"{archive.resolve()}|{st.st_size}|{st.st_mtime_ns}".encode()).hexdigest()[:12]
-    dest = work_dir / f"{label}-{key}"
-    if dest.is_dir():
-        return dest
-    work_dir.mkdir(parents=True, exist_ok=True)
-    atomic.remove_leftovers(work_dir, rf"\.{re.escape(dest.name)}\.(?P<pid>\d+)(\.partial-\d+)?")
-    mine = work_dir / f".{dest.name}.{os.getpid()}"
-    shutil.rmtree(mine, ignore_errors=True)
-    safe_extract(archive, mine, int(limits["max_member_bytes"]), int(limits["max_total_bytes"]),
-                 limits["max_ratio"])
-    try:
-        os.rename(mine, dest)
-    except OSError:  # another process finished first
-        shutil.rmtree(mine, ignore_errors=True)
-        if not dest.is_dir():
-            raise
-    log.info("extracted %s into %s", archive, dest)
-    return dest
 
 
 # ---------------------------------------------------------------------------------- leakage

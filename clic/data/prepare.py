@@ -29,7 +29,7 @@ from tqdm import tqdm
 from clic import atomic
 from clic.config import DataConfig
 from clic.cores import die_with_parent, usable_cores
-from clic.data.archive import file_sha256, find_root, is_archive, safe_extract
+from clic.data.archive import extracted, find_root, is_archive
 from clic.data.imageio import ImageError, check_jpeg_data, content_hash, load_rgb, resize_short
 from clic.data.sources import Entry, read_folder, read_ic9600, read_savoias
 from clic.data.synthetic import generate_classification, generate_ic9600
@@ -60,47 +60,13 @@ def source_entries(cfg: DataConfig, seed: int, force: bool = False) -> tuple[lis
         if path.is_file():
             if not is_archive(path):
                 raise ValueError(f"data.path: {path} is neither a folder nor a .zip/.tar/.tar.gz archive")
-            path = find_root(extract_archive(path, raw / f"ic9600-{path.stem}", cfg, force), "images")
+            path = find_root(extracted(path, raw / f"ic9600-{path.stem}", cfg.max_member_bytes, cfg.max_archive_bytes,
+                                       cfg.max_archive_ratio, force), "images")
         return read_ic9600(path), {"source": "ic9600", "root": str(path)}
     if cfg.source == "savoias":
         return read_savoias(path, cfg.categories, seed, cfg.test_fraction), {"source": "savoias",
                                                                               "root": str(path)}
     return read_folder(path, Path(cfg.csv), seed, cfg.test_fraction), {"source": "folder", "root": str(path)}
-
-
-def _stat_key(path: Path) -> dict[str, int | str]:
-    st = path.stat()
-    return {"path": str(path.resolve()), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "inode": st.st_ino}
-
-
-def extract_archive(archive: Path, dest: Path, cfg: DataConfig, force: bool = False) -> Path:
-    """``archive`` safely extracted into ``dest``, reusing an earlier extraction of the same
-    content. ``<dest>.source.json`` records the archive's stat key and SHA-256: an unchanged key
-    reuses ``dest`` without reading the archive, a changed one hashes it and extracts again unless
-    the hash is the same. The new extraction replaces the old one atomically."""
-    marker = dest.with_name(f"{dest.name}.source.json")
-    with atomic.lock(dest, "extracting into"):
-        atomic.recover_dir(dest)
-        key = _stat_key(archive)
-        try:
-            known = json.loads(marker.read_text()) if dest.is_dir() else {}
-        except (OSError, ValueError):
-            known = {}
-        if not force and known.get("stat") == key:
-            return dest
-        digest = file_sha256(archive)
-        if not force and known.get("sha256") == digest:
-            _write_json(marker, {"stat": key, "sha256": digest})
-            return dest
-        log.info("extracting %s into %s (%s)", archive, dest,
-                 "forced" if force else "new content" if known else "first time")
-        marker.unlink(missing_ok=True)  # a kill from here on leaves no marker: extracted again next time
-        tmp = atomic.staging_dir(dest)
-        safe_extract(archive, tmp, max_member_bytes=cfg.max_member_bytes, max_total_bytes=cfg.max_archive_bytes,
-                     max_ratio=cfg.max_archive_ratio)
-        atomic.replace_dir(tmp, dest)
-        _write_json(marker, {"stat": key, "sha256": digest})
-    return dest
 
 
 def _write_json(path: Path, obj: dict) -> None:
