@@ -101,23 +101,23 @@ class MocoViewConfig(Section):
 
 
 class RCMConfig(Section):
-    """Random Crop and Mix (CLIC; :mod:`clic.transforms.rcm`). ``mode``: ``pool`` draws cells from
+    """Random Crop and Mix (CLIC; :mod:`clic.transforms.rcm`); defaults are the authors' script. ``mode``: ``pool`` draws cells from
     crops at three scales, resized; ``authors`` (their script) two crops of one scale plus
     augmented copies at native size. ``pairing``: ``key`` (the mosaic is its image's key view),
     ``extra`` (``extra_per_image`` fixed mosaics per image as extra training images) or ``both``.
     ``max_upscale`` caps a tile's enlargement (``.inf``: none); ``source_resolution`` cuts extra
     mosaics from the source file rather than the resized cache."""
 
-    mode: Literal["pool", "authors"] = "pool"
+    mode: Literal["pool", "authors"] = "authors"
     crops: Annotated[int, Field(ge=1)] = 3
     grid: Annotated[int, Field(ge=1)] = 2
     aug_p: Prob = 0.5
     rotation_deg: NonNegF = 20.0
     jitter: NonNegF = 0.2
     max_upscale: Annotated[float, Field(allow_inf_nan=True),
-                           _check(lambda v: v >= 1, "must be >= 1 (.inf: no cap), got {v}")] = 2.0
-    pairing: Literal["key", "extra", "both"] = "key"
-    extra_per_image: NonNeg = 1
+                           _check(lambda v: v >= 1, "must be >= 1 (.inf: no cap), got {v}")] = float("inf")
+    pairing: Literal["key", "extra", "both"] = "extra"
+    extra_per_image: NonNeg = 3
     source_resolution: bool = True
 
     @_after(mode="after")

@@ -51,7 +51,7 @@ def test_rcm_config_guards() -> None:
     def rcm(**kw: object) -> RCMConfig:  # built as params are: errors at the dotted key
         return from_dict(RCMConfig, kw, "rcm")
     with pytest.raises(ValueError, match="rcm.grid=3 needs 9 cells"):
-        rcm(crops=1, grid=3)
+        rcm(mode="pool", crops=1, grid=3)
     assert rcm(mode="authors", crops=1, grid=3).grid == 3  # authors: copies fill any grid
     with pytest.raises(ValueError, match="rcm.grid must be >= 2 with rcm.mode authors"):
         rcm(mode="authors", grid=1)
