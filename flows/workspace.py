@@ -102,6 +102,10 @@ def resolve_overrides(overrides: Any, method: str, params: dict[str, Any]) -> di
             hint = (f" (keys may also be relative to pretrain.{method}, e.g. 'epochs')" if method else
                     "; method-relative keys such as 'epochs' are for pretrain runs only")
             raise ValueError(f"overrides: {key!r}: {exc}{hint}") from None
+        if full in out and out[full] != value:
+            first = next(k for k in overrides if k == full or f"pretrain.{method}.{k}" == full)
+            raise ValueError(f"overrides: {key!r} and {first!r} both set {full} ({value!r} and {out[full]!r}); "
+                             "give it once")
         out[full] = value
     return out
 

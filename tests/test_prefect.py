@@ -239,6 +239,11 @@ def test_overrides_accept_method_relative_keys_and_refuse_unknown_ones() -> None
         resolve_overrides({"epochs": "many"}, "clicv2", params)
     with pytest.raises(ValueError, match=r"expected a mapping .* got str"):
         resolve_overrides("epochs=1", "clicv2", params)
+    # one key reached twice (relative and full) with different values is refused, not resolved silently
+    with pytest.raises(ValueError, match=r"'pretrain.clicv2.epochs' and 'epochs' both set pretrain.clicv2.epochs"):
+        resolve_overrides({"epochs": 1, "pretrain.clicv2.epochs": 2}, "clicv2", params)
+    assert resolve_overrides({"epochs": 2, "pretrain.clicv2.epochs": 2}, "clicv2", params) == {
+        "pretrain.clicv2.epochs": 2}
 
 
 def test_stage_output_lines_drop_redraws_and_noise() -> None:
