@@ -101,12 +101,13 @@ class MocoViewConfig(Section):
 
 
 class RCMConfig(Section):
-    """Random Crop and Mix (CLIC; :mod:`clic.transforms.rcm`); defaults are the authors' script. ``mode``: ``pool`` draws cells from
-    crops at three scales, resized; ``authors`` (their script) two crops of one scale plus
-    augmented copies at native size. ``pairing``: ``key`` (the mosaic is its image's key view),
-    ``extra`` (``extra_per_image`` fixed mosaics per image as extra training images) or ``both``.
-    ``max_upscale`` caps a tile's enlargement (``.inf``: none); ``source_resolution`` cuts extra
-    mosaics from the source file rather than the resized cache."""
+    """Random Crop and Mix (CLIC; :mod:`clic.transforms.rcm`); defaults are the authors' script.
+    ``mode``: ``pool`` draws cells from crops at three scales, resized; ``authors`` (their
+    script) two crops of one scale plus augmented copies at native size. ``pairing``: ``key``
+    (the mosaic is its image's key view), ``extra`` (``extra_per_image`` fixed mosaics per image
+    as extra training images) or ``both``. ``max_upscale`` caps a tile's enlargement (``.inf``:
+    none); ``source_resolution`` cuts extra mosaics from the source file rather than the
+    resized cache."""
 
     mode: Literal["pool", "authors"] = "authors"
     crops: Annotated[int, Field(ge=1)] = 3
