@@ -10,6 +10,12 @@ Measured (litdata 0.2.76, 48 samples in chunks of 7, batch 4, 2 ranks x 2 worker
 batches per rank, 48 distinct samples each epoch, the epochs' orders differ, and the resumed epoch
 equals the uninterrupted one on both ranks: the reason given for the hand-made reader does not
 hold. Not measured yet: throughput against the shard reader, object-store URLs, MosaicML streaming.
+
+The case it fails: a chunk folder's index.json names each field's serializer (``data_format``) and
+the reader obeys it; ``pickle`` (and ``graph:pickle``) run ``pickle.loads`` on the chunk's bytes,
+so reading a corpus someone else wrote runs their code (``executed on read: True`` below, a
+``print`` call smuggled into a sample). Adopting litdata needs an allow-list of the index's
+formats, checked on the copy the reader then uses, before any sample is read.
 """
 import json
 import os
@@ -64,7 +70,30 @@ def worker(rank, out):
     dist.destroy_process_group()
 
 
+class Smuggled:
+    """A sample whose unpickling calls a function of the writer's choosing (here: print)."""
+
+    def __reduce__(self):
+        return (print, ("executed on read: True",))
+
+
+def smuggled(i):
+    return {"x": Smuggled()}
+
+
+def executes_on_read():
+    """A corpus written with an arbitrary object: the reader unpickles it, calling the writer's code."""
+    import litdata
+    root = os.path.join(tempfile.gettempdir(), "clic-litdata-pickle")
+    litdata.optimize(fn=smuggled, inputs=[0], output_dir=root, chunk_size=1,
+                     num_workers=1, mode="overwrite")
+    with open(os.path.join(root, "index.json")) as fh:
+        print("index data_format:", json.load(fh)["config"]["data_format"])
+    litdata.StreamingDataset(root)[0]
+
+
 if __name__ == "__main__":
+    executes_on_read()
     build()
     out = tempfile.mkdtemp()
     mp.spawn(worker, args=(out,), nprocs=WORLD)
