@@ -144,9 +144,14 @@ def main() -> None:
     ap.add_argument("folders", nargs="+", type=Path)
     ap.add_argument("--boot", type=int, default=2000)
     ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
+    ap.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
+                    help="also the difference A - B of two rows (e.g. clicv2-nomem/clicv2 clicv2-maskonly/clicv2)")
     args = ap.parse_args()
     study = Study(read_rows(args.folders))
-    pairs = default_pairs(list(study.pred))
+    unknown = [r for pair in args.pair for r in pair if r not in study.pred]
+    if unknown:
+        ap.error(f"--pair: no row {unknown[0]!r}; rows: {', '.join(study.pred)}")
+    pairs = default_pairs(list(study.pred)) + [tuple(p) for p in args.pair]
     diffs = [study.difference(a, b, args.boot) for a, b in pairs]
     print(f"{len(study.names)} images; mean SRCC ± sd over seeds; differences with 95% intervals over seeds and "
           "images (bold: the interval excludes zero)\n")
