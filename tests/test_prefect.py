@@ -71,7 +71,9 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
             (root / item).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / item, root / item)  # mtimes kept: make sees the venv as up to date
         ui_port = _free_port()
-        mlflow_ui = subprocess.Popen(["make", "-s", "mlflow-ui", f"VENV={BIN.parent}", f"MLFLOW_PORT={ui_port}"],
+        # -o: never (re)install into the venv the tests run from, even when pyproject.toml is newer
+        mlflow_ui = subprocess.Popen(["make", "-s", "-o", f"{BIN.parent}/.installed", "mlflow-ui",
+                                      f"VENV={BIN.parent}", f"MLFLOW_PORT={ui_port}"],
                                      cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
         for _ in range(240):
