@@ -236,9 +236,9 @@ def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | N
             take(r, hit)
             continue
         todo.append((r, r.path, st.st_size, st.st_mtime_ns))
+    workers = workers or min(usable_cores(), 8)
     if todo:
         index.parent.mkdir(parents=True, exist_ok=True)
-        workers = workers or min(usable_cores(), 8)
         jobs = [(path, max_pixels) for _, path, _, _ in todo]
         with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool, index.open("a") as journal:
             results = pool.map(_hash_file, jobs, chunksize=32)
@@ -251,7 +251,6 @@ def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | N
                 take(r, entry)
         _write_index(index, known)
     if members:  # never the summaries' word: what the shards hold is what training reads
-        workers = workers or min(usable_cores(), 8)
         with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool:
             for url, hashed in tqdm(zip(members, pool.map(_hash_shard, list(members)), strict=True),
                                     total=len(members), desc="hash shards", unit="shard",
