@@ -67,6 +67,12 @@ def is_url(entry: str) -> bool:
     return entry.startswith("pipe:") or "://" in entry
 
 
+def _read_json(fh: IO[bytes]) -> Any:
+    """An index or summary as JSON, read up to ``MAX_SUMMARY_BYTES``: a larger one fails to parse
+    (refused by the caller with its name), and is never read whole."""
+    return json.loads(fh.read(MAX_SUMMARY_BYTES + 1)[:MAX_SUMMARY_BYTES])
+
+
 def is_shard_member(path: str) -> bool:
     """``path`` is a record of :func:`shard_records` (``<shard URL>#<key>``)."""
     head, sep, key = path.rpartition("#")
@@ -181,7 +187,7 @@ class ShardIndex:
             where = index_location(entry)
             try:
                 with open_url(where) as fh:
-                    raw = json.loads(fh.read(MAX_SUMMARY_BYTES + 1)[:MAX_SUMMARY_BYTES])
+                    raw = _read_json(fh)
             except (OSError, ValueError) as exc:
                 raise ValueError(f"{where}: cannot read the shard index ({exc})") from exc
             if not isinstance(raw, dict) or raw.get("format") != FORMAT or not isinstance(raw.get("shards"), list):
@@ -214,7 +220,7 @@ def check_summaries(index: ShardIndex) -> None:
         where = summary_url(url)
         try:
             with open_url(where) as fh:
-                count = json.loads(fh.read(MAX_SUMMARY_BYTES + 1)[:MAX_SUMMARY_BYTES])["count"]
+                count = _read_json(fh)["count"]
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise ValueError(f"{index.where(k)}: cannot read its summary {where} ({exc}); rewrite the shards "
                              "with clic data shard") from None
@@ -241,7 +247,7 @@ def shard_records(entry: str | Path, label: str) -> list[Record]:
         where = summary_url(url)
         try:
             with open_url(where) as fh:
-                samples = json.loads(fh.read(MAX_SUMMARY_BYTES + 1)[:MAX_SUMMARY_BYTES])["samples"]
+                samples = _read_json(fh)["samples"]
             out += [Record(f"{label}/{name}", f"{url}#{key}", None, "unlabeled", source, int(w), int(h), digest)
                     for key, name, source, digest, w, h in samples]
         except (OSError, ValueError, KeyError, TypeError) as exc:
