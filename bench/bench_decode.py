@@ -16,7 +16,11 @@ For each method's view recipe at ``--size`` px (224 by default, the papers' size
 - ``decode_on_device`` (MoCo v2, CLICv2): the loader's half when the device also decodes
   (``pretrain.decode_on: device``): read the file, its header, draw the boxes;
   ``decode_on_device_cpu_step``: the device half (decode + cut the views, batches of 32) run on
-  this CPU with torchvision's decoder, images/s on one core (on CUDA nvJPEG does this part).
+  this CPU with torchvision's decoder, images/s on one core (on CUDA nvJPEG does this part);
+- ``photometric_cpu``: the photometric half alone (jitter, grayscale, blur, key noise, normalising
+  both views), images/s on one core: PIL ops per image (the loader) against the batched ops
+  (``clic/transforms/batch.py``, batches of 64) run on the CPU: what dropping the PIL ops for the
+  batched ones would cost a loader core.
 
 Images/s is decode + views for one image on one core (``torch.set_num_threads(1)``), so it is
 also the rate one loader worker sustains. Synthetic photo-like images (smooth fields, edges and
@@ -28,7 +32,6 @@ sensor noise) are generated; nothing is downloaded.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import tempfile
 import time
@@ -38,11 +41,12 @@ from pathlib import Path
 import numpy as np
 import torch
 from PIL import Image
+from torchvision.transforms import functional as F
 
 from clic.config import PretrainConfig
 from clic.data.imageio import load_rgb, read_encoded, resize_short
 from clic.params import load_params, pretrain_config
-from clic.pretrain import build_boxes, build_views
+from clic.pretrain import build_boxes, build_device_views, build_views
 from clic.transforms.decode import DeviceDecode, collate_encoded
 
 REPO = Path(__file__).resolve().parents[1]
@@ -187,9 +191,9 @@ def main() -> None:
                 result["decode_only"][name] = round(rate(files, fn, None, args.repeat), 1)
         for method in args.methods:
             cfg = pretrain_config(params, method)
-            cfg = dataclasses.replace(cfg, image_size=args.size)
+            cfg = changed(cfg, image_size=args.size)
             views = build_views(cfg)
-            geometry = build_views(dataclasses.replace(cfg, augment_on="device"))
+            geometry = build_views(changed(cfg, augment_on="device"))
             result["methods"][method] = {name: round(rate(files, fn, views, args.repeat), 1)
                                          for name, (files, fn) in paths.items() if name != "full_jpeg/pillow"}
             result["methods"][method]["augment_on_device"] = {  # the loader's half: decode + geometry
@@ -200,14 +204,42 @@ def main() -> None:
                     dali = dali_rates(sets[name], args.size, args.repeat)
                     if dali is not None:
                         result["decode_only"].setdefault("dali_cpu", {})[name] = dali
+            result["methods"][method]["photometric_cpu"] = photometric_cpu(cfg, args.repeat)
             if method != "clic":  # CLIC's mosaics are built in the loader (decode_on: loader only)
                 result["methods"][method].update(decode_on_device(cfg, sets, args.repeat))
     print(json.dumps(result, indent=1))
 
 
+def changed(cfg: PretrainConfig, **update: object) -> PretrainConfig:
+    """``cfg`` with ``update`` applied, validated again (the cross-field rules included)."""
+    return PretrainConfig.model_validate({**cfg.model_dump(), **update})
+
+
+def photometric_cpu(cfg: PretrainConfig, repeat: int, n: int = 64) -> dict[str, float]:
+    """Images/s on one core of the photometric half of both views: PIL per image vs batched."""
+    rng = np.random.default_rng(1)
+    crops = [photo_like(rng, cfg.image_size, cfg.image_size) for _ in range(n)]
+    views = build_views(cfg)
+    photo, finish = (views.photo, views.norm) if cfg.method == "clicv2" else (views.photo, views.finish["key"])
+    device = build_device_views(changed(cfg, augment_on="device"))
+    keys = ("view1", "view2") if cfg.method == "clicv2" else ("query", "key")
+    to_tensor = (lambda x: finish(photo(F.to_tensor(x)))) if cfg.method == "clicv2" else (lambda x: finish(photo(x)))
+    batch = {k: torch.stack([F.pil_to_tensor(c) for c in crops]) for k in keys}
+    g = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        for c in crops:
+            to_tensor(c), to_tensor(c)
+    pil = repeat * n / (time.perf_counter() - start)
+    start = time.perf_counter()
+    for _ in range(repeat):
+        device(batch, g)
+    return {"pil": round(pil, 1), "batched": round(repeat * n / (time.perf_counter() - start), 1)}
+
+
 def decode_on_device(cfg: PretrainConfig, sets: dict[str, list[Path]], repeat: int) -> dict:
     """Loader half and (CPU-run) device half of ``decode_on: device``, images/s on one core."""
-    cfg = dataclasses.replace(cfg, augment_on="device", decode_on="device")
+    cfg = changed(cfg, augment_on="device", decode_on="device")
     boxes = build_boxes(cfg)
     decode = DeviceDecode.of(boxes)
     loader: dict[str, float] = {}

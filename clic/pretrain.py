@@ -37,9 +37,10 @@ from clic.models.clicv2 import CLICv2
 from clic.models.moco import MoCo
 from clic.params import to_dict
 from clic.transforms.batch import DeviceViews
-from clic.transforms.decode import DecodeThenViews, DeviceDecode, MocoBoxes, ShiftBoxes, collate_encoded
+from clic.transforms.decode import DecodeThenViews, DeviceDecode, PlanBoxes, collate_encoded
 from clic.transforms.moco import MocoViews
 from clic.transforms.moco import device_views as moco_device_views
+from clic.transforms.plan import MocoPlan, ShiftPlan
 from clic.transforms.rcm import extra_mosaics
 from clic.transforms.shifted import ShiftedPatchViews
 from clic.transforms.shifted import device_views as shifted_device_views
@@ -59,11 +60,11 @@ def build_views(cfg: PretrainConfig) -> Callable:
     return MocoViews(cfg.image_size, cfg.views, cfg.rcm if use_rcm_key else None, photometric_ops=photo)
 
 
-def build_boxes(cfg: PretrainConfig) -> MocoBoxes | ShiftBoxes:
-    """The loader's half with ``decode_on: device``: crop boxes and flips of the method's views."""
+def build_boxes(cfg: PretrainConfig) -> PlanBoxes:
+    """The loader's half with ``decode_on: device``: the plan of the method's views."""
     if cfg.method == "clicv2":
-        return ShiftBoxes(cfg.image_size, cfg.patch_size, cfg.shift)
-    return MocoBoxes(cfg.image_size, cfg.views)
+        return PlanBoxes(ShiftPlan(cfg.image_size, cfg.patch_size, cfg.shift))
+    return PlanBoxes(MocoPlan(cfg.image_size, cfg.views))
 
 
 def build_device_views(cfg: PretrainConfig, device: torch.device | None = None) -> DeviceViews | DecodeThenViews | None:

@@ -20,8 +20,9 @@ from clic.data.imageio import ImageError, load_rgb, read_encoded
 from clic.data.table import Record
 from clic.params import from_dict
 from clic.pretrain import run
-from clic.transforms.decode import DeviceDecode, MocoBoxes, ShiftBoxes, collate_encoded, decode_batch
+from clic.transforms.decode import DeviceDecode, PlanBoxes, collate_encoded, decode_batch
 from clic.transforms.moco import MocoViews
+from clic.transforms.plan import MocoPlan, ShiftPlan
 from clic.transforms.shifted import ShiftedPatchViews
 
 from .conftest import tiny_overrides
@@ -55,7 +56,7 @@ def _files(folder: Path) -> list[Record]:
     return records
 
 
-def _device_views(records: list[Record], root: Path, boxes: MocoBoxes | ShiftBoxes) -> dict[str, torch.Tensor]:
+def _device_views(records: list[Record], root: Path, boxes: PlanBoxes) -> dict[str, torch.Tensor]:
     ds = ViewDataset(records, root, boxes, seed=5, encoded=True)
     batch = collate_encoded([ds[(2, i)] for i in range(len(records))])
     assert [e.dim() for e in batch["encoded"]] == [1, 1, 3, 1]  # JPEG bytes; the PNG decoded in the loader
@@ -73,12 +74,12 @@ def _close(device: torch.Tensor, loader: torch.Tensor) -> float:
 
 
 def test_moco_views_cut_on_the_device_match_the_loader_geometry(tmp_path: Path) -> None:
-    """Same random draws as the loader's geometry-only MoCo views (boxes, horizontal flips, the
-    key's vertical flip): the same pixels up to resampling (Pillow vs torch, < 2 grey levels
-    on average), while views of different images or draws are tens of levels apart."""
+    """One plan cut by both halves (boxes, horizontal flips, the key's vertical flip): the same
+    pixels up to resampling (Pillow vs torch, < 2 grey levels on average), while views of
+    different images or draws are tens of levels apart."""
     records = _files(tmp_path / "img")
     cfg = MocoViewConfig(key_vflip_p=0.5)
-    got = _device_views(records, tmp_path / "img", MocoBoxes(32, cfg))
+    got = _device_views(records, tmp_path / "img", PlanBoxes(MocoPlan(32, cfg)))
     want = _loader_views(records, tmp_path / "img", MocoViews(32, cfg, photometric_ops=False))
     for key in ("query", "key"):
         assert got[key].shape == (4, 3, 32, 32)
@@ -91,7 +92,7 @@ def test_moco_views_cut_on_the_device_match_the_loader_geometry(tmp_path: Path) 
 def test_clicv2_shifted_views_cut_on_the_device_match_the_loader(tmp_path: Path) -> None:
     records = _files(tmp_path / "img")
     cfg = ShiftConfig()
-    got = _device_views(records, tmp_path / "img", ShiftBoxes(32, 8, cfg))
+    got = _device_views(records, tmp_path / "img", PlanBoxes(ShiftPlan(32, 8, cfg)))
     want = _loader_views(records, tmp_path / "img", ShiftedPatchViews(32, 8, cfg, photometric_ops=False))
     assert torch.equal(got["shift"], torch.stack([w["shift"] for w in want]))
     assert bool((got["shift"] != 0).any())
@@ -148,9 +149,9 @@ def test_a_slot_refilled_after_a_failed_decode_takes_that_image_s_boxes(tmp_path
     Image.fromarray(_photo(2000, 1500, 5)).save(big, "JPEG", quality=80)
     (tmp_path / "big.jpg").write_bytes(big.getvalue()[:big.getvalue().find(b"\xff\xda")])
     records = [Record(name=n, path=n, score=None, split="train") for n in ("small.jpg", "big.jpg")]
-    ds = ViewDataset(records, tmp_path, MocoBoxes(32, MocoViewConfig()), seed=0, encoded=True)
+    ds = ViewDataset(records, tmp_path, PlanBoxes(MocoPlan(32, MocoViewConfig())), seed=0, encoded=True)
     batch = collate_encoded([ds[i] for i in range(2)])
-    out = DeviceDecode(MocoBoxes.views, 32)(batch, CPU)
+    out = DeviceDecode(MocoPlan.views, 32)(batch, CPU)
     assert out["index"].tolist() == [0, 0] and out["image_id"].tolist() == [0, 0]
     assert torch.equal(out["query"][0], out["query"][1]) and torch.equal(out["key"][0], out["key"][1])
 
@@ -161,10 +162,10 @@ def test_a_jpeg_that_fails_to_decode_is_named_and_replaced(tmp_path: Path, caplo
     data = bytearray((tmp_path / "img" / records[0].path).read_bytes())
     bad.write_bytes(bytes(data[:data.find(b"\xff\xda")]))  # cut before the scan: the header still reads
     records.append(Record(name="bad.jpg", path="bad.jpg", score=None, split="train"))
-    ds = ViewDataset(records, tmp_path / "img", MocoBoxes(32, MocoViewConfig()), seed=0, encoded=True)
+    ds = ViewDataset(records, tmp_path / "img", PlanBoxes(MocoPlan(32, MocoViewConfig())), seed=0, encoded=True)
     batch = collate_encoded([ds[i] for i in range(3)])
     with caplog.at_level("WARNING"):
-        out = DeviceDecode(MocoBoxes.views, 32)(batch, CPU)
+        out = DeviceDecode(MocoPlan.views, 32)(batch, CPU)
     assert out["query"].shape == (3, 3, 32, 32)
     assert any("bad.jpg" in r.getMessage() for r in caplog.records)
 

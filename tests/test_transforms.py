@@ -16,8 +16,9 @@ from clic.params import from_dict
 from clic.transforms.common import denormalize
 from clic.transforms.masking import image_entropy, patch_entropy, random_mask
 from clic.transforms.moco import MocoViews
+from clic.transforms.plan import draw_shift
 from clic.transforms.rcm import RandomCropMix, extra_mosaics
-from clic.transforms.shifted import ShiftedPatchViews, draw_shift
+from clic.transforms.shifted import ShiftedPatchViews
 
 
 def test_moco_views_shapes_and_differ(photos) -> None:
@@ -250,7 +251,6 @@ def test_denormalize_inverts_the_view_normalisation(photos) -> None:
 def test_shift_positive_overlaps_the_anchor_more_than_any_negative(patch: int) -> None:
     """Patch (i, j) of view 2 covers view 1's patch (i, j) moved by (dy, dx): its pixel overlap
     with the anchor, (1 - |dy|/P)(1 - |dx|/P), must beat every neighbouring (negative) patch's."""
-    from clic.transforms.shifted import draw_shift
 
     cfg = ShiftConfig(min_shift=0.0, max_shift=0.49)
     random.seed(0)

@@ -6,8 +6,7 @@ This is the step after ``augment_on: device`` for nodes with few cores per GPU: 
 then does no pixel work at all (a header read and a few random draws per image), so decoding
 camera-sized JPEGs no longer sets the number of loader cores a GPU needs.
 
-The geometry is the same as the loader's (``augment_on: device``, geometry only): the boxes come
-from the same random draws in the same order (``RandomResizedCrop.get_params``, then the flips;
+The geometry is the loader's: both cut the plan of :mod:`clic.transforms.plan` (boxes, flips;
 for CLICv2 the canvas, its flip and the shift), resized with antialiased bilinear interpolation
 as Pillow does. Two differences: boxes are drawn on the full-size image (the loader's path draws
 them on its reduced-scale DCT decode), and the resampling is torch's, not Pillow's (within a few
@@ -24,7 +23,6 @@ Random-Crop-and-Mix mosaics (rotated, jittered tiles) stay in the loader.
 from __future__ import annotations
 
 import logging
-import random
 import warnings
 from collections.abc import Sequence
 from typing import Any
@@ -32,76 +30,41 @@ from typing import Any
 import torch
 import torch.nn.functional as nnf
 from torch.utils.data import default_collate
-from torchvision import transforms as T
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from clic.config import MocoViewConfig, ShiftConfig
 from clic.data.imageio import Encoded, ImageError, orient
 from clic.transforms.batch import DeviceViews
-from clic.transforms.shifted import draw_shift, shifted_windows
+from clic.transforms.plan import MocoPlan, ShiftPlan, shifted_windows
 
 log = logging.getLogger(__name__)
 
 PLAN = "plan"  # the batch key of what the device half needs on the host (boxes, flips, shifts, names)
 
 
-def _crop_params(width: int, height: int, scale: tuple[float, float],
-                 ratio: tuple[float, float]) -> tuple[int, int, int, int]:
-    """``RandomResizedCrop.get_params`` (top, left, h, w) for an image of this size, drawing from
-    torch's global RNG exactly as the transform does on a decoded image."""
-    shape_only = torch.empty(1, 1, 1).expand(1, height, width)  # no pixels allocated
-    top, left, h, w = T.RandomResizedCrop.get_params(shape_only, list(scale), list(ratio))
-    return int(top), int(left), int(h), int(w)
+class PlanBoxes:
+    """The loader's half: the method's plan (:mod:`clic.transforms.plan`) drawn on the image's
+    displayed size from its header, shipped with the file's bytes for :class:`DeviceDecode`."""
 
-
-def _plan(enc: Encoded, boxes: list[tuple[int, int, int, int]], flips: list[tuple[bool, bool]],
-          shift: tuple[int, int] = (0, 0)) -> dict[str, Any]:
-    return {"encoded": enc.data, PLAN: {"boxes": torch.tensor(boxes, dtype=torch.long),
-                                        "flips": torch.tensor(flips, dtype=torch.bool),
-                                        "shift": torch.tensor(shift, dtype=torch.long),
-                                        "orientation": torch.tensor(enc.orientation, dtype=torch.long),
-                                        "name": enc.name}}
-
-
-class MocoBoxes:
-    """The loader's half of MoCo v2's two views: crop boxes and flips of ``query`` and ``key``,
-    drawn as :class:`clic.transforms.moco.MocoViews` (geometry only) draws them."""
-
-    views = ("query", "key")
-    patch = None  # views cut straight from the image (no canvas)
-
-    def __init__(self, size: int, cfg: MocoViewConfig) -> None:
-        if cfg.key_rotation_deg > 0 and cfg.key_rotation_p > 0:
+    def __init__(self, plan: MocoPlan | ShiftPlan) -> None:
+        if isinstance(plan, MocoPlan) and plan.cfg.key_rotation_deg > 0 and plan.cfg.key_rotation_p > 0:
             raise ValueError("views.key_rotation_deg: rotated key views are not cut on the device; set it to 0 "
                              "or decode_on: loader")
-        self.size, self.cfg = size, cfg
-        self.ratio = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default, as in MocoViews
+        self.plan, self.views, self.size = plan, plan.views, plan.size
+        self.patch = plan.patch if isinstance(plan, ShiftPlan) else None  # CLICv2: one canvas per image
 
     def __call__(self, enc: Encoded) -> dict[str, Any]:
-        boxes, flips = [], []
-        for view in self.views:
-            boxes.append(_crop_params(enc.width, enc.height, self.cfg.crop_scale, self.ratio))
-            hflip = bool(torch.rand(1) < self.cfg.hflip_p)
-            vflip = view == "key" and self.cfg.key_vflip_p > 0 and bool(torch.rand(1) < self.cfg.key_vflip_p)
-            flips.append((hflip, vflip))
-        return _plan(enc, boxes, flips)
-
-
-class ShiftBoxes:
-    """The loader's half of CLICv2's shifted views: the canvas box (side ``size + patch``), its
-    flip and the shift, drawn as :class:`clic.transforms.shifted.ShiftedPatchViews` draws them."""
-
-    views = ("view1", "view2")
-
-    def __init__(self, size: int, patch: int, cfg: ShiftConfig) -> None:
-        self.size, self.patch, self.cfg = size, patch, cfg
-
-    def __call__(self, enc: Encoded) -> dict[str, Any]:
-        box = _crop_params(enc.width, enc.height, self.cfg.crop_scale, (1.0, 1.0))
-        hflip = random.random() < self.cfg.hflip_p
-        dy, dx = draw_shift(self.patch, self.cfg)
-        out = _plan(enc, [box], [(hflip, False)], (dy, dx))
-        out["shift"] = torch.tensor([dy, dx], dtype=torch.long)  # what the model reads
+        if isinstance(self.plan, ShiftPlan):
+            cut, shift = self.plan.draw(enc.width, enc.height)
+            cuts = [cut]
+        else:
+            cuts, shift = list(self.plan.draw(enc.width, enc.height).values()), (0, 0)
+        out = {"encoded": enc.data, PLAN: {"boxes": torch.tensor([c.box for c in cuts], dtype=torch.long),
+                                           "flips": torch.tensor([(c.hflip, c.vflip) for c in cuts], dtype=torch.bool),
+                                           "shift": torch.tensor(shift, dtype=torch.long),
+                                           "orientation": torch.tensor(enc.orientation, dtype=torch.long),
+                                           "name": enc.name}}
+        if self.patch is not None:
+            out["shift"] = torch.tensor(shift, dtype=torch.long)  # what the model reads
         return out
 
 
@@ -190,7 +153,7 @@ class DeviceDecode:
         self.views, self.size, self.patch = views, size, patch
 
     @classmethod
-    def of(cls, boxes: MocoBoxes | ShiftBoxes) -> DeviceDecode:
+    def of(cls, boxes: PlanBoxes) -> DeviceDecode:
         """The device half matching a loader half."""
         return cls(boxes.views, boxes.size, boxes.patch)
 

@@ -14,8 +14,6 @@ independently per view; flips are shared so corresponding patches keep their geo
 
 from __future__ import annotations
 
-import random
-
 import torch
 from PIL import Image
 from torchvision import transforms as T
@@ -24,50 +22,24 @@ from torchvision.transforms import functional as F
 from clic.config import ShiftConfig
 from clic.transforms.batch import BatchPhotometric, DeviceViews
 from clic.transforms.common import MEAN, STD, photometric
-
-
-def draw_shift(patch: int, cfg: ShiftConfig) -> tuple[int, int]:
-    """A (dy, dx) offset in pixels, each component with ``2 * |d| < patch``."""
-    if not cfg.enabled:
-        return 0, 0
-    hi = min((patch - 1) // 2, int(round(cfg.max_shift * patch)))  # strictly below half a patch
-    lo = min(hi, int(round(cfg.min_shift * patch)))
-    mag = random.randint(lo, hi)
-    direction = random.choice(cfg.directions)
-    sy, sx = random.choice((-1, 1)), random.choice((-1, 1))
-    if direction == "horizontal":
-        return 0, sx * mag
-    if direction == "vertical":
-        return sy * mag, 0
-    return sy * mag, sx * mag
-
-
-def shifted_windows(canvas: torch.Tensor, size: int, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """The two ``size`` x ``size`` windows of a (C, size + P, size + P) canvas: view 1 at the
-    origin that lets both fit, view 2 moved by (dy, dx)."""
-    oy, ox = max(0, -dy), max(0, -dx)
-    return (canvas[:, oy:oy + size, ox:ox + size],
-            canvas[:, oy + dy:oy + dy + size, ox + dx:ox + dx + size])
+from clic.transforms.plan import ShiftPlan, shifted_windows
 
 
 class ShiftedPatchViews:
     """PIL image -> dict(view1, view2: (3, size, size) normalised tensors, shift: (2,) long (dy, dx))."""
 
     def __init__(self, size: int, patch: int, cfg: ShiftConfig, photometric_ops: bool = True) -> None:
-        if size % patch:
-            raise ValueError(f"ShiftedPatchViews: patch={patch} must divide size={size}")
-        self.size, self.patch, self.cfg = size, patch, cfg
-        self.canvas = T.RandomResizedCrop(size + patch, scale=cfg.crop_scale, ratio=(1.0, 1.0), antialias=True)
+        self.size, self.patch, self.plan = size, patch, ShiftPlan(size, patch, cfg)
         self.photometric_ops = photometric_ops  # False: uint8 views, finished by device_views()
         self.photo = T.Compose(photometric(cfg.jitter, cfg.jitter_p))
         self.norm = T.Normalize(MEAN, STD)
 
     def __call__(self, img: Image.Image) -> dict:
-        canvas = self.canvas(img)
-        if random.random() < self.cfg.hflip_p:
+        cut, (dy, dx) = self.plan.draw(*img.size)
+        canvas = F.resized_crop(img, *cut.box, [self.size + self.patch] * 2, antialias=True)
+        if cut.hflip:
             canvas = F.hflip(canvas)
         x = F.to_tensor(canvas) if self.photometric_ops else F.pil_to_tensor(canvas)  # (3, size + P, size + P)
-        dy, dx = draw_shift(self.patch, self.cfg)
         v1, v2 = shifted_windows(x, self.size, dy, dx)
         if self.photometric_ops:
             v1, v2 = self.norm(self.photo(v1)), self.norm(self.photo(v2))
