@@ -151,7 +151,7 @@ def main() -> None:
     unknown = [r for pair in args.pair for r in pair if r not in study.pred]
     if unknown:
         ap.error(f"--pair: no row {unknown[0]!r}; rows: {', '.join(study.pred)}")
-    pairs = default_pairs(list(study.pred)) + [tuple(p) for p in args.pair]
+    pairs = list(dict.fromkeys(default_pairs(list(study.pred)) + [tuple(p) for p in args.pair]))  # once each
     diffs = [study.difference(a, b, args.boot) for a, b in pairs]
     print(f"{len(study.names)} images; mean SRCC ± sd over seeds; differences with 95% intervals over seeds and "
           "images (bold: the interval excludes zero)\n")

@@ -71,8 +71,10 @@ def test_command_prints_extra_pairs_and_names_an_unknown_row(study_dirs):
     main, variant, _, _ = study_dirs
     script = Path(__file__).resolve().parents[1] / "bench" / "seed_table.py"
     ok = subprocess.run([sys.executable, str(script), str(main), str(variant), "--boot", "50",
-                         "--pair", "moco", "clic-variant/clic"], capture_output=True, text=True, check=True)
+                         "--pair", "moco", "clic-variant/clic", "--pair", "clic", "moco"],
+                        capture_output=True, text=True, check=True)
     assert "| moco - clic-variant/clic |" in ok.stdout
+    assert ok.stdout.count("| clic - moco |") == 1  # a default pair asked for again is printed once
     bad = subprocess.run([sys.executable, str(script), str(main), "--pair", "moco", "clicv2"],
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "no row 'clicv2'" in bad.stderr
