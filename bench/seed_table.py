@@ -28,12 +28,17 @@ from scipy.stats import rankdata
 CATEGORIES_ALL = "all"
 
 
-def read_rows(folders: list[Path]) -> dict[str, dict[int, dict[str, tuple[float, float, str]]]]:
-    """row -> seed -> image name -> (predicted, human, category)."""
-    rows: dict[str, dict[int, dict[str, tuple[float, float, str]]]] = {}
+Rows = dict[str, dict[int, dict[str, tuple[float, float, str]]]]
+
+
+def read_rows(folders: list[Path], only: set[int] | None = None) -> Rows:
+    """row -> seed -> image name -> (predicted, human, category); ``only``: these seeds alone."""
+    rows: Rows = {}
     for i, folder in enumerate(folders):
         for seed_dir in sorted(folder.glob("seed-*")):
             seed = int(seed_dir.name.split("-", 1)[1])
+            if only is not None and seed not in only:
+                continue
             for report in sorted((seed_dir / "reports").glob("*/predictions.csv")):
                 name = report.parent.name if i == 0 else f"{folder.name}/{report.parent.name}"
                 with report.open(newline="") as fh:
@@ -143,11 +148,13 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("folders", nargs="+", type=Path)
     ap.add_argument("--boot", type=int, default=2000)
+    ap.add_argument("--seeds", type=int, nargs="+", default=None,
+                    help="these seeds only (to pair a one-seed variant with the same seed of its base row)")
     ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
     ap.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
                     help="also the difference A - B of two rows (e.g. clicv2-nomem/clicv2 clicv2-maskonly/clicv2)")
     args = ap.parse_args()
-    study = Study(read_rows(args.folders))
+    study = Study(read_rows(args.folders, set(args.seeds) if args.seeds else None))
     unknown = [r for pair in args.pair for r in pair if r not in study.pred]
     if unknown:
         ap.error(f"--pair: no row {unknown[0]!r}; rows: {', '.join(study.pred)}")

@@ -65,6 +65,10 @@ def test_differences_are_paired_and_their_intervals_decide(study_dirs):
     assert d["by_category"]["all"]["ci95"][0] < 0.05 and not d["by_category"]["all"]["excludes_zero"]
     assert ("clic", "moco") in default_pairs(list(study.pred))
     assert ("clic-variant/clic", "clic") in default_pairs(list(study.pred))
+    # restricted to the variant's seeds, every row has them: paired
+    only = Study(read_rows([main, variant], {0, 1}))
+    assert only.seeds == {"clic": [0, 1], "moco": [0, 1], "clic-variant/clic": [0, 1]}
+    assert only.difference("clic-variant/clic", "clic", n_boot=50)["paired_seeds"]
 
 
 def test_command_prints_extra_pairs_and_names_an_unknown_row(study_dirs):
