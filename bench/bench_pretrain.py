@@ -40,10 +40,6 @@ from clic.transforms.decode import collate_encoded
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _batch(cfg: PretrainConfig, views: dict, device: torch.device) -> dict[str, torch.Tensor]:
-    return {k: v.to(device) for k, v in views.items() if isinstance(v, torch.Tensor) and v.dim() == 4}
-
-
 def bare_loop(cfg: PretrainConfig, batch: dict[str, torch.Tensor], steps: int, device: torch.device,
               compile_: bool = False) -> float:
     """Images/s of forward + backward + step on fixed tensors (no data, no engine)."""

@@ -69,10 +69,6 @@ def source_entries(cfg: DataConfig, seed: int, force: bool = False) -> tuple[lis
     return read_folder(path, Path(cfg.csv), seed, cfg.test_fraction), {"source": "folder", "root": str(path)}
 
 
-def _write_json(path: Path, obj: dict) -> None:
-    atomic.write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
-
-
 def _process(job: tuple[Entry, str, int, int, int]) -> tuple[Record | None, str | None]:
     entry, out_dir, cache_size, min_size, max_pixels = job
     try:

@@ -131,8 +131,3 @@ def measure(img: Image.Image) -> dict[str, float]:
         "entropy": float(abs((nz * np.log2(nz)).sum())),
         "regions": float(felzenszwalb_regions(img)),
     }
-
-
-def measure_all(images: list[Image.Image]) -> np.ndarray:
-    """(N, len(MEASURES)) matrix in the order of :data:`MEASURES`."""
-    return np.array([[measure(im)[m] for m in MEASURES] for im in images], np.float64)
