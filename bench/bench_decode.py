@@ -220,10 +220,11 @@ def photometric_cpu(cfg: PretrainConfig, repeat: int, n: int = 64) -> dict[str, 
     rng = np.random.default_rng(1)
     crops = [photo_like(rng, cfg.image_size, cfg.image_size) for _ in range(n)]
     views = build_views(cfg)
-    photo, finish = (views.photo, views.norm) if cfg.method == "clicv2" else (views.photo, views.finish["key"])
+    if cfg.method == "clicv2":  # jitter on the tensor windows, then normalise
+        keys, to_tensor = ("view1", "view2"), lambda x: views.norm(views.photo(F.to_tensor(x)))
+    else:  # PIL ops, then the key's finish (tensor, noise, normalise)
+        keys, to_tensor = ("query", "key"), lambda x: views.finish["key"](views.photo(x))
     device = build_device_views(changed(cfg, augment_on="device"))
-    keys = ("view1", "view2") if cfg.method == "clicv2" else ("query", "key")
-    to_tensor = (lambda x: finish(photo(F.to_tensor(x)))) if cfg.method == "clicv2" else (lambda x: finish(photo(x)))
     batch = {k: torch.stack([F.pil_to_tensor(c) for c in crops]) for k in keys}
     g = torch.Generator().manual_seed(0)
     start = time.perf_counter()

@@ -49,23 +49,20 @@ class PlanBoxes:
         if isinstance(plan, MocoPlan) and plan.cfg.key_rotation_deg > 0 and plan.cfg.key_rotation_p > 0:
             raise ValueError("views.key_rotation_deg: rotated key views are not cut on the device; set it to 0 "
                              "or decode_on: loader")
-        self.plan, self.views, self.size = plan, plan.views, plan.size
-        self.patch = plan.patch if isinstance(plan, ShiftPlan) else None  # CLICv2: one canvas per image
+        self.plan = plan
 
     def __call__(self, enc: Encoded) -> dict[str, Any]:
-        if isinstance(self.plan, ShiftPlan):
+        if isinstance(self.plan, ShiftPlan):  # CLICv2: one canvas per image and the shift the model reads
             cut, shift = self.plan.draw(enc.width, enc.height)
-            cuts = [cut]
+            cuts, extra = [cut], {"shift": torch.tensor(shift, dtype=torch.long)}
         else:
-            cuts, shift = list(self.plan.draw(enc.width, enc.height).values()), (0, 0)
-        out = {"encoded": enc.data, PLAN: {"boxes": torch.tensor([c.box for c in cuts], dtype=torch.long),
-                                           "flips": torch.tensor([(c.hflip, c.vflip) for c in cuts], dtype=torch.bool),
-                                           "shift": torch.tensor(shift, dtype=torch.long),
-                                           "orientation": torch.tensor(enc.orientation, dtype=torch.long),
-                                           "name": enc.name}}
-        if self.patch is not None:
-            out["shift"] = torch.tensor(shift, dtype=torch.long)  # what the model reads
-        return out
+            cuts, shift, extra = list(self.plan.draw(enc.width, enc.height).values()), (0, 0), {}
+        return {"encoded": enc.data, **extra,
+                PLAN: {"boxes": torch.tensor([c.box for c in cuts], dtype=torch.long),
+                       "flips": torch.tensor([(c.hflip, c.vflip) for c in cuts], dtype=torch.bool),
+                       "shift": torch.tensor(shift, dtype=torch.long),
+                       "orientation": torch.tensor(enc.orientation, dtype=torch.long),
+                       "name": enc.name}}
 
 
 def collate_encoded(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -155,7 +152,7 @@ class DeviceDecode:
     @classmethod
     def of(cls, boxes: PlanBoxes) -> DeviceDecode:
         """The device half matching a loader half."""
-        return cls(boxes.views, boxes.size, boxes.patch)
+        return cls(boxes.plan.views, boxes.plan.size, boxes.plan.patch)
 
     def __call__(self, batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
         plan = batch[PLAN]

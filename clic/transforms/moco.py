@@ -10,7 +10,7 @@ from torchvision.transforms import functional as F
 from clic.config import MocoViewConfig, RCMConfig
 from clic.transforms.batch import BatchPhotometric, DeviceViews
 from clic.transforms.common import MEAN, STD, GaussianNoise, photometric
-from clic.transforms.plan import Cut, MocoPlan
+from clic.transforms.plan import MocoPlan, turn
 from clic.transforms.rcm import RandomCropMix
 
 
@@ -43,15 +43,6 @@ class MocoViews:
                 img, *cut.box, [self.size, self.size], antialias=True)
             out[view] = self.finish[view](turn(self.photo(x), cut))
         return out
-
-
-def turn(img: Image.Image, cut: Cut) -> Image.Image:
-    """A cut's flips and rotation (nearest, corners black: torchvision's RandomRotation)."""
-    if cut.hflip:
-        img = F.hflip(img)
-    if cut.vflip:
-        img = F.vflip(img)
-    return F.rotate(img, cut.angle) if cut.angle else img
 
 
 def device_views(size: int, cfg: MocoViewConfig) -> DeviceViews:

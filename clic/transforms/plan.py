@@ -15,7 +15,9 @@ import dataclasses
 import random
 
 import torch
+from PIL import Image
 from torchvision import transforms as T
+from torchvision.transforms import functional as F
 
 from clic.config import MocoViewConfig, ShiftConfig
 
@@ -29,6 +31,16 @@ class Cut:
     hflip: bool = False
     vflip: bool = False
     angle: float = 0.0
+
+
+def turn(img: Image.Image, cut: Cut) -> Image.Image:
+    """A cut's flips and rotation on a PIL image (nearest, corners black: torchvision's
+    RandomRotation)."""
+    if cut.hflip:
+        img = F.hflip(img)
+    if cut.vflip:
+        img = F.vflip(img)
+    return F.rotate(img, cut.angle) if cut.angle else img
 
 
 def crop_box(width: int, height: int, scale: tuple[float, float],
@@ -50,6 +62,7 @@ class MocoPlan:
     ``[-deg, deg]`` with probability ``key_rotation_p``."""
 
     views = ("query", "key")
+    patch = None  # views cut straight from the image (no canvas)
     ratio = (3.0 / 4.0, 4.0 / 3.0)  # RandomResizedCrop's default, MoCo's
 
     def __init__(self, size: int, cfg: MocoViewConfig) -> None:

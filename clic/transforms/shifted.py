@@ -22,7 +22,7 @@ from torchvision.transforms import functional as F
 from clic.config import ShiftConfig
 from clic.transforms.batch import BatchPhotometric, DeviceViews
 from clic.transforms.common import MEAN, STD, photometric
-from clic.transforms.plan import ShiftPlan, shifted_windows
+from clic.transforms.plan import ShiftPlan, shifted_windows, turn
 
 
 class ShiftedPatchViews:
@@ -36,9 +36,7 @@ class ShiftedPatchViews:
 
     def __call__(self, img: Image.Image) -> dict:
         cut, (dy, dx) = self.plan.draw(*img.size)
-        canvas = F.resized_crop(img, *cut.box, [self.size + self.patch] * 2, antialias=True)
-        if cut.hflip:
-            canvas = F.hflip(canvas)
+        canvas = turn(F.resized_crop(img, *cut.box, [self.size + self.patch] * 2, antialias=True), cut)
         x = F.to_tensor(canvas) if self.photometric_ops else F.pil_to_tensor(canvas)  # (3, size + P, size + P)
         v1, v2 = shifted_windows(x, self.size, dy, dx)
         if self.photometric_ops:
