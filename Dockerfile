@@ -36,7 +36,7 @@ COPY pyproject.toml README.md params.yaml dvc.yaml prefect.yaml ./
 COPY clic clic
 COPY stages stages
 COPY flows flows
-RUN pip install --no-cache-dir --no-deps -c requirements/lock.txt -e ".[pipeline]" \
+RUN pip install --no-cache-dir --no-deps -c requirements/lock.txt -e ".[pipeline,shards]" \
     && chown -R clic:clic /opt/clic
 
 USER 1000:1000

@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml requirements/lock.txt
 	@command -v $(PYTHON) >/dev/null || { echo "need $(PYTHON) (set PYTHON=...)"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	$(PY) -m pip install -q -c requirements/lock.txt -e ".[pipeline,dev]"
+	$(PY) -m pip install -q -c requirements/lock.txt -e ".[pipeline,shards,dev]"
 	touch $@
 
 demo: venv pipeline  ## the main job: the whole DVC pipeline on the embedded defaults (synthetic data, CPU)

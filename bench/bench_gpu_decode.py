@@ -32,7 +32,8 @@ from clic.config import MocoViewConfig, PretrainConfig, ShiftConfig
 from clic.data.imageio import read_encoded, resize_short
 from clic.params import from_dict
 from clic.pretrain import run
-from clic.transforms.decode import DeviceDecode, MocoBoxes, ShiftBoxes, collate_encoded, decode_batch
+from clic.transforms.decode import DeviceDecode, PlanBoxes, collate_encoded, decode_batch
+from clic.transforms.plan import MocoPlan, ShiftPlan
 
 
 def _make(job: tuple[int, int, str, str]) -> None:
@@ -50,7 +51,8 @@ def _sync(dev: torch.device) -> None:
 def device_rates(files: list[Path], dev: torch.device, batch: int) -> dict:
     """Loader half (one core) and device half (decode alone; decode + cut) images/s per method."""
     out = {}
-    setups = {"moco_224": MocoBoxes(224, MocoViewConfig()), "clicv2_224_p16": ShiftBoxes(224, 16, ShiftConfig())}
+    setups = {"moco_224": PlanBoxes(MocoPlan(224, MocoViewConfig())),
+              "clicv2_224_p16": PlanBoxes(ShiftPlan(224, 16, ShiftConfig()))}
     for name, boxes in setups.items():
         decode = DeviceDecode.of(boxes)
         start = time.perf_counter()

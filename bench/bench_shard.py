@@ -1,10 +1,10 @@
 """Preparing a large corpus: ``clic data shard`` throughput and memory; prints JSON (a script, not a test).
 
 Generates ``--n`` small synthetic JPEGs (default 100,000) in folders of 1,000 (an ImageNet-like
-layout), lists them (:func:`clic.data.corpus.corpus_records`) and writes them as shards
+layout), lists them (:func:`clic.data.corpus.corpus_records`) and writes them as MDS shards
 (:func:`clic.data.shards.write_shards`, every core). Reports images/s (overall and per core) and
 peak RSS of this process and of the largest worker (``ru_maxrss``), so memory growth with ``n``
-shows by running two sizes. ``--resume`` then deletes the second half of the shards (as a kill
+shows by running two sizes. ``--resume`` then deletes the second half of the parts (as a kill
 would leave them) and times the re-run that completes them.
 
     python bench/bench_shard.py [--n 100000] [--size 96x72] [--side 0] [--per-shard 1000] [--workers 0] [--resume]
@@ -18,6 +18,7 @@ import argparse
 import json
 import os
 import resource
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -76,12 +77,12 @@ def main() -> None:
                   "generate_seconds": round(generated, 1), "list_seconds": round(listed, 2),
                   "shard_seconds": round(seconds, 2), "images_per_s": round(args.n / seconds, 1),
                   "images_per_s_per_core": round(args.n / seconds / workers, 1),
-                  "shards": summary.shards, "shard_bytes_mb": round(sum(p.stat().st_size for p in
-                                                                        out.glob("*.tar")) / 2**20, 1),
+                  "parts": summary.parts, "shard_bytes_mb": round(sum(p.stat().st_size for p in
+                                                                      out.glob("part-*/*.mds")) / 2**20, 1),
                   "rss_before_listing_mb": round(rss_before, 1), **peak_rss_mb()}
         if args.resume:
-            for p in sorted(out.glob("shard-*.tar"))[summary.shards // 2:]:
-                p.unlink()
+            for p in sorted(out.glob("part-*"))[summary.parts // 2:]:
+                shutil.rmtree(p)
             (out / INDEX_NAME).unlink()
             start = time.perf_counter()
             again = write_shards(records, out, args.per_shard, args.side, workers=workers, progress=False)

@@ -2,7 +2,7 @@
 
     clic data prepare [--params params.yaml] [--set key=value ...]
     clic data corpus [--params params.yaml] [--data DIR]     (list and hash pretrain.data; exit 1 on leaks)
-    clic data shard --out DIR [--per-shard N] [ENTRY ...]    (write pretrain.data or ENTRYs as tar shards)
+    clic data shard --out DIR [--per-shard N] [ENTRY ...]    (write pretrain.data or ENTRYs as MDS shards)
     clic pretrain --method {moco,clic,clicv2} --out DIR [--data DIR] [--set key=value ...]
     clic embed --model CHECKPOINT --out FEATURES.npz IMAGE_OR_FOLDER...
     clic probe --model ENCODER --out DIR [--data DIR]       (also --baseline random|handcrafted)
@@ -66,11 +66,12 @@ def parser() -> argparse.ArgumentParser:
                       "(default: data.out_dir; skipped when it is not prepared)")
     corp.add_argument("--workers", type=int, default=0, help="hashing processes (default: CPUs, at most 8)")
     corp.add_argument("--work-dir", default="", help="extracted archives and the hash index (default: data/corpus)")
-    shd = data_sub.add_parser("shard", help="write a pretraining corpus as tar shards with an index "
+    shd = data_sub.add_parser("shard", help="write a pretraining corpus as MosaicML streaming (MDS) shards "
                               "(resumable: a re-run completes a killed one)")
     _common(shd)
-    shd.add_argument("--out", required=True, help="shard folder (index.shards.json, shard-NNNNNN.tar)")
-    shd.add_argument("--per-shard", type=int, default=1000, help="images per shard (default: 1000)")
+    shd.add_argument("--out", required=True, help="corpus folder (index.json, part-NNNNNN/)")
+    shd.add_argument("--per-shard", type=int, default=1000, help="images per part, the unit a re-run resumes "
+                     "at (default: 1000)")
     shd.add_argument("--side", type=int, default=0, help="downsize images to this short side (default: keep)")
     shd.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default: 90)")
     shd.add_argument("--workers", type=int, default=0, help="encoding processes (default: all CPUs)")
@@ -285,7 +286,7 @@ def _shard(args: argparse.Namespace) -> int:
                              dcfg.max_member_bytes, dcfg.max_archive_ratio)
     summary = write_shards(records, args.out, args.per_shard, args.side, args.quality, int(params.get("seed", 0)),
                            args.workers or None, dcfg.max_pixels, args.force, not args.no_progress)
-    print(f"{summary.images} images in {summary.shards} shards ({summary.written} written now, "
+    print(f"{summary.images} images in {summary.parts} parts ({summary.written} written now, "
           f"{summary.unreadable} unreadable skipped) -> {summary.index}")
     return 0
 

@@ -227,6 +227,7 @@ class PretrainConfig(Section):
     max_images: NonNeg = 0  # 0: all images of the pretraining split(s) or corpus
     splits: Strs = ("train",)
     data: Annotated[Strs, _check(lambda v: all(e.strip() for e in v), "names an empty entry: {v}")] = ()
+    shard_cache: str = ""  # local cache limit of remote sharded corpora (MosaicML's cache_limit, e.g. 200gb)
     optim: OptimConfig = OptimConfig()
     moco: MocoConfig = MocoConfig()
     clicv2: CLICv2Config = CLICv2Config()

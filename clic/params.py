@@ -339,7 +339,7 @@ mlflow_config = _section(MlflowConfig, "mlflow")
 METHOD_SECTIONS = {"moco": ("optim", "moco", "views"), "clic": ("optim", "moco", "views", "rcm"),
                    "clicv2": ("optim", "clicv2", "shift")}
 ENGINEERING = ("num_workers", "checkpoint_every", "sync_every", "compile", "threads", "augment_on", "decode_on",
-               "nprocs", "amp", "channels_last")
+               "nprocs", "amp", "channels_last", "shard_cache")
 
 
 def method_settings(cfg: PretrainConfig) -> dict[str, Any]:

@@ -25,8 +25,7 @@ from clic.config import MocoConfig, PretrainConfig
 from clic.cores import usable_cores
 from clic.data.corpus import CORPUS_DIR, corpus_records
 from clic.data.dataset import EpochBatches, ViewDataset
-from clic.data.shard_stream import ShardStream
-from clic.data.shards import ShardIndex, check_summaries, is_shard_index
+from clic.data.shards import is_shard_index
 from clic.data.table import Record, read_table, resolve
 from clic.engine import checkpoint as ckpt
 from clic.engine import distributed as dist
@@ -189,10 +188,6 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
             model.load_state_dict(state["model"])
             optimizer.load_state_dict(state["optimizer"])
             start_epoch, start_step = int(state["epoch"]), int(state["step"])
-            if isinstance(feed, ShardStream) and start_step and state["config"].get("num_workers") != cfg.num_workers:
-                raise ValueError(f"{ckpt_path} stopped mid-epoch with num_workers={state['config'].get('num_workers')}"
-                                 f", now {cfg.num_workers}: the shard split follows the worker count, so resume with "
-                                 "the same num_workers (it may change at the next epoch)")
             ckpt.set_rng_state(state["rng"][rank] if isinstance(state["rng"], list) else state["rng"])
             log.info("resuming from %s at epoch %d step %d", ckpt_path, start_epoch, start_step)
 
@@ -249,21 +244,21 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
 
 
 def build_loader(cfg: PretrainConfig, data_dir: str | Path, corpus_dir: str | Path, rank: int, world: int,
-                 pin_memory: bool) -> tuple[DataLoader, EpochBatches | ShardStream, int]:
+                 pin_memory: bool) -> tuple[DataLoader, Any, int]:
     """The training loader, what sets its epoch (``set_epoch(epoch, skip)``, ``steps_per_epoch``)
     and the number of images: shards streamed when ``cfg.data`` names shard indexes, else the
     records of a corpus or prepared dataset."""
     prefetch = 4 if cfg.num_workers else None
     collate = collate_encoded if cfg.decode_on == "device" else None  # encoded images differ in length
     if any(is_shard_index(entry) for entry in cfg.data):
-        stream = shard_stream(cfg, rank, world)
+        stream = shard_stream(cfg, corpus_dir)
         if cfg.method != "clicv2":
-            check_queue(cfg.moco, stream.index.total)
+            check_queue(cfg.moco, stream.num_samples)
         # workers start afresh each epoch and copy the stream's epoch and skip; the loader's own
         # generator keeps iterating it from drawing on the global RNG (exact resumption)
         return (DataLoader(stream, batch_size=cfg.batch_size, drop_last=True, num_workers=cfg.num_workers,
                            pin_memory=pin_memory, prefetch_factor=prefetch, collate_fn=collate,
-                           generator=torch.Generator().manual_seed(cfg.seed)), stream, stream.index.total)
+                           generator=torch.Generator().manual_seed(cfg.seed)), stream, stream.num_samples)
     records = pretraining_records(cfg, data_dir, corpus_dir)
     extra = None
     if cfg.method == "clic" and cfg.rcm.pairing in ("extra", "both"):
@@ -288,22 +283,23 @@ def build_loader(cfg: PretrainConfig, data_dir: str | Path, corpus_dir: str | Pa
     return loader, batches, len(dataset)
 
 
-def shard_stream(cfg: PretrainConfig, rank: int, world: int) -> ShardStream:
-    """The shard indexes of ``cfg.data`` streamed as this rank's part of each epoch."""
+def shard_stream(cfg: PretrainConfig, corpus_dir: str | Path) -> Any:
+    """The sharded corpora of ``cfg.data`` streamed as this rank's part of each epoch
+    (:class:`clic.data.shard_stream.ShardStream`; remote ones cached under ``corpus_dir``)."""
     mixed = [f"pretrain.data[{i}]" for i, entry in enumerate(cfg.data) if not is_shard_index(entry)]
     if mixed:
-        raise ValueError(f"{', '.join(mixed)}: not a shard index, and shard indexes cannot be mixed with folders, "
-                         "archives or prepared datasets; shard those too (clic data shard) and list every index")
+        raise ValueError(f"{', '.join(mixed)}: not a sharded corpus, and shards cannot be mixed with folders, "
+                         "archives or prepared datasets; shard those too (clic data shard) and list every folder")
     if cfg.method == "clic" and cfg.rcm.pairing in ("extra", "both"):
         raise ValueError(f"pretrain.clic.rcm.pairing={cfg.rcm.pairing}: extra mosaics need the image files; with "
                          "shards (pretrain.data) use pairing 'key'")
     if cfg.max_images:
         raise ValueError(f"pretrain.max_images={cfg.max_images} does not apply to shards (pretrain.data); set it to "
                          "0, or shard fewer images")
-    index = ShardIndex.load(cfg.data)
-    check_summaries(index)  # counts against the index before any step; contents as they stream
-    return ShardStream(index, build_views(cfg), cfg.batch_size, cfg.seed, rank, world,
-                       decode_side=2 * cfg.image_size, encoded=cfg.decode_on == "device")
+    from clic.data.shard_stream import ShardStream  # MosaicML streaming: only sharded corpora need it
+    return ShardStream(cfg.data, corpus_dir, build_views(cfg), cfg.batch_size, cfg.seed,
+                       decode_side=2 * cfg.image_size, encoded=cfg.decode_on == "device",
+                       cache_limit=cfg.shard_cache or None)
 
 
 def check_queue(cfg: MocoConfig, n_images: int) -> None:
@@ -344,7 +340,8 @@ def _without_epochs(config: dict[str, Any]) -> dict[str, Any]:
     cadence do not change what is trained; compilation changes only rounding and the key
     shuffle's random stream)."""
     return {k: v for k, v in config.items()
-            if k not in ("epochs", "num_workers", "checkpoint_every", "sync_every", "threads", "compile")}
+            if k not in ("epochs", "num_workers", "checkpoint_every", "sync_every", "threads", "compile",
+                         "shard_cache")}
 
 
 def _gather_rng() -> list[dict[str, Any]] | dict[str, Any]:

@@ -29,11 +29,12 @@ def test_image_installs_the_ci_lock() -> None:
     makefile = (REPO / "Makefile").read_text()
     assert "-c requirements/lock.txt" in makefile  # what CI installs
     assert "pip install --no-cache-dir -r requirements/lock.txt" in DOCKERFILE
-    assert re.search(r"-c requirements/lock.txt -e \"\.\[pipeline\]\"", DOCKERFILE)
+    assert re.search(r"-c requirements/lock.txt -e \"\.\[pipeline,shards\]\"", DOCKERFILE)
     lock = (REPO / "requirements" / "lock.txt").read_text().splitlines()
     pins = dict(line.split("==", 1) for line in lock if "==" in line)
     for pkg, version in {"torch": "2.14.1", "torchvision": "0.29.1", "prefect": "3.8.8", "fastapi": "0.150.0",
-                         "mlflow": "3.17.2", "dvc": "3.67.1", "great_expectations": "1.24.1"}.items():
+                         "mlflow": "3.17.2", "dvc": "3.67.1", "great_expectations": "1.24.1",
+                         "mosaicml-streaming": "0.10.0"}.items():
         assert pins.get(pkg) == version, pkg
     assert all("==" in line for line in lock if line and not line.startswith("#"))  # exact pins only
 

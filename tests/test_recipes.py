@@ -19,7 +19,7 @@ from clic.params import ENGINEERING, flatten, load_params, method_settings, pret
 ROOT = Path(__file__).resolve().parents[1]
 CARD = ROOT / "docs" / "recipes.md"
 PROFILES = {"params.yaml": "params.yaml", "real-photos": "params/real-photos.yaml", "gpu": "params/gpu.yaml",
-            "gpu-corpus": "params/gpu-corpus.yaml"}
+            "gpu-corpus": "params/gpu-corpus.yaml", "gpu-shards": "params/gpu-shards.yaml"}
 NOT_ON_CARD = {*ENGINEERING, "method", "seed", "data", "splits", "max_images"}
 
 

@@ -39,7 +39,7 @@ from clic.data.imageio import (
     load_rgb,
     perceptual_hash,
 )
-from clic.data.shards import is_shard_index, is_shard_member, iter_shard, shard_records
+from clic.data.shards import is_shard_index, is_shard_member, iter_samples, shard_records
 from clic.data.table import Record, read_table, resolve
 
 log = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ def corpus_records(paths: Sequence[str | Path], work_dir: str | Path = CORPUS_DI
 
     Names are ``<entry>/<path inside the entry>`` with ``<entry>`` the entry's folder or archive
     name (``~i`` appended when two entries share one), so they are unique across entries.
-    A shard index (:mod:`clic.data.shards`) lists its images as ``shards<i>/<name>``, their pixel hashes known.
+    A sharded corpus (:mod:`clic.data.shards`) lists its images as ``shards<i>/<name>``, their pixel hashes known.
     ``category`` is the first folder inside the entry (the source, for per-source counts).
     Relative entries are relative to the working directory; a missing entry is a ``ValueError``
     naming ``pretrain.data[i]``. Archives are extracted under the ``data.max_*`` limits.
@@ -65,8 +65,8 @@ def corpus_records(paths: Sequence[str | Path], work_dir: str | Path = CORPUS_DI
     labels: set[str] = set()
     out: list[Record] = []
     for i, entry in enumerate(paths):
-        if is_shard_index(entry):  # written by clic data shard: listed with hashes from its summaries
-            out.extend(shard_records(entry, f"shards{i}"))
+        if is_shard_index(entry):  # written by clic data shard (remote ones are cached under work_dir)
+            out.extend(shard_records(entry, f"shards{i}", work_dir))
             continue
         path = Path(entry)
         if not path.exists():
@@ -183,15 +183,16 @@ def _hash_file(job: tuple[str, int]) -> tuple[str, str, str]:
         return "", "", str(exc)
 
 
-def _hash_shard(url: str) -> dict[str, tuple[str, str, str]]:
-    """Worker: key -> (SHA-256, perceptual hash, error) of each sample a shard holds."""
+def _hash_samples(job: tuple[str, int, int]) -> dict[str, tuple[str, str, str]]:
+    """Worker: sample id -> (SHA-256, perceptual hash, error) of samples ``[lo, hi)`` of a local corpus."""
+    folder, lo, hi = job
     out = {}
-    for key, data, _ in iter_shard(url):
+    for i, data in iter_samples(folder, lo, hi):
         try:
-            img = decode_bytes(data, f"{url}#{key}")
-            out[key] = (content_hash(img), f"{perceptual_hash(img):016x}", "")
+            img = decode_bytes(data, f"{folder}#{i}")
+            out[str(i)] = (content_hash(img), f"{perceptual_hash(img):016x}", "")
         except ImageError as exc:
-            out[key] = ("", "", str(exc))
+            out[str(i)] = ("", "", str(exc))
     return out
 
 
@@ -219,7 +220,7 @@ def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | N
         else:
             errors[r.name] = entry["error"]
 
-    members: dict[str, dict[str, Record]] = defaultdict(dict)  # shard URL -> key -> record
+    members: dict[str, dict[str, Record]] = defaultdict(dict)  # corpus folder -> sample id -> record
     for r in records:
         if "#" in r.path and is_shard_member(r.path):  # hashed from the shard's content below
             url, key = r.path.rsplit("#", 1)
@@ -250,17 +251,20 @@ def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | N
                 journal.write(json.dumps(entry) + "\n")
                 take(r, entry)
         _write_index(index, known)
-    if members:  # never the summaries' word: what the shards hold is what training reads
+    if members:  # never the writer's word: what the shards hold is what training reads
+        chunks = [(folder, lo, lo + 256) for folder, ids in members.items()
+                  for lo in range(0, 1 + max(map(int, ids)), 256)]  # of 256 samples
         with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool:
-            for url, hashed in tqdm(zip(members, pool.map(_hash_shard, list(members)), strict=True),
-                                    total=len(members), desc="hash shards", unit="shard",
-                                    disable=None if progress else True):
+            for (folder, _, _), hashed in tqdm(zip(chunks, pool.map(_hash_samples, chunks), strict=True),
+                                               total=len(chunks),
+                                               desc="hash shards", unit="chunk", disable=None if progress else True):
                 for key, (digest, ph, err) in hashed.items():
-                    if key in members[url]:  # the summary's claimed hash is not kept
-                        take(dataclasses.replace(members[url][key], sha256=""),
+                    if key in members[folder]:  # the writer's recorded hash is not kept
+                        take(dataclasses.replace(members[folder].pop(key), sha256=""),
                              {"sha256": digest, "phash": ph, "error": err})
-                for key in members[url].keys() - hashed.keys():
-                    errors[members[url][key].name] = f"{url}: no sample {key} in the shard"
+        for folder, missing in members.items():
+            for key, r in missing.items():
+                errors[r.name] = f"{folder}: no sample {key} in the corpus"
     for name, err in sorted(errors.items())[:20]:
         log.warning("unreadable image %s: %s", name, err)
     if len(errors) > 20:

@@ -7,6 +7,7 @@ at the caller's cadence, after the losses so far were checked.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import math
 import time
 from collections.abc import Callable, Iterable
@@ -66,7 +67,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
     pending: list[tuple[int, float, dict[str, torch.Tensor]]] = []  # (step, lr, detached outputs)
     n_steps, n_images = 0, 0
     start = time.perf_counter()
-    bar = tqdm(loader, total=steps_per_epoch - start_step, desc=f"epoch {epoch}", unit="step",
+    # an epoch is steps_per_epoch steps: a sharded loader may hold a few more (MosaicML pads every
+    # rank to the same sample count with repeats, at the end of its order), never fewer
+    bar = tqdm(itertools.islice(loader, steps_per_epoch - start_step), total=steps_per_epoch - start_step,
+               desc=f"epoch {epoch}", unit="step",
                disable=not progress, leave=False)
 
     def flush() -> None:
