@@ -5,9 +5,11 @@ layout), lists them (:func:`clic.data.corpus.corpus_records`) and writes them as
 (:func:`clic.data.shards.write_shards`, every core). Reports images/s (overall and per core) and
 peak RSS of this process and of the largest worker (``ru_maxrss``), so memory growth with ``n``
 shows by running two sizes. ``--resume`` then deletes the second half of the parts (as a kill
-would leave them) and times the re-run that completes them.
+would leave them) and times the re-run that completes them; ``--read`` times one epoch read and
+decoded through the training stream in one process.
 
-    python bench/bench_shard.py [--n 100000] [--size 96x72] [--side 0] [--per-shard 1000] [--workers 0] [--resume]
+    python bench/bench_shard.py [--n 100000] [--size 96x72] [--side 0] [--per-shard 1000] [--workers 0] \
+        [--resume] [--read]
 
 ``--size 500x375`` gives ImageNet-sized files (decode-bound rather than overhead-bound).
 """
@@ -58,6 +60,7 @@ def main() -> None:
     ap.add_argument("--side", type=int, default=0)
     ap.add_argument("--workers", type=int, default=0, help="default: every core this process may use")
     ap.add_argument("--resume", action="store_true", help="also time completing a run killed half-way")
+    ap.add_argument("--read", action="store_true", help="also time reading and decoding one epoch, one process")
     args = ap.parse_args()
     workers = args.workers or len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
@@ -80,6 +83,14 @@ def main() -> None:
                   "parts": summary.parts, "shard_bytes_mb": round(sum(p.stat().st_size for p in
                                                                       out.glob("part-*/*.mds")) / 2**20, 1),
                   "rss_before_listing_mb": round(rss_before, 1), **peak_rss_mb()}
+        if args.read:  # one epoch through the training stream, decoded, no views
+            from clic.data.shard_stream import ShardStream
+
+            stream = ShardStream([out], Path(tmp) / "cache", lambda img: {"w": img.size[0]}, batch_size=1)
+            stream.set_epoch(0)
+            start = time.perf_counter()
+            count = sum(1 for _ in stream)
+            report.update(read_images_per_s=round(count / (time.perf_counter() - start), 1))
         if args.resume:
             for p in sorted(out.glob("part-*"))[summary.parts // 2:]:
                 shutil.rmtree(p)
