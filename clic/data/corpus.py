@@ -39,7 +39,7 @@ from clic.data.imageio import (
     load_rgb,
     perceptual_hash,
 )
-from clic.data.shards import is_shard_index, is_shard_member, iter_samples, shard_records
+from clic.data.shards import is_shard_index, is_shard_member, iter_samples, shard_jobs, shard_records
 from clic.data.table import Record, read_table, resolve
 
 log = logging.getLogger(__name__)
@@ -183,13 +183,12 @@ def _hash_file(job: tuple[str, int]) -> tuple[str, str, str]:
         return "", "", str(exc)
 
 
-def _hash_samples(job: tuple[str, int, int]) -> dict[str, tuple[str, str, str]]:
-    """Worker: sample id -> (SHA-256, perceptual hash, error) of samples ``[lo, hi)`` of a local corpus."""
-    folder, lo, hi = job
+def _hash_samples(job: tuple[str, dict, int]) -> dict[str, tuple[str, str, str]]:
+    """Worker: sample id -> (SHA-256, perceptual hash, error) of each sample of one shard of a local corpus."""
     out = {}
-    for i, data in iter_samples(folder, lo, hi):
+    for i, data in iter_samples(job):
         try:
-            img = decode_bytes(data, f"{folder}#{i}")
+            img = decode_bytes(data, f"{job[0]}#{i}")
             out[str(i)] = (content_hash(img), f"{perceptual_hash(img):016x}", "")
         except ImageError as exc:
             out[str(i)] = ("", "", str(exc))
@@ -252,12 +251,11 @@ def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | N
                 take(r, entry)
         _write_index(index, known)
     if members:  # never the writer's word: what the shards hold is what training reads
-        chunks = [(folder, lo, lo + 256) for folder, ids in members.items()
-                  for lo in range(0, 1 + max(map(int, ids)), 256)]  # of 256 samples
+        shards = [job for folder in members for job in shard_jobs(folder)]
         with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool:
-            for (folder, _, _), hashed in tqdm(zip(chunks, pool.map(_hash_samples, chunks), strict=True),
-                                               total=len(chunks),
-                                               desc="hash shards", unit="chunk", disable=None if progress else True):
+            for (folder, _, _), hashed in tqdm(zip(shards, pool.map(_hash_samples, shards), strict=True),
+                                               total=len(shards),
+                                               desc="hash shards", unit="shard", disable=None if progress else True):
                 for key, (digest, ph, err) in hashed.items():
                     if key in members[folder]:  # the writer's recorded hash is not kept
                         take(dataclasses.replace(members[folder].pop(key), sha256=""),

@@ -192,11 +192,25 @@ def is_shard_member(path: str) -> bool:
     return bool(sep) and key.isdigit() and (Path(head) / INDEX_NAME).is_file()
 
 
-def iter_samples(folder: str, lo: int, hi: int) -> Iterator[tuple[int, bytes]]:
-    """``(sample id, JPEG bytes)`` of samples ``[lo, hi)`` of the local corpus ``folder``."""
-    dataset = _needs_streaming().LocalDataset(folder)
-    for i in range(lo, min(hi, len(dataset))):
-        yield i, dataset[i]["jpg"]
+def shard_jobs(folder: str) -> list[tuple[str, dict[str, Any], int]]:
+    """One job per MDS shard of the local corpus ``folder`` (its index read once):
+    ``(folder, the shard's index entry, the id of its first sample)``, for :func:`iter_samples`."""
+    jobs, first = [], 0
+    for info in json.loads((Path(folder) / INDEX_NAME).read_text())["shards"]:
+        jobs.append((folder, info, first))
+        first += info["samples"]
+    return jobs
+
+
+def iter_samples(job: tuple[str, dict[str, Any], int]) -> Iterator[tuple[int, bytes]]:
+    """``(sample id, JPEG bytes)`` of every sample of one shard (a :func:`shard_jobs` job)."""
+    _needs_streaming()
+    from streaming.base.format import reader_from_json
+
+    folder, info, first = job
+    reader = reader_from_json(folder, None, info)
+    for j in range(reader.samples):
+        yield first + j, reader[j]["jpg"]
 
 
 # ------------------------------------------------------------------------------------ writing
