@@ -20,7 +20,11 @@ import stat
 import tarfile
 import zipfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path, PurePosixPath
+from typing import IO, Any
+
+from clic import atomic
 
 log = logging.getLogger(__name__)
 ARCHIVE_SUFFIXES = (".zip", ".tar", ".tar.gz", ".tgz")
@@ -33,9 +37,14 @@ class ArchiveError(ValueError):
     """An archive member that may not be extracted; the message names archive and member."""
 
 
-def is_archive(path: str | Path) -> bool:
+def archive_suffix(path: str | Path) -> str:
+    """The suffix of :data:`ARCHIVE_SUFFIXES` that ``path`` ends with (any case), or ''."""
     name = str(path).lower()
-    return any(name.endswith(s) for s in ARCHIVE_SUFFIXES)
+    return next((s for s in ARCHIVE_SUFFIXES if name.endswith(s)), "")
+
+
+def is_archive(path: str | Path) -> bool:
+    return bool(archive_suffix(path))
 
 
 def _check_name(archive: Path, name: str) -> PurePosixPath:
@@ -48,12 +57,9 @@ def _check_name(archive: Path, name: str) -> PurePosixPath:
 
 
 def file_sha256(path: str | Path) -> str:
-    """SHA-256 of a file's bytes, read in 1 MiB chunks."""
-    h = hashlib.sha256()
+    """SHA-256 of a file's bytes."""
     with open(path, "rb") as fh:
-        while chunk := fh.read(1 << 20):
-            h.update(chunk)
-    return h.hexdigest()
+        return hashlib.file_digest(fh, "sha256").hexdigest()
 
 
 def safe_extract(archive: str | Path, dest: str | Path, max_member_bytes: int = 2**30,
@@ -62,8 +68,7 @@ def safe_extract(archive: str | Path, dest: str | Path, max_member_bytes: int = 
     archive, dest = Path(archive), Path(dest)
     if dest.exists():
         raise ArchiveError(f"{dest}: extraction target already exists")
-    tmp = dest.with_name(f"{dest.name}.partial-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    tmp = atomic.staging_dir(dest)
     tmp.mkdir(parents=True)
     try:
         if str(archive).lower().endswith(".zip"):
@@ -86,8 +91,6 @@ def extracted(archive: str | Path, dest: str | Path, max_member_bytes: int = 2**
     reuses ``dest`` without reading the archive, a changed one hashes it and extracts again unless
     the hash is the same. One writer at a time (a lock beside ``dest``: DDP ranks, parallel
     stages); the new extraction replaces the old one atomically, and a kill leaves the old one."""
-    from clic import atomic
-
     archive, dest = Path(archive), Path(dest)
     marker = dest.with_name(f"{dest.name}.source.json")
     dest.parent.mkdir(parents=True, exist_ok=True)
@@ -113,6 +116,46 @@ def extracted(archive: str | Path, dest: str | Path, max_member_bytes: int = 2**
     return dest
 
 
+def _check_member(archive: Path, name: str, problem: str, size: int, total: int, max_member: int,
+                  max_total: int, bomb: str = "") -> int:
+    """Refuse a member that may not be extracted (``problem``: why it is no plain file or folder,
+    or ''; ``bomb``: why its compression ratio is refused, or ''); returns the uncompressed total with it."""
+    _check_name(archive, name)
+    if problem:
+        raise ArchiveError(f"{archive}: member {name!r} {problem}")
+    if size > max_member:
+        raise ArchiveError(f"{archive}: member {name!r} is {size} bytes, over the {max_member}-byte limit")
+    if bomb:
+        raise ArchiveError(f"{archive}: member {name!r} {bomb}")
+    if total + size > max_total:
+        raise ArchiveError(f"{archive}: uncompressed size exceeds {max_total} bytes")
+    return total + size
+
+
+def _write_members(archive: Path, dest: Path, members: list[tuple[str, bool, int, Any]],
+                   open_member: Callable[[Any], IO[bytes] | None]) -> None:
+    """Write the checked ``(name, is folder, declared size, member)`` into ``dest``."""
+    for name, is_dir, size, member in members:
+        target = dest / _check_name(archive, name)
+        if is_dir:
+            target.mkdir(parents=True, exist_ok=True)
+            continue
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            src = open_member(member)
+            if src is None:  # pragma: no cover - regular files always have data
+                raise ArchiveError(f"{archive}: member {name!r} has no data")
+            with src, target.open("wb") as out:
+                written = 0
+                while chunk := src.read(1 << 20):
+                    written += len(chunk)
+                    if written > size:  # the header lied
+                        raise ArchiveError(f"{archive}: member {name!r} exceeds its declared size")
+                    out.write(chunk)
+        except CORRUPT as exc:
+            raise ArchiveError(f"{archive}: member {name!r} is corrupt ({exc})") from exc
+
+
 def _extract_zip(archive: Path, dest: Path, max_member: int, max_total: int, max_ratio: float) -> None:
     try:
         zf = zipfile.ZipFile(archive)
@@ -122,37 +165,16 @@ def _extract_zip(archive: Path, dest: Path, max_member: int, max_total: int, max
         total = 0
         infos = zf.infolist()
         for info in infos:  # check everything before writing anything
-            _check_name(archive, info.filename)
-            mode = info.external_attr >> 16
-            if stat.S_ISLNK(mode):
-                raise ArchiveError(f"{archive}: member {info.filename!r} is a symbolic link")
-            if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):  # 0: no type recorded
-                raise ArchiveError(f"{archive}: member {info.filename!r} is not a regular file")
-            if info.file_size > max_member:
-                raise ArchiveError(f"{archive}: member {info.filename!r} is {info.file_size} bytes, "
-                                   f"over the {max_member}-byte limit")
+            mode = info.external_attr >> 16  # file type 0: none recorded
+            problem = ("is a symbolic link" if stat.S_ISLNK(mode) else "is not a regular file"
+                       if stat.S_IFMT(mode) and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)) else "")
+            bomb = ""
             if info.file_size > RATIO_FLOOR and info.file_size > max_ratio * max(info.compress_size, 1):
-                raise ArchiveError(f"{archive}: member {info.filename!r} expands {info.file_size} / "
-                                   f"{info.compress_size} times, over the ratio limit of {max_ratio:g} (zip bomb?)")
-            total += info.file_size
-            if total > max_total:
-                raise ArchiveError(f"{archive}: uncompressed size exceeds {max_total} bytes")
-        for info in infos:
-            target = dest / _check_name(archive, info.filename)
-            if info.is_dir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            try:
-                with zf.open(info) as src, target.open("wb") as out:
-                    written = 0
-                    while chunk := src.read(1 << 20):
-                        written += len(chunk)
-                        if written > info.file_size:  # the header lied
-                            raise ArchiveError(f"{archive}: member {info.filename!r} exceeds its declared size")
-                        out.write(chunk)
-            except CORRUPT as exc:
-                raise ArchiveError(f"{archive}: member {info.filename!r} is corrupt ({exc})") from exc
+                bomb = (f"expands {info.file_size} / {info.compress_size} times, over the ratio limit of "
+                        f"{max_ratio:g} (zip bomb?)")
+            total = _check_member(archive, info.filename, problem, info.file_size, total, max_member, max_total,
+                                  bomb)
+        _write_members(archive, dest, [(i.filename, i.is_dir(), i.file_size, i) for i in infos], zf.open)
 
 
 def _extract_tar(archive: Path, dest: Path, max_member: int, max_total: int, max_ratio: float) -> None:
@@ -172,39 +194,18 @@ def _extract_tar(archive: Path, dest: Path, max_member: int, max_total: int, max
             if m is None:
                 break
             members.append(m)
-            _check_name(archive, m.name)
-            if m.issym() or m.islnk():
-                raise ArchiveError(f"{archive}: member {m.name!r} is a link")
-            if m.isdev() or m.isfifo() or not (m.isfile() or m.isdir()):
-                raise ArchiveError(f"{archive}: member {m.name!r} is not a regular file or folder")
-            if m.size > max_member:
-                raise ArchiveError(f"{archive}: member {m.name!r} is {m.size} bytes, over the "
-                                   f"{max_member}-byte limit")
-            total += m.size
-            if total > max_total:
-                raise ArchiveError(f"{archive}: uncompressed size exceeds {max_total} bytes")
+            problem = ("is a link" if m.issym() or m.islnk() else "is not a regular file or folder"
+                       if m.isdev() or m.isfifo() or not (m.isfile() or m.isdir()) else "")
+            total = _check_member(archive, m.name, problem, m.size, total, max_member, max_total)
             if total > RATIO_FLOOR and total > max_ratio * max(packed, 1):
                 raise ArchiveError(f"{archive}: expands to over {total} bytes from {packed} (at member "
                                    f"{m.name!r}), over the ratio limit of {max_ratio:g} (decompression bomb?)")
-        for m in members:
-            target = dest / _check_name(archive, m.name)
-            if m.isdir():
-                target.mkdir(parents=True, exist_ok=True)
-                continue
-            target.parent.mkdir(parents=True, exist_ok=True)
-            src = tf.extractfile(m)
-            if src is None:  # pragma: no cover - regular files always have data
-                raise ArchiveError(f"{archive}: member {m.name!r} has no data")
-            try:
-                with src, target.open("wb") as out:
-                    shutil.copyfileobj(src, out, 1 << 20)
-            except CORRUPT as exc:
-                raise ArchiveError(f"{archive}: member {m.name!r} is corrupt ({exc})") from exc
+        _write_members(archive, dest, [(m.name, m.isdir(), m.size, m) for m in members], tf.extractfile)
 
 
 def find_root(folder: Path, marker: str) -> Path:
     """The folder at or below ``folder`` (up to 3 levels) that contains ``marker``."""
     for depth in range(4):
-        for candidate in sorted(folder.glob("/".join(["*"] * depth) + ("/" if depth else "") + marker)):
+        for candidate in sorted(folder.glob("*/" * depth + marker)):
             return candidate.parent
     raise ValueError(f"{folder}: no {marker!r} found within 3 folder levels")

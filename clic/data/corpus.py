@@ -1,14 +1,9 @@
 """The pretraining corpus: unlabelled images kept apart from the evaluation data.
 
 The papers pretrain on large unlabelled collections (CLIC: ~1M ImageNet + Flickr images) and
-evaluate on IC9600. ``pretrain.data`` lists the corpus: image folders (walked recursively),
-``.zip``/``.tar``/``.tar.gz`` archives (safely extracted once) or prepared datasets (folders with a
-``table.csv``, whose resized cache is used and whose labels are ignored). A corpus is only a list
-of paths: images are decoded one per sample by the data loader, so it may be any size.
-
-:func:`corpus_hashes` hashes the decoded pixels of every corpus image (SHA-256 and a perceptual
-hash; in parallel, remembered in an on-disk index keyed by path, size and modification time, so a
-re-run hashes only new files) and :func:`leaks` names the evaluation images whose pixels, or a
+evaluate on IC9600. :func:`corpus_records` lists ``pretrain.data`` (image folders, archives,
+prepared datasets, sharded corpora) as paths the loader decodes one per sample, so a corpus may be
+any size; :func:`corpus_hashes` and :func:`leaks` name the evaluation images whose pixels, or a
 resized or re-encoded copy of them, are also in the corpus.
 """
 
@@ -19,15 +14,16 @@ import json
 import logging
 import os
 from collections import defaultdict
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 from tqdm import tqdm
 
+from clic import atomic
 from clic.cores import die_with_parent, usable_cores
-from clic.data.archive import ARCHIVE_SUFFIXES, MAX_RATIO, extracted, is_archive
+from clic.data.archive import ARCHIVE_SUFFIXES, MAX_RATIO, archive_suffix, extracted, is_archive
 from clic.data.imageio import (
     DEFAULT_MAX_PIXELS,
     IMAGE_SUFFIXES,
@@ -60,8 +56,6 @@ def corpus_records(paths: Sequence[str | Path], work_dir: str | Path = CORPUS_DI
     Relative entries are relative to the working directory; a missing entry is a ``ValueError``
     naming ``pretrain.data[i]``. Archives are extracted under the ``data.max_*`` limits.
     """
-    limits = {"max_total_bytes": max_archive_bytes, "max_member_bytes": max_member_bytes,
-              "max_ratio": max_archive_ratio}
     labels: set[str] = set()
     out: list[Record] = []
     for i, entry in enumerate(paths):
@@ -71,7 +65,8 @@ def corpus_records(paths: Sequence[str | Path], work_dir: str | Path = CORPUS_DI
         path = Path(entry)
         if not path.exists():
             raise ValueError(f"pretrain.data[{i}]: {entry} does not exist (relative to {Path.cwd()})")
-        label = _strip_archive_suffix(path.resolve().name) or f"entry{i}"
+        name = path.resolve().name
+        label = name[:len(name) - len(archive_suffix(name))] or f"entry{i}"
         if label in labels:
             label = f"{label}~{i}"
         labels.add(label)
@@ -80,8 +75,8 @@ def corpus_records(paths: Sequence[str | Path], work_dir: str | Path = CORPUS_DI
         elif path.is_dir():
             records = _folder(path, label)
         elif is_archive(path):
-            records = _folder(extracted(path, Path(work_dir) / label, int(limits["max_member_bytes"]),
-                                        int(limits["max_total_bytes"]), limits["max_ratio"]), label)
+            records = _folder(extracted(path, Path(work_dir) / label, max_member_bytes, max_archive_bytes,
+                                        max_archive_ratio), label)
         elif is_image_file(path):
             records = [Record(f"{label}", str(path.resolve()), None, "unlabeled")]
         else:
@@ -92,13 +87,6 @@ def corpus_records(paths: Sequence[str | Path], work_dir: str | Path = CORPUS_DI
         log.info("pretrain.data[%d]: %d images in %s", i, len(records), entry)
         out.extend(records)
     return out
-
-
-def _strip_archive_suffix(name: str) -> str:
-    for suffix in sorted(ARCHIVE_SUFFIXES, key=len, reverse=True):
-        if name.lower().endswith(suffix):
-            return name[: -len(suffix)]
-    return name
 
 
 def walk_images(root: Path) -> Iterator[Path]:
@@ -174,25 +162,28 @@ class Leak:
         return f"{self.evaluation} = {self.corpus} ({how})"
 
 
-def _hash_file(job: tuple[str, int]) -> tuple[str, str, str]:
-    path, max_pixels = job
+def _hash(job: tuple[str | bytes, str, int]) -> tuple[str, str, str]:
+    """Worker: (SHA-256, perceptual hash, '') of an image file (its path or bytes, its name, the
+    pixel limit), or ('', '', why not)."""
+    source, name, max_pixels = job
     try:
-        img = load_rgb(path, max_pixels)
-        return content_hash(img), f"{perceptual_hash(img):016x}", ""
+        img = decode_bytes(source, name, max_pixels) if isinstance(source, bytes) else load_rgb(source, max_pixels)
     except ImageError as exc:
         return "", "", str(exc)
+    return content_hash(img), f"{perceptual_hash(img):016x}", ""
 
 
 def _hash_samples(job: tuple[str, dict, int]) -> dict[str, tuple[str, str, str]]:
-    """Worker: sample id -> (SHA-256, perceptual hash, error) of each sample of one shard of a local corpus."""
-    out = {}
-    for i, data in iter_samples(job):
-        try:
-            img = decode_bytes(data, f"{job[0]}#{i}")
-            out[str(i)] = (content_hash(img), f"{perceptual_hash(img):016x}", "")
-        except ImageError as exc:
-            out[str(i)] = ("", "", str(exc))
-    return out
+    """Worker: sample id -> :func:`_hash` of each sample of one shard of a local corpus."""
+    return {str(i): _hash((data, f"{job[0]}#{i}", DEFAULT_MAX_PIXELS)) for i, data in iter_samples(job)}
+
+
+def _parallel(fn: Callable, jobs: list, workers: int, chunksize: int, desc: str, unit: str,
+              progress: bool) -> Iterator:
+    """``map(fn, jobs)`` in worker processes, in order, under a progress bar."""
+    with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool:
+        yield from tqdm(pool.map(fn, jobs, chunksize=chunksize), total=len(jobs), desc=desc, unit=unit,
+                        disable=None if progress else True)
 
 
 def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | None = None,
@@ -210,18 +201,17 @@ def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | N
     sha: dict[str, str] = {}
     phash: dict[str, int] = {}
     errors: dict[str, str] = {}
-    todo: list[tuple[Record, str, int, int]] = []
+    todo: list[tuple[Record, os.stat_result]] = []
 
-    def take(r: Record, entry: Mapping[str, str]) -> None:
-        if entry["sha256"]:
-            sha[r.name] = r.sha256 or entry["sha256"]
-            phash[r.name] = int(entry["phash"], 16)
+    def take(name: str, digest: str, ph: str, err: str, own: str = "") -> None:
+        if digest:
+            sha[name], phash[name] = own or digest, int(ph, 16)
         else:
-            errors[r.name] = entry["error"]
+            errors[name] = err
 
     members: dict[str, dict[str, Record]] = defaultdict(dict)  # corpus folder -> sample id -> record
     for r in records:
-        if "#" in r.path and is_shard_member(r.path):  # hashed from the shard's content below
+        if is_shard_member(r.path):  # hashed from the shard's content below
             url, key = r.path.rsplit("#", 1)
             members[url][key] = r
             continue
@@ -233,33 +223,28 @@ def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | N
         hit = known.get(r.path)
         if hit is not None and (hit["size"], hit["mtime_ns"]) == (st.st_size, st.st_mtime_ns) and \
                 (hit["phash"] or hit["error"]):
-            take(r, hit)
-            continue
-        todo.append((r, r.path, st.st_size, st.st_mtime_ns))
+            take(r.name, hit["sha256"], hit["phash"], hit["error"], r.sha256)
+        else:
+            todo.append((r, st))
     workers = workers or min(usable_cores(), 8)
     if todo:
         index.parent.mkdir(parents=True, exist_ok=True)
-        jobs = [(path, max_pixels) for _, path, _, _ in todo]
-        with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool, index.open("a") as journal:
-            results = pool.map(_hash_file, jobs, chunksize=32)
-            for (r, path, size, mtime), (digest, ph, err) in tqdm(zip(todo, results, strict=True), total=len(todo),
-                                                                  desc="hash images", unit="img",
-                                                                  disable=None if progress else True):
-                entry = {"path": path, "size": size, "mtime_ns": mtime, "sha256": digest, "phash": ph, "error": err}
-                known[path] = entry
-                journal.write(json.dumps(entry) + "\n")
-                take(r, entry)
-        _write_index(index, known)
+        jobs = [(r.path, r.path, max_pixels) for r, _ in todo]
+        results = _parallel(_hash, jobs, workers, 32, "hash images", "img", progress)
+        with index.open("a") as journal:
+            for (r, st), (digest, ph, err) in zip(todo, results, strict=True):
+                known[r.path] = {"path": r.path, "size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest,
+                                 "phash": ph, "error": err}
+                journal.write(json.dumps(known[r.path]) + "\n")
+                take(r.name, digest, ph, err, r.sha256)
+        atomic.write_text(index, "".join(json.dumps(known[path]) + "\n" for path in sorted(known)))
     if members:  # never the writer's word: what the shards hold is what training reads
         shards = [job for folder in members for job in shard_jobs(folder)]
-        with ProcessPoolExecutor(workers, initializer=die_with_parent) as pool:
-            for (folder, _, _), hashed in tqdm(zip(shards, pool.map(_hash_samples, shards), strict=True),
-                                               total=len(shards),
-                                               desc="hash shards", unit="shard", disable=None if progress else True):
-                for key, (digest, ph, err) in hashed.items():
-                    if key in members[folder]:  # the writer's recorded hash is not kept
-                        take(dataclasses.replace(members[folder].pop(key), sha256=""),
-                             {"sha256": digest, "phash": ph, "error": err})
+        hashed_shards = _parallel(_hash_samples, shards, workers, 1, "hash shards", "shard", progress)
+        for (folder, _, _), hashed in zip(shards, hashed_shards, strict=True):
+            for key, hashes in hashed.items():
+                if key in members[folder]:  # the writer's recorded hash is not kept
+                    take(members[folder].pop(key).name, *hashes)
         for folder, missing in members.items():
             for key, r in missing.items():
                 errors[r.name] = f"{folder}: no sample {key} in the corpus"
@@ -278,24 +263,14 @@ def read_index(index: Path) -> dict[str, dict]:
     with index.open() as fh:
         for line in fh:
             try:
-                entry = json.loads(line)
-                ph = str(entry.get("phash", ""))
-                if ph:
-                    int(ph, 16)
-                known[str(entry["path"])] = {"path": str(entry["path"]), "size": int(entry["size"]),
-                                             "mtime_ns": int(entry["mtime_ns"]), "sha256": str(entry["sha256"]),
-                                             "phash": ph, "error": str(entry.get("error", ""))}
+                e = json.loads(line)
+                path, ph = str(e["path"]), str(e.get("phash", ""))
+                int(ph or "0", 16)
+                known[path] = {"path": path, "size": int(e["size"]), "mtime_ns": int(e["mtime_ns"]),
+                               "sha256": str(e["sha256"]), "phash": ph, "error": str(e.get("error", ""))}
             except (ValueError, KeyError, TypeError, AttributeError):
                 continue  # a line cut short by a crash: that file is hashed again
     return known
-
-
-def _write_index(index: Path, known: Mapping[str, dict]) -> None:
-    tmp = index.with_name(f"{index.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as fh:
-        for path in sorted(known):
-            fh.write(json.dumps(known[path]) + "\n")
-    os.replace(tmp, index)
 
 
 def evaluation_records(table: Iterable[Record], probe_mode: str) -> list[Record]:

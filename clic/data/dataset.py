@@ -9,6 +9,7 @@ have seen, whatever the number of loader workers.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
@@ -101,25 +102,21 @@ class ViewDataset(Dataset):
                          "unreadable; check the pretraining data")
 
 
-class _seeded:
+@contextlib.contextmanager
+def _seeded(seed: int) -> Iterator[None]:
     """Seed python's and torch's global (CPU) RNGs for a block, restoring them afterwards.
 
     Only the CPU generator: the views draw from it alone, and ``torch.manual_seed`` would also
     queue a seeding of every accelerator, recording a stack trace each time (a fifth of a 64 px
     MoCo sample's loader time)."""
-
-    def __init__(self, seed: int) -> None:
-        self.seed = seed
-
-    def __enter__(self) -> None:
-        self.py_state = random.getstate()
-        self.torch_state = torch.random.get_rng_state()
-        random.seed(self.seed)
-        torch.random.default_generator.manual_seed(self.seed)
-
-    def __exit__(self, *exc: object) -> None:
-        random.setstate(self.py_state)
-        torch.random.set_rng_state(self.torch_state)
+    py_state, torch_state = random.getstate(), torch.random.get_rng_state()
+    random.seed(seed)
+    torch.random.default_generator.manual_seed(seed)
+    try:
+        yield
+    finally:
+        random.setstate(py_state)
+        torch.random.set_rng_state(torch_state)
 
 
 class EpochBatches:
@@ -137,7 +134,7 @@ class EpochBatches:
         self.epoch, self.skip = epoch, skip
 
     def __len__(self) -> int:
-        return self.n // (self.batch_size * self.world) - self.skip
+        return self.steps_per_epoch - self.skip
 
     @property
     def steps_per_epoch(self) -> int:

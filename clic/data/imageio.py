@@ -38,10 +38,7 @@ def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: i
     4-30x less decoding work for camera-sized photos. Other formats decode in full.
     """
     path = Path(path)
-    try:
-        return _decode(path, str(path), max_pixels, min_size)
-    except FileNotFoundError as exc:
-        raise ImageError(f"{path}: image file is missing") from exc
+    return _decode(path, str(path), max_pixels, min_size)
 
 
 def check_pixels(name: str, w: int, h: int, max_pixels: int) -> None:
@@ -83,10 +80,11 @@ def _decode(source: Path | io.BytesIO, name: str, max_pixels: int, min_size: int
             with warnings.catch_warnings():
                 warnings.simplefilter("error", Image.DecompressionBombWarning)
                 probe.load()  # decodes now: truncated files fail here, not later in a worker
-            img = ImageOps.exif_transpose(probe)
-            return to_rgb(img)
-    except (ImageError, FileNotFoundError):
+            return to_rgb(ImageOps.exif_transpose(probe))
+    except ImageError:
         raise
+    except FileNotFoundError as exc:
+        raise ImageError(f"{name}: image file is missing") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
             Image.DecompressionBombError) as exc:
         raise ImageError(f"{name}: cannot decode image ({exc})") from exc
@@ -112,8 +110,7 @@ def read_encoded(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
     (:func:`clic.data.imageio.decode_bytes`). Errors name ``name``."""
     try:
         with Image.open(io.BytesIO(data)) as probe:
-            w, h = probe.size
-            fmt, mode = probe.format, probe.mode
+            (w, h), fmt, mode = probe.size, probe.format, probe.mode
             orientation = probe.getexif().get(EXIF_ORIENTATION, 1) if fmt in ("JPEG", "MPO") else 1
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageError(f"{name}: cannot decode image ({exc})") from exc
@@ -130,21 +127,10 @@ def read_encoded(data: bytes, name: str, max_pixels: int = DEFAULT_MAX_PIXELS) -
 
 def orient(img: torch.Tensor, orientation: int) -> torch.Tensor:
     """(..., H, W) as displayed for EXIF ``orientation`` (1-8), as Pillow's ``exif_transpose``."""
-    if orientation == 2:
-        return img.flip(-1)
-    if orientation == 3:
-        return img.flip(-1).flip(-2)
-    if orientation == 4:
-        return img.flip(-2)
-    if orientation == 5:
-        return img.transpose(-1, -2)
-    if orientation == 6:
-        return img.transpose(-1, -2).flip(-1)
-    if orientation == 7:
-        return img.transpose(-1, -2).flip(-1).flip(-2)
-    if orientation == 8:
-        return img.transpose(-1, -2).flip(-2)
-    return img
+    if orientation in (5, 6, 7, 8):
+        img = img.transpose(-1, -2)
+    flips = {2: (-1,), 3: (-1, -2), 4: (-2,), 6: (-1,), 7: (-1, -2), 8: (-2,)}.get(orientation)
+    return img.flip(flips) if flips else img
 
 
 def decode_opened(img: Image.Image, min_size: int | None = None) -> Image.Image:
@@ -173,10 +159,7 @@ def to_rgb(img: Image.Image) -> Image.Image:
         hi = 65535.0 if mode.startswith("I;16") or arr.max(initial=0) > 255 else 255.0
         arr8 = np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
         return Image.fromarray(arr8, mode="L").convert("RGB")
-    if mode == "P" and "transparency" in img.info:
-        img = img.convert("RGBA")
-        mode = "RGBA"
-    if mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+    if mode in ("RGBA", "LA", "PA", "RGBa", "La") or (mode == "P" and "transparency" in img.info):
         rgba = img.convert("RGBA")
         background = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
         return Image.alpha_composite(background, rgba).convert("RGB")

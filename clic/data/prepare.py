@@ -1,21 +1,15 @@
 """``clic data prepare``: any source -> the prepared format (table + resized cache).
 
 Every image is decoded once (in a process pool) to check it, measure it, hash its pixels and
-write the short-side cache. Guarantees (see :mod:`clic.atomic`):
-
-- one prepare of an output at a time (``<out>.lock``); a second one waits, then finds the output
-  up to date with its inputs and reuses it;
-- the result is built in ``<out>.partial-<pid>`` and swapped in only when complete, so a failed,
-  interrupted or killed prepare leaves the previous prepared dataset (restored on the next start
-  when the kill fell between the two renames of the swap), and leftovers of killed runs are deleted;
-- an archive is extracted into ``<raw_dir>/ic9600-<stem>`` keyed by its content (size, mtime and
-  inode, then its SHA-256 when those changed; recorded in ``ic9600-<stem>.source.json``): a
-  different archive under the same name is extracted again, as is any archive with ``force``;
-- every listed image lies inside the dataset (:mod:`clic.data.sources`).
+write the short-side cache. One prepare of an output at a time: it is built aside and swapped in
+when complete, so a failed or killed prepare leaves the previous one (:mod:`clic.atomic`). An
+archive is extracted once per content (:func:`clic.data.archive.extracted`), and every listed image
+lies inside the dataset (:mod:`clic.data.sources`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -56,17 +50,18 @@ def source_entries(cfg: DataConfig, seed: int, force: bool = False) -> tuple[lis
     path = Path(cfg.path)
     if not path.exists():
         raise ValueError(f"data.path: {path} does not exist")
+    if cfg.source == "ic9600" and path.is_file():
+        if not is_archive(path):
+            raise ValueError(f"data.path: {path} is neither a folder nor a .zip/.tar/.tar.gz archive")
+        path = find_root(extracted(path, raw / f"ic9600-{path.stem}", cfg.max_member_bytes, cfg.max_archive_bytes,
+                                   cfg.max_archive_ratio, force), "images")
     if cfg.source == "ic9600":
-        if path.is_file():
-            if not is_archive(path):
-                raise ValueError(f"data.path: {path} is neither a folder nor a .zip/.tar/.tar.gz archive")
-            path = find_root(extracted(path, raw / f"ic9600-{path.stem}", cfg.max_member_bytes, cfg.max_archive_bytes,
-                                       cfg.max_archive_ratio, force), "images")
-        return read_ic9600(path), {"source": "ic9600", "root": str(path)}
-    if cfg.source == "savoias":
-        return read_savoias(path, cfg.categories, seed, cfg.test_fraction), {"source": "savoias",
-                                                                              "root": str(path)}
-    return read_folder(path, Path(cfg.csv), seed, cfg.test_fraction), {"source": "folder", "root": str(path)}
+        entries = read_ic9600(path)
+    elif cfg.source == "savoias":
+        entries = read_savoias(path, cfg.categories, seed, cfg.test_fraction)
+    else:
+        entries = read_folder(path, Path(cfg.csv), seed, cfg.test_fraction)
+    return entries, {"source": cfg.source, "root": str(path)}
 
 
 def _process(job: tuple[Entry, str, int, int, int]) -> tuple[Record | None, str | None]:
@@ -80,15 +75,13 @@ def _process(job: tuple[Entry, str, int, int, int]) -> tuple[Record | None, str 
     if min(w, h) < min_size:
         return None, f"{entry.path}: {w}x{h} is smaller than the minimum side of {min_size} pixels"
     sha = content_hash(img)
-    cache = ""
-    if cache_size:
-        cache = f"cache/{sha[:2]}/{sha}.png"
-        target = Path(out_dir) / cache
-        if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_suffix(f".{os.getpid()}.tmp")
-            resize_short(img, cache_size).save(tmp, format="PNG", compress_level=1)
-            os.replace(tmp, target)
+    cache = f"cache/{sha[:2]}/{sha}.png" if cache_size else ""
+    target = Path(out_dir) / cache
+    if cache and not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".{os.getpid()}.tmp")
+        resize_short(img, cache_size).save(tmp, format="PNG", compress_level=1)
+        os.replace(tmp, target)
     return Record(entry.name, str(entry.path), entry.score, entry.split, entry.category, w, h, sha, cache), None
 
 
@@ -155,10 +148,7 @@ def _prepare_locked(cfg: DataConfig, out: Path, seed: int, workers: int | None, 
             shown = "\n  ".join(errors[:10])
             more = f"\n  ... and {len(errors) - 10} more" if len(errors) > 10 else ""
             raise ValueError(f"{len(errors)} of {len(entries)} images are unusable:\n  {shown}{more}")
-        records = [
-            Record(r.name, relative_to(out, Path(r.path)), r.score, r.split, r.category, r.width, r.height,
-                   r.sha256, r.cache) for r in records
-        ]
+        records = [dataclasses.replace(r, path=relative_to(out, Path(r.path))) for r in records]
         write_table(tmp, records, {**meta, "seed": seed, "cache_size": cfg.cache_size, "inputs": signature})
         atomic.replace_dir(tmp, out)
     except BaseException:

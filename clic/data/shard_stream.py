@@ -42,10 +42,8 @@ class ShardStream(StreamingDataset):
     def __init__(self, entries: Sequence[str | Path], cache_root: str | Path, transform: Callable[[Any], dict],
                  batch_size: int, seed: int = 0, decode_side: int | None = None, encoded: bool = False,
                  cache_limit: str | None = None) -> None:
-        streams = []
-        for entry in entries:
-            remote, local = remote_and_local(entry, cache_root)
-            streams.append(Stream(remote=remote, local=str(local)))
+        places = [remote_and_local(entry, cache_root) for entry in entries]
+        streams = [Stream(remote=remote, local=str(local)) for remote, local in places]
         # one canonical node: the order is the same on any number of nodes, ranks and workers
         super().__init__(streams=streams, shuffle=True, shuffle_seed=seed, batch_size=batch_size,
                          num_canonical_nodes=1, allow_unsafe_types=False, cache_limit=cache_limit)

@@ -178,12 +178,9 @@ def shard_records(entry: str | Path, label: str, cache_root: str | Path) -> list
     """The images of a sharded corpus as unlabelled records (``path``: ``<entry>#<sample id>``)
     with the pixel hashes the writer recorded (the leak check hashes the content again)."""
     dataset = local_corpus(entry, cache_root)
-    out = []
-    for i in range(len(dataset)):
-        s = dataset[i]
-        out.append(Record(f"{label}/{s['name']}", f"{dataset.local}#{i}", None, "unlabeled", s["source"],
-                          s["width"], s["height"], s["sha256"]))
-    return out
+    samples = (dataset[i] for i in range(len(dataset)))
+    return [Record(f"{label}/{s['name']}", f"{dataset.local}#{i}", None, "unlabeled", s["source"], s["width"],
+                   s["height"], s["sha256"]) for i, s in enumerate(samples)]
 
 
 def is_shard_member(path: str) -> bool:
@@ -289,8 +286,8 @@ def write_shards(records: Sequence[Record], out: str | Path, per_shard: int = 10
                 tqdm(total=len(items), initial=len(items) - remaining, desc="shard", unit="img",
                      disable=None if progress else True, smoothing=0.05) as bar:
             writer, unreadable = None, []  # type: Any, list[list[str]]
-            for part, last, future in _bounded(_chunks(items, todo, per_shard), pool, side, quality, max_pixels,
-                                               4 * workers):
+            for part, last, future in _encoded_chunks(items, todo, per_shard, pool, (side, quality, max_pixels),
+                                                      4 * workers):
                 if writer is None:
                     tmp = out / f".{_part(part)}.{os.getpid()}.tmp"
                     writer, unreadable = streaming.MDSWriter(out=str(tmp), columns=COLUMNS, size_limit=SHARD_BYTES,
@@ -329,24 +326,19 @@ def _write_index(out: Path, n_parts: int, per_shard: int, side: int, seed: int, 
     return ShardSummary(out / INDEX_NAME, total, n_parts, written, len(skipped))
 
 
-def _chunks(items: Sequence[tuple[str, str, str]], parts: Sequence[int],
-            per_shard: int) -> Iterator[tuple[int, bool, list[tuple[str, str, str]]]]:
-    """``(part, last chunk of the part, items)`` for each chunk of ``CHUNK`` images of ``parts``."""
+def _encoded_chunks(items: Sequence[tuple[str, str, str]], parts: Sequence[int], per_shard: int,
+                    pool: ProcessPoolExecutor, settings: tuple[int, int, int],
+                    limit: int) -> Iterator[tuple[int, bool, Future]]:
+    """``(part, last chunk of the part, future of its :func:`_encode`)`` for each chunk of ``CHUNK``
+    images of ``parts``, in order, with at most ``limit`` chunks in flight (flat memory)."""
+    pending: deque[tuple[int, bool, Future]] = deque()
     for i in parts:
         members = items[i * per_shard:(i + 1) * per_shard]
         for s in range(0, len(members), CHUNK):
-            yield i, s + CHUNK >= len(members), list(members[s:s + CHUNK])
-
-
-def _bounded(jobs: Iterator[tuple[int, bool, list]], pool: ProcessPoolExecutor, side: int, quality: int,
-             max_pixels: int, limit: int) -> Iterator[tuple[int, bool, Future]]:
-    """Submit ``jobs`` keeping at most ``limit`` in flight; yield them in order as they finish
-    (flat memory: the results of at most ``limit`` chunks exist at once)."""
-    pending: deque[tuple[int, bool, Future]] = deque()
-    for part, last, chunk in jobs:
-        pending.append((part, last, pool.submit(_encode, (chunk, side, quality, max_pixels))))
-        if len(pending) >= limit:
-            yield pending.popleft()
+            chunk = list(members[s:s + CHUNK])
+            pending.append((i, s + CHUNK >= len(members), pool.submit(_encode, (chunk, *settings))))
+            if len(pending) >= limit:
+                yield pending.popleft()
     while pending:
         yield pending.popleft()
 

@@ -42,18 +42,13 @@ def _score(text: str, where: str) -> float:
     return value
 
 
-def _check_unique(entries: Iterable[Entry], where: str) -> list[Entry]:
+def _checked(entries: list[Entry], where: str) -> list[Entry]:
+    """``entries``, refused unless their names are unique and each is a file."""
     seen: dict[str, str] = {}
-    out = []
     for e in entries:
         if e.name in seen:
             raise ValueError(f"{where}: duplicate image name {e.name!r} (in {seen[e.name]} and {e.split})")
         seen[e.name] = e.split
-        out.append(e)
-    return out
-
-
-def _require_files(entries: list[Entry]) -> list[Entry]:
     for e in entries:
         if not e.path.is_file():
             raise ValueError(f"{e.path}: image listed for {e.name!r} ({e.split}) is missing")
@@ -96,13 +91,13 @@ def read_ic9600(root: Path) -> list[Entry]:
     images = root / "images"
     if not images.is_dir():
         raise ValueError(f"{root}: no images/ folder (expected IC9600 layout: images/, train.txt, test.txt)")
+    if not any((root / f"{split}.txt").is_file() for split in ("train", "test")):
+        raise ValueError(f"{root}: neither train.txt nor test.txt found (IC9600 layout)")
     entries: list[Entry] = []
-    found = False
     for split in ("train", "test"):
         ann = root / f"{split}.txt"
         if not ann.is_file():
             continue
-        found = True
         before = len(entries)
         for lineno, raw in enumerate(_read_text(ann).splitlines(), start=1):
             line = raw.strip()  # as IC9600's own parser: strip, then split on two spaces
@@ -117,9 +112,7 @@ def read_ic9600(root: Path) -> list[Entry]:
             category = name.split("_", 1)[0] if "_" in name else ""
             entries.append(Entry(name, listed_path(images, name, where), _score(score, where), split, category))
         _require_rows(entries[before:], ann, "lines '<image name><two spaces><score>'")
-    if not found:
-        raise ValueError(f"{root}: neither train.txt nor test.txt found (IC9600 layout)")
-    return _require_files(_check_unique(entries, str(root)))
+    return _checked(entries, str(root))
 
 
 def _read_text(path: Path) -> str:
@@ -171,8 +164,7 @@ def read_xlsx_column(path: Path, header: str = "gt") -> list[float]:
         for cell in row.findall("m:c", _NS):
             ref = cell.get("r", "")
             col = re.sub(r"\d", "", ref)
-            v = cell.find("m:v", _NS)
-            text = "" if v is None or v.text is None else v.text
+            text = cell.findtext("m:v", "", _NS)
             if cell.get("t") == "s" and text:
                 text = strings[int(text)]
             if column is None:
@@ -212,7 +204,7 @@ def read_savoias(root: Path, categories: Iterable[str], seed: int, test_fraction
             name = f"{cat.replace(' ', '_')}_{i}{files[i].suffix.lower()}"
             value = _score(str(score / 100.0), f"{xlsx}: row {i + 2}")
             entries.append(Entry(name, files[i], value, seeded_split(name, seed, test_fraction), cat))
-    return _check_unique(entries, str(root))
+    return _checked(entries, str(root))
 
 
 # ------------------------------------------------------------------------------------- folder
@@ -236,7 +228,6 @@ def read_folder(root: Path, csv_path: Path, seed: int, test_fraction: float) -> 
             split = row[2].strip() if len(row) == 3 else seeded_split(name, seed, test_fraction)
             if split not in ("train", "test", "val", "unlabeled"):
                 raise ValueError(f"{where}: split {split!r} is not one of train, test, val, unlabeled")
-            category = Path(name).parent.name if Path(name).parent.name else ""
-            entries.append(Entry(name, listed_path(root, name, where), score, split, category))
+            entries.append(Entry(name, listed_path(root, name, where), score, split, Path(name).parent.name))
     _require_rows(entries, csv_path, "rows 'image,score[,split]' below the header")
-    return _require_files(_check_unique(entries, str(csv_path)))
+    return _checked(entries, str(csv_path))

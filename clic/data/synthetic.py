@@ -67,7 +67,7 @@ def _texture(rng: np.random.Generator, w: int, h: int, z: float, colours: int) -
     return pal[levels]
 
 
-def _background(rng: np.random.Generator, w: int, h: int, z: float) -> np.ndarray:
+def _background(rng: np.random.Generator, w: int, h: int) -> np.ndarray:
     c0, c1 = np.array(_palette(rng, 2), np.float32)
     if rng.uniform() < 0.5:  # plain
         return np.broadcast_to(c0, (h, w, 3)).astype(np.uint8).copy()
@@ -90,12 +90,11 @@ def render(seed: int, index: int, size: int, style: str, shape: str | None = Non
         stripe_pal = np.array(_palette(rng, colours), np.uint8)
         edges = np.sort(rng.uniform(0, 1, bands))
         pos = np.linspace(0, 1, w if rng.uniform() < 0.5 else h)
-        idx = np.searchsorted(edges, pos) % colours
-        line = stripe_pal[idx]
+        line = stripe_pal[np.searchsorted(edges, pos) % colours]
         arr = (np.broadcast_to(line[None], (h, w, 3)) if len(pos) == w
                else np.broadcast_to(line[:, None], (h, w, 3))).copy()
     else:
-        arr = _background(rng, w, h, level)
+        arr = _background(rng, w, h)
     img = Image.fromarray(arr, "RGB")
     draw = ImageDraw.Draw(img)
     if style in ("shapes", "mixed") or shape is not None:

@@ -15,11 +15,14 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
+
+from clic import atomic
 
 COLUMNS = ("name", "path", "score", "split", "category", "width", "height", "sha256", "cache")
 SPLITS = ("train", "test", "val", "unlabeled")
@@ -57,22 +60,18 @@ def relative_to(root: Path, path: Path) -> str:
 
 
 def write_table(root: Path, records: Iterable[Record], meta: dict[str, Any]) -> None:
-    """Write ``table.csv`` and ``meta.json`` atomically (temp file + rename)."""
+    """Write ``table.csv``, then ``meta.json`` (plus fingerprint and counts), each atomically."""
     records = list(records)
     root.mkdir(parents=True, exist_ok=True)
-    tmp = root / "table.csv.tmp"
-    with tmp.open("w", newline="") as fh:
-        writer = csv.writer(fh)
-        writer.writerow(COLUMNS)
-        for r in records:
-            writer.writerow([r.name, r.path, "" if r.score is None else f"{r.score:.6f}", r.split,
-                             r.category, r.width, r.height, r.sha256, r.cache])
-    meta = dict(meta)
-    meta["fingerprint"] = fingerprint(records)
-    meta["counts"] = {s: sum(r.split == s for r in records) for s in sorted({r.split for r in records})}
-    (root / "meta.json.tmp").write_text(json.dumps(meta, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, root / "table.csv")
-    os.replace(root / "meta.json.tmp", root / "meta.json")
+    table = io.StringIO()
+    writer = csv.writer(table)
+    writer.writerow(COLUMNS)
+    writer.writerows([r.name, r.path, "" if r.score is None else f"{r.score:.6f}", r.split, r.category, r.width,
+                      r.height, r.sha256, r.cache] for r in records)
+    counts = {s: sum(r.split == s for r in records) for s in sorted({r.split for r in records})}
+    atomic.write_text(root / "table.csv", table.getvalue())
+    meta = {**meta, "fingerprint": fingerprint(records), "counts": counts}
+    atomic.write_text(root / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
 
 
 def read_table(root: str | Path, splits: Iterable[str] | None = None) -> list[Record]:
@@ -89,10 +88,8 @@ def read_table(root: str | Path, splits: Iterable[str] | None = None) -> list[Re
             raise ValueError(f"{path}:1: expected header {','.join(COLUMNS)}, got {reader.fieldnames}")
         for lineno, row in enumerate(reader, start=2):
             try:
-                rec = Record(name=row["name"], path=row["path"],
-                             score=float(row["score"]) if row["score"] else None, split=row["split"],
-                             category=row["category"], width=int(row["width"]), height=int(row["height"]),
-                             sha256=row["sha256"], cache=row["cache"])
+                rec = Record(row["name"], row["path"], float(row["score"]) if row["score"] else None, row["split"],
+                             row["category"], int(row["width"]), int(row["height"]), row["sha256"], row["cache"])
             except (TypeError, ValueError) as exc:
                 raise ValueError(f"{path}:{lineno}: malformed row ({exc})") from exc
             cache = Path(rec.cache)
@@ -105,8 +102,5 @@ def read_table(root: str | Path, splits: Iterable[str] | None = None) -> list[Re
 
 def fingerprint(records: Iterable[Record]) -> str:
     """Order-independent digest of (name, content, score, split): the dataset's identity."""
-    h = hashlib.sha256()
-    for key in sorted(f"{r.name}|{r.sha256}|{r.score}|{r.split}" for r in records):
-        h.update(key.encode())
-        h.update(b"\n")
-    return h.hexdigest()[:16]
+    keys = sorted(f"{r.name}|{r.sha256}|{r.score}|{r.split}" for r in records)
+    return hashlib.sha256("".join(f"{key}\n" for key in keys).encode()).hexdigest()[:16]
