@@ -86,9 +86,8 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
                 raise NonFiniteLossError(f"non-finite loss at epoch {epoch} step {step}: {parts}; stopping, the "
                                          "last checkpoint holds the last good state (lower the lr or enable "
                                          "clip_grad)")
-            for k, v in zip(keys, row, strict=True):
+            for k, v in zip([*keys, "lr"], [*row, lr], strict=True):
                 sums[k] = sums.get(k, 0.0) + v
-            sums["lr"] = sums.get("lr", 0.0) + lr
         bar.set_postfix(loss=f"{values[-1, loss_col].item():.4f}", lr=f"{pending[-1][1]:.2e}")
         pending.clear()
 

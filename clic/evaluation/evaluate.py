@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import logging
-import os
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -25,6 +25,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from clic import atomic
 from clic.config import PretrainConfig, ProbeConfig
 from clic.cores import die_with_parent
 from clic.data.imageio import load_rgb
@@ -35,7 +36,7 @@ from clic.evaluation.features import dataset_features, file_digest, input_paths
 from clic.evaluation.metrics import full_report, regression_metrics
 from clic.evaluation.probe import Head, cross_validated_predictions, fit_regression
 from clic.models.backbones import at_resolution, build_backbone
-from clic.scorer import Scorer
+from clic.scorer import Scorer, load_scorer
 
 log = logging.getLogger(__name__)
 
@@ -55,23 +56,16 @@ def labelled(data_dir: Path, cfg: ProbeConfig) -> tuple[list[Record], list[Recor
     return train, test
 
 
-def _fit_kw(cfg: ProbeConfig, device: str | torch.device = "cpu") -> dict[str, Any]:
-    return {"protocol": cfg.protocol, "alphas": cfg.alphas, "sgd_epochs": cfg.sgd_epochs, "sgd_lr": cfg.sgd_lr,
-            "icnet": cfg.icnet, "device": device}
-
-
 def probe(x_fit: np.ndarray, fit: list[Record], x_eval: np.ndarray, evaluate: list[Record], cfg: ProbeConfig,
           seed: int, x_aug: np.ndarray | None = None, device: str | torch.device = "cpu") -> tuple[np.ndarray, Head]:
     """Predictions for ``evaluate`` and the head fitted on ``fit`` (all labelled images in cv mode).
     ``x_aug``: training-only features of flipped ``fit`` images (icnet)."""
     y_fit = np.array([r.score for r in fit], np.float64)
-    head = fit_regression(x_fit, y_fit, folds=cfg.folds, seed=seed, x_aug=x_aug, **_fit_kw(cfg, device))
-    if cfg.mode == "cv":
-        pred = cross_validated_predictions(x_eval, y_fit, [r.category for r in evaluate], cfg.folds, seed,
-                                           x_aug=x_aug, **_fit_kw(cfg, device))
-    else:
-        pred = head.predict(x_eval)
-    return pred, head
+    head = fit_regression(x_fit, y_fit, cfg, seed, x_aug, device)
+    if cfg.mode == "split":
+        return head.predict(x_eval), head
+    return cross_validated_predictions(x_eval, y_fit, [r.category for r in evaluate], cfg.folds, seed, x_aug, cfg,
+                                       device), head
 
 
 def write_report(out_dir: Path, name: str, pred: np.ndarray, records: list[Record], cfg: ProbeConfig,
@@ -80,17 +74,19 @@ def write_report(out_dir: Path, name: str, pred: np.ndarray, records: list[Recor
     true = np.array([r.score for r in records], np.float64)
     cats = [r.category for r in records]
     report = {"name": name, **full_report(pred, true, cats, cfg.bootstrap, seed), **(extra or {})}
-    tmp = out_dir / ".metrics.json.tmp"
-    tmp.write_text(json.dumps(report, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, out_dir / "metrics.json")
-    with (out_dir / "predictions.csv").open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["name", "category", "human", "predicted"])
-        for r, p in zip(records, pred, strict=True):
-            w.writerow([r.name, r.category, f"{r.score:.6f}", f"{p:.6f}"])
+    atomic.write_text(out_dir / "metrics.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
+    _write_csv(out_dir / "predictions.csv", ["name", "category", "human", "predicted"],
+               [[r.name, r.category, f"{r.score:.6f}", f"{p:.6f}"] for r, p in zip(records, pred, strict=True)])
     plots.scatter(pred, true, name, report, out_dir / "scatter.png", cats)
     plots.category_errors(report, name, out_dir / "categories.png")
     return report
+
+
+def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
+    """A CSV file written whole (:func:`clic.atomic.write_text`)."""
+    buf = io.StringIO()
+    csv.writer(buf).writerows([header, *rows])
+    atomic.write_text(path, buf.getvalue())
 
 
 def evaluate_encoder(encoder: str | Path, data_dir: str | Path, cfg: ProbeConfig, out_dir: str | Path,
@@ -169,17 +165,12 @@ def write_validation(x_fit: np.ndarray, fit: list[Record], x_aug: np.ndarray | N
     val = validation_split(fit, cfg.validation_fraction, seed)
     rest = np.setdiff1d(np.arange(len(fit)), val)
     y = np.array([r.score for r in fit], np.float64)
-    head = fit_regression(x_fit[rest], y[rest], folds=min(cfg.folds, len(rest)), seed=seed,
-                          x_aug=None if x_aug is None else x_aug[rest], **_fit_kw(cfg, dev))
+    head = fit_regression(x_fit[rest], y[rest], cfg, seed, None if x_aug is None else x_aug[rest], dev,
+                          folds=min(cfg.folds, len(rest)))
     pred = head.predict(x_fit[val])
     out_dir.mkdir(parents=True, exist_ok=True)
-    tmp = out_dir / ".validation.csv.tmp"
-    with tmp.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["name", "human", "predicted"])
-        for i, p in zip(val, pred, strict=True):
-            w.writerow([fit[i].name, f"{fit[i].score:.6f}", f"{p:.6f}"])
-    os.replace(tmp, out_dir / "validation.csv")
+    _write_csv(out_dir / "validation.csv", ["name", "human", "predicted"],
+               [[fit[i].name, f"{fit[i].score:.6f}", f"{p:.6f}"] for i, p in zip(val, pred, strict=True)])
     return {"n": len(val), "fraction": cfg.validation_fraction, "seed": seed,
             "srcc": regression_metrics(pred, y[val])["srcc"],
             "names_sha256": hashlib.sha256("\n".join(sorted(fit[i].name for i in val)).encode()).hexdigest()}
@@ -189,8 +180,6 @@ def evaluate_scorer(scorer_path: str | Path, data_dir: str | Path, cfg: ProbeCon
                     seed: int = 0, device: str | None = None) -> dict[str, Any]:
     """Cross-dataset evaluation: a scorer fitted on one dataset (e.g. IC9600 or synthetic) scores
     every labelled image of another (e.g. SAVOIAS); nothing is refitted."""
-    from clic.scorer import load_scorer
-
     data_dir = Path(data_dir)
     scorer = load_scorer(scorer_path, device)
     records = [r for r in read_table(data_dir) if r.score is not None]

@@ -79,11 +79,8 @@ def dataset_features(backbone: nn.Module, records: list[Record], root: Path, siz
             return np.load(cache)
     base = cast(Callable[[torch.Tensor], torch.Tensor], backbone.forward_spatial if spatial
                 else backbone.forward_pooled_stages if stages else backbone)
-
-    def forward(x: torch.Tensor) -> torch.Tensor:
-        return base(x.flip(-1) if flip else x)  # x: (B, 3, H, W), flipped along W
     feats, kept, errors = extract(backbone, paths, size, batch_size, workers, device, progress=False, whole=whole,
-                                  forward=forward)
+                                  forward=lambda x: base(x.flip(-1) if flip else x))  # x: (B, 3, H, W), flip W
     if errors:
         raise ValueError(f"{len(errors)} images could not be read: {errors[0]}")
     if cache is not None:

@@ -25,16 +25,10 @@ from scipy import ndimage
 MEASURES = ("jpeg_bpp", "png_bpp", "edge_density", "gradient", "entropy", "regions")
 
 
-def _grey(img: Image.Image) -> np.ndarray:
-    return np.asarray(img.convert("L"), np.float64) / 255.0
-
-
 def compressed_bpp(img: Image.Image, fmt: str) -> float:
+    """Bits per pixel of ``img`` saved as ``fmt`` (``JPEG`` at quality 75 or ``PNG`` at level 9)."""
     buf = io.BytesIO()
-    if fmt == "JPEG":
-        img.convert("RGB").save(buf, format="JPEG", quality=75)
-    else:
-        img.convert("RGB").save(buf, format="PNG", compress_level=9)
+    img.convert("RGB").save(buf, format=fmt, **({"quality": 75} if fmt == "JPEG" else {"compress_level": 9}))
     return buf.tell() * 8.0 / (img.size[0] * img.size[1])
 
 
@@ -50,13 +44,12 @@ def canny(g: np.ndarray, sigma: float = 1.0, low: float = 0.1, high: float = 0.2
     if mag.max() <= 0:
         return np.zeros_like(g, bool)
     angle = (np.rad2deg(np.arctan2(gy, gx)) + 180.0) % 180.0
-    # neighbour offsets for the 4 quantised directions: 0, 45, 90, 135 degrees
+    # the 4 quantised directions (0, 45, 90, 135 degrees); below, the neighbour offset of each
     sector = (np.round(angle / 45.0).astype(int)) % 4
-    offsets = {0: (0, 1), 1: (1, 1), 2: (1, 0), 3: (1, -1)}
     keep = np.zeros_like(mag, bool)
     padded = np.pad(mag, 1)
     h, w = mag.shape
-    for k, (dy, dx) in offsets.items():
+    for k, (dy, dx) in enumerate(((0, 1), (1, 1), (1, 0), (1, -1))):
         fwd = padded[1 + dy:1 + dy + h, 1 + dx:1 + dx + w]
         bwd = padded[1 - dy:1 - dy + h, 1 - dx:1 - dx + w]
         keep |= (sector == k) & (mag >= fwd) & (mag >= bwd)
@@ -119,9 +112,10 @@ def felzenszwalb_regions(img: Image.Image, k: float = 300.0, min_size: int = 20,
 
 def measure(img: Image.Image) -> dict[str, float]:
     """All measures of one image."""
-    g = _grey(img)
+    levels = np.asarray(img.convert("L"))  # (H, W) uint8
+    g = levels / 255.0
     gx, gy = _sobel(g)
-    hist = np.bincount(np.asarray(img.convert("L")).ravel(), minlength=256) / g.size
+    hist = np.bincount(levels.ravel(), minlength=256) / g.size
     nz = hist[hist > 0]
     return {
         "jpeg_bpp": compressed_bpp(img, "JPEG"),

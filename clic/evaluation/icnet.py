@@ -1,24 +1,19 @@
 """ICNet's complexity head trained on frozen spatial features: ``probe.protocol: icnet``.
 
-ICNet (Feng et al., IC9600, TPAMI 2022; code github tinglyfeng/IC9600) is IC9600's supervised
-baseline and the head the CLIC paper trains on its frozen encoders (ResNet-18: PCC 0.890 / SRCC
-0.883). ICNet concatenates two ImageNet ResNet-18 branches (detail at 512 px, context at 256 px)
-into a 1/8-resolution map and puts two heads on it:
+ICNet (Feng et al., IC9600, TPAMI 2022; github tinglyfeng/IC9600) is IC9600's supervised baseline
+and the head the CLIC paper trains on its frozen encoders (ResNet-18: PCC 0.890 / SRCC 0.883). On
+its feature map sit a complexity map head (conv-bn-relu -> SLAM -> 1x1 conv -> sigmoid) and a score
+head (conv-bn-relu -> SLAM -> global average pool -> MLP 512 -> 512 -> 1 -> sigmoid), trained with
+``0.9 MSE(score, y) + 0.1 MSE(mean(map), y)`` by SGD (lr 0.05, momentum 0.9, wd 1e-3, batch 64,
+30 epochs, 1 warm-up epoch, lr x0.2 at epochs 10 and 20) on whole images at 512 x 512 with
+horizontal flips. SLAM (spatial layout attention) gates each channel by a sigmoid weight that an
+MLP (h*w -> 512 -> 1) reads from that channel's (h, w) layout resized to a fixed grid.
 
-- complexity map: conv-bn-relu -> SLAM -> 1x1 conv -> sigmoid, a 64 x 64 map at 512 px;
-- score: conv-bn-relu -> SLAM -> global average pool -> MLP (512 -> 512 -> 1) -> sigmoid;
-
-trained with ``0.9 MSE(score, y) + 0.1 MSE(mean(map), y)`` by SGD (lr 0.05, momentum 0.9, wd 1e-3,
-batch 64, 30 epochs, 1 warm-up epoch, lr x0.2 at epochs 10 and 20) on whole images resized to
-512 x 512 with horizontal flips. SLAM, the spatial layout attention module, gates each channel by
-a weight read from that channel's spatial layout: the (h, w) map, resized to a fixed grid and
-flattened, goes through an MLP (h*w -> 512 -> 1) and a sigmoid.
-
-Here both heads, as in ICNet's code, sit on one frozen encoder's last spatial map (B, D, h, w),
-standardised per channel with training-set moments. What differs from ICNet: one frozen branch
-instead of two fine-tuned ResNets; the map has the feature grid's resolution (ResNet: size/32,
-16 x 16 at 512 px; ViT: size/patch) instead of 64 x 64; flips are features of flipped images
-extracted once, not fresh augmentations; the output biases start at the logit of the mean label.
+Here both heads sit on one frozen encoder's last map (B, D, h, w), standardised per channel with
+training-set moments, instead of ICNet's two fine-tuned ResNet branches (detail at 512 px, context
+at 256 px) at 1/8 resolution; the map has the feature grid's resolution (ResNet: size/32; ViT:
+size/patch); flips are features of flipped images extracted once; the output biases start at the
+logit of the mean label.
 
 Shapes: B batch, D feature channels, C branch channels, h x w feature grid.
 """
@@ -124,15 +119,16 @@ class ICNetHead(nn.Module):
         return head.eval()
 
 
-def _channel_moments(x: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel mean and std (D,) of (N, D, h, w) over N, h, w, streamed in chunks of N."""
-    d = x.shape[1]
+def channel_moments(x: np.ndarray, chunk: int = 256) -> tuple[np.ndarray, np.ndarray]:
+    """Per-channel mean and std (D,) of features (N, D) or (N, D, h, w) over every other axis,
+    streamed in chunks of N (``x`` may be a memmap larger than memory); std 1 for constant channels."""
+    d, axes = x.shape[1], tuple(a for a in range(x.ndim) if a != 1)
     s, sq, count = np.zeros(d), np.zeros(d), 0
     for i in range(0, len(x), chunk):
         c = np.asarray(x[i:i + chunk], np.float64)
-        s += c.sum(axis=(0, 2, 3))
-        sq += (c ** 2).sum(axis=(0, 2, 3))
-        count += c.shape[0] * c.shape[2] * c.shape[3]
+        s += c.sum(axis=axes)
+        sq += (c ** 2).sum(axis=axes)
+        count += c.size // d
     mean = s / count
     std = np.sqrt(np.maximum(sq / count - mean ** 2, 0))
     std[std < 1e-8] = 1.0
@@ -156,7 +152,7 @@ def fit_icnet(x: np.ndarray, y: np.ndarray, cfg: IcnetProbeConfig | None = None,
     with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
         torch.manual_seed(seed)
         head = ICNetHead(d, (h, w), cfg.channels, cfg.kernel, cfg.hidden)
-    mean, std = _channel_moments(x)
+    mean, std = channel_moments(x)
     head.mean.copy_(torch.from_numpy(mean))
     head.scale.copy_(torch.from_numpy(std))
     prior = float(np.clip(y.mean(), 0.01, 0.99))

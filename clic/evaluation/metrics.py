@@ -13,15 +13,13 @@ from collections.abc import Sequence
 import numpy as np
 from scipy import stats
 
+_CORR = {"pcc": stats.pearsonr, "srcc": stats.spearmanr, "krcc": stats.kendalltau}
+
 
 def _corr(kind: str, pred: np.ndarray, true: np.ndarray) -> float:
     if len(pred) < 2 or np.ptp(pred) == 0 or np.ptp(true) == 0:
         return math.nan  # undefined for constant inputs
-    if kind == "pcc":
-        return float(stats.pearsonr(pred, true)[0])
-    if kind == "srcc":
-        return float(stats.spearmanr(pred, true)[0])
-    return float(stats.kendalltau(pred, true)[0])
+    return float(_CORR[kind](pred, true)[0])
 
 
 def regression_metrics(pred: Sequence[float] | np.ndarray, true: Sequence[float] | np.ndarray) -> dict[str, float]:
@@ -29,7 +27,7 @@ def regression_metrics(pred: Sequence[float] | np.ndarray, true: Sequence[float]
     if p.shape != t.shape or p.ndim != 1:
         raise ValueError(f"pred and true must be 1-D of the same length, got {p.shape} and {t.shape}")
     err = p - t
-    return {"pcc": _corr("pcc", p, t), "srcc": _corr("srcc", p, t), "krcc": _corr("krcc", p, t),
+    return {**{k: _corr(k, p, t) for k in _CORR},
             "rmse": float(np.sqrt(np.mean(err ** 2))), "mae": float(np.mean(np.abs(err))),
             "rmae": float(np.sqrt(np.mean(np.abs(err)))), "n": float(len(p))}
 
@@ -38,17 +36,13 @@ def bootstrap_ci(pred: np.ndarray, true: np.ndarray, n_boot: int = 1000, seed: i
                  level: float = 0.95) -> dict[str, tuple[float, float]]:
     """Percentile bootstrap intervals of PCC and SRCC."""
     p, t = np.asarray(pred, np.float64), np.asarray(true, np.float64)
-    rng = np.random.default_rng(seed)
-    idx = rng.integers(0, len(p), size=(n_boot, len(p)))
-    pcc = np.empty(n_boot)
-    srcc = np.empty(n_boot)
-    for b in range(n_boot):
-        pb, tb = p[idx[b]], t[idx[b]]
-        pcc[b] = _corr("pcc", pb, tb)
-        srcc[b] = _corr("srcc", pb, tb)
+    idx = np.random.default_rng(seed).integers(0, len(p), size=(n_boot, len(p)))
     lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    return {"pcc": (float(np.nanpercentile(pcc, lo)), float(np.nanpercentile(pcc, hi))),
-            "srcc": (float(np.nanpercentile(srcc, lo)), float(np.nanpercentile(srcc, hi)))}
+    out = {}
+    for kind in ("pcc", "srcc"):
+        draws = np.array([_corr(kind, p[i], t[i]) for i in idx])
+        out[kind] = (float(np.nanpercentile(draws, lo)), float(np.nanpercentile(draws, hi)))
+    return out
 
 
 def per_category(pred: np.ndarray, true: np.ndarray, categories: Sequence[str]) -> dict[str, dict[str, float]]:

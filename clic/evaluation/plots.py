@@ -36,12 +36,7 @@ def scatter(pred: np.ndarray, true: np.ndarray, title: str, metrics: dict, out: 
     ax.set_title(f"{title}\nPCC {metrics['pcc']:.3f}  SRCC {metrics['srcc']:.3f}  (n={len(pred)})")
     if len(set(cats.tolist())) > 1:
         ax.legend(fontsize=7, markerscale=1.5)
-    fig.tight_layout()
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(out)
-    plt.close(fig)
-    return out
+    return _save(plt, fig, out)
 
 
 def category_errors(report: dict, title: str, out: str | Path) -> Path | None:
@@ -52,15 +47,18 @@ def category_errors(report: dict, title: str, out: str | Path) -> Path | None:
     plt = _plt()
     names = sorted(per)
     fig, axes = plt.subplots(1, 2, figsize=(8, 3.5), dpi=100)
-    axes[0].bar(names, [per[n]["rmse"] for n in names], color="tab:red")
-    axes[0].set_title("RMSE by category")
-    axes[1].bar(names, [per[n]["srcc"] for n in names], color="tab:blue")
-    axes[1].set_title("SRCC by category")
-    for ax in axes:
+    for ax, key, color in zip(axes, ("rmse", "srcc"), ("tab:red", "tab:blue"), strict=True):
+        ax.bar(names, [per[n][key] for n in names], color=color)
+        ax.set_title(f"{key.upper()} by category")
         ax.tick_params(axis="x", rotation=45, labelsize=7)
     fig.suptitle(title)
+    return _save(plt, fig, out)
+
+
+def _save(plt: Any, fig: Any, out: str | Path) -> Path:
     fig.tight_layout()
     out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(out)
     plt.close(fig)
     return out

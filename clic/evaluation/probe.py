@@ -16,15 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
 from scipy import linalg
 
-from clic.config import IcnetProbeConfig
-from clic.evaluation.icnet import ICNetHead, fit_icnet
+from clic.config import ProbeConfig
+from clic.evaluation.icnet import ICNetHead, channel_moments, fit_icnet
 
 DEFAULT_ALPHAS = tuple(10.0 ** k for k in range(-3, 6))
 
@@ -60,9 +59,8 @@ def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def fold_ids(n: int, folds: int, seed: int) -> np.ndarray:
     """Balanced random fold assignment 0..folds-1."""
-    rng = np.random.default_rng(seed)
     ids = np.arange(n) % folds
-    rng.shuffle(ids)
+    np.random.default_rng(seed).shuffle(ids)
     return ids
 
 
@@ -107,53 +105,60 @@ def fit_ridge(x: np.ndarray, y: np.ndarray, alphas: Sequence[float] = DEFAULT_AL
     return LinearHead(mean, scale, w, np.asarray(b), alpha)
 
 
+def _train_linear(head: torch.nn.Linear, n: int, loss_of: Callable[[torch.Tensor], torch.Tensor], epochs: int,
+                  lr: float, weight_decay: float, batch_size: int, seed: int) -> None:
+    """SGD with momentum 0.9 and a cosine schedule over ``epochs`` shuffled passes of ``n`` samples;
+    ``loss_of(idx)`` is the loss of the mini-batch of sample indices ``idx`` (B,)."""
+    g = torch.Generator().manual_seed(seed)
+    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
+    for _ in range(epochs):
+        for idx in torch.randperm(n, generator=g).split(batch_size):
+            loss = loss_of(idx)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        sched.step()
+
+
 def fit_sgd(x: np.ndarray, y: np.ndarray, epochs: int = 100, lr: float = 0.01, weight_decay: float = 0.0,
             batch_size: int = 256, seed: int = 0) -> LinearHead:
     """A linear head trained with SGD + momentum on MSE over standardised frozen features."""
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     mean, scale = _standardise(x)
-    g = torch.Generator().manual_seed(seed)
     xt = torch.from_numpy((x - mean) / scale).float()
     yt = torch.from_numpy(y).float()
     head = torch.nn.Linear(x.shape[1], 1)
     torch.nn.init.zeros_(head.weight)
     torch.nn.init.constant_(head.bias, float(y.mean()))
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
-    for _ in range(epochs):
-        for idx in torch.randperm(len(xt), generator=g).split(batch_size):
-            loss = torch.nn.functional.mse_loss(head(xt[idx]).squeeze(1), yt[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
+    _train_linear(head, len(xt), lambda idx: torch.nn.functional.mse_loss(head(xt[idx]).squeeze(1), yt[idx]),
+                  epochs, lr, weight_decay, batch_size, seed)
     return LinearHead(mean, scale, head.weight.detach().double().numpy()[0], head.bias.detach().double().numpy()[0])
 
 
 Head = LinearHead | ICNetHead
 
 
-def fit_regression(x: np.ndarray, y: np.ndarray, protocol: str = "ridge", folds: int = 5, seed: int = 0,
-                   alphas: Sequence[float] = DEFAULT_ALPHAS, sgd_epochs: int = 100, sgd_lr: float = 0.01,
-                   icnet: IcnetProbeConfig | None = None, x_aug: np.ndarray | None = None,
-                   device: str | torch.device = "cpu") -> Head:
-    """A regression head on (N, D) pooled features (ridge, sgd) or (N, D, h, w) maps (icnet).
-    ``x_aug``: training-only features of augmented images (flipped), row-aligned with ``x``; icnet only."""
-    if protocol == "ridge":
-        return fit_ridge(x, y, alphas, folds, seed)
-    if protocol == "sgd":
-        return fit_sgd(x, y, sgd_epochs, sgd_lr, seed=seed)
-    if protocol == "icnet":
-        return fit_icnet(x, y, icnet, seed, x_aug, device)
-    raise ValueError(f"probe.protocol: expected ridge, sgd or icnet, got {protocol!r}")
+def fit_regression(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig, seed: int = 0, x_aug: np.ndarray | None = None,
+                   device: str | torch.device = "cpu", folds: int = 0) -> Head:
+    """The ``cfg.protocol`` head on (N, D) pooled features (ridge, sgd) or (N, D, h, w) maps (icnet);
+    ``folds`` (default ``cfg.folds``) of ridge's penalty search. ``x_aug``: training-only features
+    of augmented images (flipped), row-aligned with ``x``; icnet only."""
+    if cfg.protocol == "ridge":
+        return fit_ridge(x, y, cfg.alphas, folds or cfg.folds, seed)
+    if cfg.protocol == "sgd":
+        return fit_sgd(x, y, cfg.sgd_epochs, cfg.sgd_lr, seed=seed)
+    if cfg.protocol == "icnet":
+        return fit_icnet(x, y, cfg.icnet, seed, x_aug, device)
+    raise ValueError(f"probe.protocol: expected ridge, sgd or icnet, got {cfg.protocol!r}")
 
 
 def cross_validated_predictions(x: np.ndarray, y: np.ndarray, groups: Sequence[str] | None = None,
                                 folds: int = 5, seed: int = 0, x_aug: np.ndarray | None = None,
-                                **fit_kw: Any) -> np.ndarray:
-    """Out-of-fold predictions: k-fold inside each group (e.g. category), the head (and its
-    penalty, by nested CV) fitted on the other folds of that group only (``x_aug`` rows too)."""
-    x, y = np.asarray(x), np.asarray(y, np.float64)
+                                cfg: ProbeConfig | None = None, device: str | torch.device = "cpu") -> np.ndarray:
+    """Out-of-fold predictions: k-fold inside each group (e.g. category), the ``cfg`` head (ridge by
+    default; its penalty by nested CV) fitted on the other folds of that group only (``x_aug`` rows too)."""
+    x, y, cfg = np.asarray(x), np.asarray(y, np.float64), cfg or ProbeConfig()
     groups_arr = np.asarray(groups if groups is not None else [""] * len(x))
     pred = np.empty(len(x))
     for gname in sorted(set(groups_arr.tolist())):
@@ -162,38 +167,24 @@ def cross_validated_predictions(x: np.ndarray, y: np.ndarray, groups: Sequence[s
         for f in range(ids.max() + 1):
             tr, te = members[ids != f], members[ids == f]
             aug = x_aug[tr] if x_aug is not None else None
-            pred[te] = fit_regression(x[tr], y[tr], folds=folds, seed=seed, x_aug=aug, **fit_kw).predict(x[te])
+            pred[te] = fit_regression(x[tr], y[tr], cfg, seed, aug, device, folds).predict(x[te])
     return pred
 
 
 def fit_classifier(x: np.ndarray, labels: np.ndarray, num_classes: int, epochs: int = 50, lr: float = 0.1,
                    weight_decay: float = 1e-4, batch_size: int = 1024, seed: int = 0) -> LinearHead:
     """Softmax regression on standardised features, trained in mini-batches (x may be a memmap)."""
-    n = len(x)
-    mean = np.zeros(x.shape[1])
-    sq = np.zeros(x.shape[1])
-    for s in range(0, n, 65536):  # streaming moments: x may not fit in memory
-        chunk = np.asarray(x[s:s + 65536], np.float64)
-        mean += chunk.sum(0)
-        sq += (chunk ** 2).sum(0)
-    mean /= n
-    scale = np.sqrt(np.maximum(sq / n - mean ** 2, 0))
-    scale[scale < 1e-8] = 1.0
-    g = torch.Generator().manual_seed(seed)
+    mean, scale = channel_moments(x, chunk=65536)
     head = torch.nn.Linear(x.shape[1], num_classes)
-    opt = torch.optim.SGD(head.parameters(), lr=lr, momentum=0.9, weight_decay=weight_decay)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, epochs)
     m, sc = torch.from_numpy(mean).float(), torch.from_numpy(scale).float()
     y = torch.from_numpy(np.asarray(labels)).long()
-    for _ in range(epochs):
-        for idx in torch.randperm(n, generator=g).split(batch_size):
-            order = np.sort(idx.numpy())  # sorted reads are sequential on a memmap
-            xb = (torch.from_numpy(np.asarray(x[order], np.float32)) - m) / sc
-            loss = torch.nn.functional.cross_entropy(head(xb), y[order])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        sched.step()
+
+    def loss_of(idx: torch.Tensor) -> torch.Tensor:
+        order = np.sort(idx.numpy())  # sorted reads are sequential on a memmap
+        xb = (torch.from_numpy(np.asarray(x[order], np.float32)) - m) / sc
+        return torch.nn.functional.cross_entropy(head(xb), y[order])
+
+    _train_linear(head, len(x), loss_of, epochs, lr, weight_decay, batch_size, seed)
     return LinearHead(mean, scale, head.weight.detach().double().numpy().T, head.bias.detach().double().numpy())
 
 

@@ -31,15 +31,11 @@ def image_folder(root: Path, split: str, classes: list[str] | None = None) -> tu
     classes = classes or sorted(p.name for p in folder.iterdir() if p.is_dir())
     if len(classes) < 2:
         raise ValueError(f"{folder}: found {len(classes)} class folders, need at least 2")
-    paths, labels = [], []
-    for c, name in enumerate(classes):
-        for p in sorted((folder / name).rglob("*")):
-            if p.is_file() and is_image_file(p):
-                paths.append(p)
-                labels.append(c)
-    if not paths:
+    found = [(p, c) for c, name in enumerate(classes) for p in sorted((folder / name).rglob("*"))
+             if p.is_file() and is_image_file(p)]  # (path, class index)
+    if not found:
         raise ValueError(f"{folder}: no images found")
-    return paths, np.array(labels, np.int64), classes
+    return [p for p, _ in found], np.array([c for _, c in found], np.int64), classes
 
 
 def stream_features(backbone: nn.Module, paths: list[Path], size: int, out: Path, chunk: int = 8192,
@@ -76,10 +72,9 @@ def transfer_probe(backbone: nn.Module, size: int, root: str | Path, name: str, 
     tr_paths, tr_y, classes = image_folder(root, "train")
     va_paths, va_y, _ = image_folder(root, "val", classes)
     try:
-        xtr = stream_features(backbone, tr_paths, size, work / "train.npy", batch_size=batch_size,
-                              workers=workers, device=device)
-        xva = stream_features(backbone, va_paths, size, work / "val.npy", batch_size=batch_size,
-                              workers=workers, device=device)
+        xtr, xva = (stream_features(backbone, paths, size, work / f"{split}.npy", batch_size=batch_size,
+                                    workers=workers, device=device)
+                    for split, paths in (("train", tr_paths), ("val", va_paths)))
         head = fit_classifier(xtr, tr_y, len(classes), epochs=epochs, lr=lr, seed=seed)
         logits = np.concatenate([head.predict(np.asarray(xva[s:s + 65536])) for s in range(0, len(xva), 65536)])
     finally:

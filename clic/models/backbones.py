@@ -54,8 +54,7 @@ class ResNetBackbone(nn.Module):
 
     @property
     def stages_dim(self) -> int:
-        n = self.net
-        return sum(_out_channels(layer) for layer in (n.layer1, n.layer2, n.layer3, n.layer4))
+        return self.feature_dim * 15 // 8  # the four stages have D/8, D/4, D/2 and D channels
 
     def forward_pooled_stages(self, x: torch.Tensor) -> torch.Tensor:
         """Global average pools of the four stages, concatenated: (B, C1 + C2 + C3 + C4). Early
@@ -66,12 +65,6 @@ class ResNetBackbone(nn.Module):
         return self.net(x)  # (B, D)
 
 
-def _out_channels(layer: nn.Sequential) -> int:
-    """Output channels of a torchvision ResNet stage (its last block's last BatchNorm)."""
-    norm: Any = getattr(layer[-1], "bn3", None) or layer[-1].bn2  # Bottleneck / BasicBlock
-    return int(norm.num_features)
-
-
 class ViTBackbone(nn.Module):
     is_vit = True
     feature_dim: int
@@ -79,14 +72,11 @@ class ViTBackbone(nn.Module):
 
     def __init__(self, name: str, image_size: int, patch_size: int, depth: int = 0, pool: str = "mean") -> None:
         super().__init__()
-        kwargs: dict[str, Any] = {"img_size": image_size, "patch_size": patch_size, "num_classes": 0}
-        if depth:
-            kwargs["depth"] = depth
-        self.vit = timm.create_model(VITS[name], pretrained=False, **kwargs)
+        depth_kw: dict[str, Any] = {"depth": depth} if depth else {}  # 0: the model's own depth
+        self.vit = timm.create_model(VITS[name], pretrained=False, img_size=image_size, patch_size=patch_size,
+                                     num_classes=0, **depth_kw)
         self.feature_dim = self.vit.embed_dim
-        self.patch_size = patch_size
-        self.grid = image_size // patch_size
-        self.pool = pool
+        self.patch_size, self.grid, self.pool = patch_size, image_size // patch_size, pool
 
     @property
     def num_patches(self) -> int:
@@ -109,10 +99,8 @@ class ViTBackbone(nn.Module):
             if mask_token is None:
                 raise ValueError("forward_tokens: a mask needs a mask_token")
             t = torch.where(mask.unsqueeze(-1), mask_token.to(t.dtype), t)
-        t = v._pos_embed(t)  # (B, prefix + L, D)
-        t = v.norm_pre(v.patch_drop(t))
-        t = v.norm(v.blocks(t))  # (B, prefix + L, D)
-        return t
+        t = v.norm_pre(v.patch_drop(v._pos_embed(t)))  # (B, prefix + L, D)
+        return v.norm(v.blocks(t))  # (B, prefix + L, D)
 
     @property
     def stages_dim(self) -> int:
@@ -127,14 +115,9 @@ class ViTBackbone(nn.Module):
     def forward_pooled_stages(self, x: torch.Tensor) -> torch.Tensor:
         """Mean patch token after each quarter of the blocks (final norm applied to each),
         concatenated: (B, taps x D)."""
-        v, taps = self.vit, set(self.stage_taps)
-        t = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(x))))  # (B, prefix + L, D)
-        out = []
-        for i, block in enumerate(v.blocks):
-            t = block(t)
-            if i in taps:
-                out.append(v.norm(t)[:, v.num_prefix_tokens:].mean(dim=1))  # (B, D)
-        return torch.cat(out, dim=1)
+        taps = self.vit.forward_intermediates(x, self.stage_taps, norm=True, output_fmt="NLC",
+                                              intermediates_only=True)  # each (B, L, D), prefix tokens removed
+        return torch.cat([t.mean(dim=1) for t in taps], dim=1)
 
     def forward_spatial(self, x: torch.Tensor) -> torch.Tensor:
         t = self.forward_tokens(x)  # (B, L, D)

@@ -3,18 +3,11 @@
 
 Stateful parts only: the momentum key encoder and the negative queue. Losses come from
 :mod:`clic.losses`; the momentum coefficient is passed in each step by the engine's schedule.
-
-Two guards of MoCo's that a small dataset makes matter:
-- the queue remembers which image each key came from, and a query never takes a stale key of its
-  own image as a negative (with a queue near the dataset size, most queries would otherwise);
-- shuffling BN (He et al. 2020, sec. 3.3): BatchNorm statistics must not let a query find its
-  key through the batch. Under DDP the key batch is shuffled across ranks (MoCo's
-  ``_batch_shuffle_ddp``): a key is normalised with the images of a random rank, which on MoCo's 8
-  GPUs of 32 are its query's own 32 images for 1 key in 8. In one process both encoders normalise
-  ``bn_splits`` sub-batches separately and the key batch is shuffled before it is split, so a
-  key's sub-batch holds on average 1/``bn_splits`` of the images its query was normalised with
-  (batch 64 in 2 splits: half; batch 256 in 8 splits of 32 is MoCo's setting exactly). The
-  effect of the split count is measured in docs/results.md.
+Two guards of MoCo's that a small dataset makes matter: the queue remembers each key's image, and
+a query never takes a stale key of its own image as a negative; and shuffling BN (He et al. 2020,
+sec. 3.3), so that BatchNorm statistics cannot let a query find its key: under DDP the key batch
+is shuffled across ranks (MoCo's ``_batch_shuffle_ddp``), in one process both encoders normalise
+``bn_splits`` sub-batches and the key batch is shuffled before it is split (docs/design.md).
 """
 
 from __future__ import annotations

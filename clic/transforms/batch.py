@@ -1,15 +1,12 @@
 """The photometric half of the view recipes, applied to a whole batch on the training device.
 
-With ``pretrain.augment_on: device`` the loader workers only decode and crop (geometry needs the
-source pixels), returning uint8 views; colour jitter, grayscale, blur, CLIC's key noise and the
-normalisation run here, batched, where a GPU does them in microseconds. At 224 px the photometric
-ops are ~85% of a loader core's time per image (bench/bench_decode.py), so this is what lets a
-node with few cores per GPU keep it fed (docs/operations.md).
-
-Same distributions as the PIL recipe (torchvision ``ColorJitter``, ``RandomGrayscale``,
-``GaussianBlur``), drawn per sample from a generator the engine seeds from (seed, epoch, step),
-so a resumed run draws the same augmentations. One difference: the four jitter operations run in
-a fixed order (brightness, contrast, saturation, hue) instead of torchvision's random order.
+With ``pretrain.augment_on: device`` the loader only decodes and crops (uint8 views); colour
+jitter, grayscale, blur, CLIC's key noise and the normalisation run here, batched (at 224 px they
+are ~85% of a loader core's time per image: bench/bench_decode.py, docs/operations.md). Same
+distributions as the PIL recipe (torchvision ``ColorJitter``, ``RandomGrayscale``,
+``GaussianBlur``), drawn per sample from a generator the engine seeds from (seed, epoch, step), so
+a resumed run draws the same; the four jitter operations run in a fixed order (brightness,
+contrast, saturation, hue) instead of torchvision's random order.
 
 Shapes: B batch, 3 channels, H x W pixels; images in [0, 1] unless said otherwise.
 """
@@ -100,9 +97,7 @@ class BatchPhotometric:
         if self.jitter_p > 0 and any(self.jitter):
             on = chance(self.jitter_p)
             br, co, sa, hu = self.jitter
-            f_b = torch.where(on, uniform(max(0.0, 1 - br), 1 + br), 1.0)
-            f_c = torch.where(on, uniform(max(0.0, 1 - co), 1 + co), 1.0)
-            f_s = torch.where(on, uniform(max(0.0, 1 - sa), 1 + sa), 1.0)
+            f_b, f_c, f_s = (torch.where(on, uniform(max(0.0, 1 - j), 1 + j), 1.0) for j in (br, co, sa))
             f_h = torch.where(on, uniform(-hu, hu), 0.0)
             x = (x * _per_sample(f_b)).clamp(0, 1)
             m = gray(x).mean((2, 3), keepdim=True)  # (B, 1, 1, 1) mean luma

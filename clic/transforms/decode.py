@@ -1,23 +1,15 @@
 """Decoding on the training device (``pretrain.decode_on: device``): the loader reads the file's
-bytes and draws the crop boxes; the device decodes the batch (nvJPEG through
-``torchvision.io.decode_jpeg`` on CUDA, libjpeg-turbo on CPU) and cuts the views.
+bytes and draws the method's plan (:mod:`clic.transforms.plan`) from the header; the device decodes
+the batch (nvJPEG through ``torchvision.io.decode_jpeg`` on CUDA, libjpeg-turbo on CPU) and cuts
+the views, so a loader worker does no pixel work (for nodes with few cores per GPU).
 
-This is the step after ``augment_on: device`` for nodes with few cores per GPU: a loader worker
-then does no pixel work at all (a header read and a few random draws per image), so decoding
-camera-sized JPEGs no longer sets the number of loader cores a GPU needs.
-
-The geometry is the loader's: both cut the plan of :mod:`clic.transforms.plan` (boxes, flips;
-for CLICv2 the canvas, its flip and the shift), resized with antialiased bilinear interpolation
-as Pillow does. Two differences: boxes are drawn on the full-size image (the loader's path draws
-them on its reduced-scale DCT decode), and the resampling is torch's, not Pillow's (within a few
-grey levels); nvJPEG's pixels also differ a little from libjpeg's. EXIF orientation, read with the
-header, is applied after decoding (the CUDA decoder ignores it). A file that is not a JPEG with
-RGB or grey pixels (PNG, CMYK JPEG) is decoded in
-the loader and shipped as pixels; a JPEG whose data turns out broken at decoding is logged by name
-and replaced by another image of the batch, as the loader does with unreadable files.
-
-Only views made of crops and flips can be cut on the device: MoCo v2 and CLICv2. CLIC's
-Random-Crop-and-Mix mosaics (rotated, jittered tiles) stay in the loader.
+Views are resized with antialiased bilinear interpolation as Pillow does. Differences from the
+loader's path: boxes are drawn on the full-size image (not a reduced-scale DCT decode), torch's
+resampling is within a few grey levels of Pillow's, nvJPEG's pixels differ a little from libjpeg's.
+EXIF orientation is applied after decoding (the CUDA decoder ignores it). A file that is not an RGB
+or grey JPEG (PNG, CMYK) is decoded in the loader and shipped as pixels; a JPEG that fails to
+decode is logged and replaced by another image of the batch. Only crops and flips are cut here
+(MoCo v2, CLICv2): CLIC's mosaics and rotated keys stay in the loader.
 """
 
 from __future__ import annotations
@@ -163,17 +155,13 @@ class DeviceDecode:
         if source != list(range(len(source))):
             out = {k: v[torch.tensor(source, device=v.device)] if isinstance(v, torch.Tensor) and v.dim() >= 1
                    and v.shape[0] == len(source) else v for k, v in out.items()}
+        cut: list[Sequence[torch.Tensor]]  # per image, its views
         if self.patch is None:
-            for v, key in enumerate(self.views):
-                out[key] = torch.stack([crop_resize(img, boxes[i][v], self.size, *flips[i][v])
-                                        for i, img in enumerate(images)])
-            return out
-        s = self.size
-        first, second = [], []
-        for i, img in enumerate(images):
-            canvas = crop_resize(img, boxes[i][0], s + self.patch, flips[i][0][0])
-            v1, v2 = shifted_windows(canvas, s, *shifts[i])
-            first.append(v1)
-            second.append(v2)
-        out[self.views[0]], out[self.views[1]] = torch.stack(first), torch.stack(second)
+            cut = [[crop_resize(img, boxes[i][v], self.size, *flips[i][v]) for v in range(len(self.views))]
+                   for i, img in enumerate(images)]
+        else:  # one canvas per image, its two windows
+            cut = [shifted_windows(crop_resize(img, boxes[i][0], self.size + self.patch, flips[i][0][0]), self.size,
+                                   *shifts[i]) for i, img in enumerate(images)]
+        for v, key in enumerate(self.views):
+            out[key] = torch.stack([views[v] for views in cut])  # (B, 3, size, size) uint8
         return out

@@ -69,19 +69,13 @@ class MocoPlan:
         self.size, self.cfg = size, cfg
 
     def draw(self, width: int, height: int) -> dict[str, Cut]:
-        cfg, out = self.cfg, {}
-        for view in self.views:
-            box = crop_box(width, height, cfg.crop_scale, self.ratio)
-            hflip = _chance(cfg.hflip_p)
-            if view == "query":
-                out[view] = Cut(box, hflip)
-                continue
-            vflip = _chance(cfg.key_vflip_p)
-            angle = 0.0
-            if cfg.key_rotation_deg > 0 and _chance(cfg.key_rotation_p):
-                angle = float(torch.empty(1).uniform_(-cfg.key_rotation_deg, cfg.key_rotation_deg))
-            out[view] = Cut(box, hflip, vflip, angle)
-        return out
+        cfg = self.cfg
+        query = Cut(crop_box(width, height, cfg.crop_scale, self.ratio), _chance(cfg.hflip_p))
+        box = crop_box(width, height, cfg.crop_scale, self.ratio)
+        hflip, vflip, angle = _chance(cfg.hflip_p), _chance(cfg.key_vflip_p), 0.0
+        if cfg.key_rotation_deg > 0 and _chance(cfg.key_rotation_p):
+            angle = float(torch.empty(1).uniform_(-cfg.key_rotation_deg, cfg.key_rotation_deg))
+        return {"query": query, "key": Cut(box, hflip, vflip, angle)}
 
 
 class ShiftPlan:
@@ -109,11 +103,7 @@ def draw_shift(patch: int, cfg: ShiftConfig) -> tuple[int, int]:
     mag = random.randint(lo, hi)
     direction = random.choice(cfg.directions)
     sy, sx = random.choice((-1, 1)), random.choice((-1, 1))
-    if direction == "horizontal":
-        return 0, sx * mag
-    if direction == "vertical":
-        return sy * mag, 0
-    return sy * mag, sx * mag
+    return (0 if direction == "horizontal" else sy * mag), (0 if direction == "vertical" else sx * mag)
 
 
 def shifted_windows(canvas: torch.Tensor, size: int, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:

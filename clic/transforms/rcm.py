@@ -1,31 +1,13 @@
 """Random Crop and Mix (CLIC, Liu et al. 2024): mosaics of square crops of one image.
 
 With ``s`` the image's short side and ``c = crops``, crops are square with side ``s/c``, ``s/2c``
-or ``s/4c`` (the three scales). Two constructions, ``rcm.mode``:
-
-``authors``: the construction of the authors' public script (``data/scm.py``, "small-scale crop
-and merge"). One mosaic uses ONE scale, drawn uniformly: two random crops of that side, and the
-other ``grid² - 2`` cells filled with lightly augmented copies of them, alternately (flips with
-p 0.5; rotation up to ``rotation_deg`` and colour jitter ``jitter`` on brightness, contrast,
-saturation and hue, each with probability ``aug_p``). The cells are shuffled and every tile is
-pasted at its native size, so the mosaic's side is ``grid * tile``; the mosaic is resized only as
-a whole (to ``out_size``, or by the view pipeline when ``out_size`` is None). The script writes
-one such mosaic per scale and image as extra training files: the ``k``-th extra mosaic of an
-image (:meth:`RandomCropMix.extra`) uses scale ``k mod 3``; a key-view mosaic draws its scale.
-
-``pool`` (the default; this project's first reading of the authors' code, kept for comparison):
-``c``, ``2c`` and ``4c`` crops of the three sides form one pool, ``grid²`` of them are drawn from
-it shuffled (so scales mix within a mosaic and the smallest dominates), each is augmented with
-probability ``aug_p``, resized to one cell and stitched into a mosaic of side ``out_size``.
-
-Upsampling blurs, and blur changes complexity, so both modes cap it with ``max_upscale``:
-``pool`` uses only the scales whose crops reach ``cell / max_upscale`` (``cell = out_size // grid``)
-and, when fewer than ``grid²`` such crops were drawn, draws more of the largest usable scale;
-``authors`` draws only among the scales whose mosaic reaches ``out_size / max_upscale``. When no
-scale qualifies, the largest is used (the source is too small to avoid it). ``authors`` with
-``out_size`` None is not capped here: the view pipeline that follows decides the final size.
-
-A mosaic mixes local content of its source image, which CLIC uses as a positive of that image
+or ``s/4c`` (the three scales). ``rcm.mode``: ``authors``, the authors' script (``data/scm.py``):
+one scale per mosaic, two crops of it and lightly augmented copies fill the ``grid²`` cells,
+shuffled, pasted at native size, the mosaic resized only as a whole; ``pool``: ``c``, ``2c``,
+``4c`` crops of the three sides pooled, ``grid²`` of them drawn shuffled, each augmented with
+probability ``aug_p`` and resized to a cell. ``max_upscale`` keeps out the scales that would be
+upsampled more (upsampling blurs, and blur changes complexity). docs/design.md ("RCM ...") gives
+the details and the deviations from the authors. A mosaic is a positive of its source image
 (``rcm.pairing``: as the key view, or as an extra training image).
 """
 
@@ -70,17 +52,12 @@ class RandomCropMix:
             raise ValueError(f"RandomCropMix: authors mode needs grid >= 2 (two crops and their copies), got {grid}")
         self.out_size, self.crops, self.grid, self.aug_p = out_size, crops, grid, aug_p
         self.mode, self.max_upscale, self.source_resolution = mode, max_upscale, source_resolution
+        flips = [T.RandomHorizontalFlip(), T.RandomVerticalFlip()]
         # pool: the whole light recipe, applied to a crop with probability aug_p
-        self.light = T.Compose([
-            T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
-            T.RandomRotation(rotation_deg), T.ColorJitter(jitter, jitter, jitter),
-        ])
+        self.light = T.Compose([*flips, T.RandomRotation(rotation_deg), T.ColorJitter(jitter, jitter, jitter)])
         # authors: applied to every copy; rotation and jitter each with probability aug_p
-        self.copy_aug = T.Compose([
-            T.RandomHorizontalFlip(), T.RandomVerticalFlip(),
-            T.RandomApply([T.RandomRotation(rotation_deg)], p=aug_p),
-            T.RandomApply([T.ColorJitter(jitter, jitter, jitter, min(jitter, 0.5))], p=aug_p),
-        ])
+        self.copy_aug = T.Compose([*flips, T.RandomApply([T.RandomRotation(rotation_deg)], p=aug_p),
+                                   T.RandomApply([T.ColorJitter(jitter, jitter, jitter, min(jitter, 0.5))], p=aug_p)])
 
     @classmethod
     def from_config(cls, cfg: RCMConfig, out_size: int | None) -> RandomCropMix:
@@ -122,35 +99,29 @@ class RandomCropMix:
             sides = [t for t in sides if self.grid * t * self.max_upscale >= self.out_size] or sides[:1]
         return random.choice(sides)
 
-    def __call__(self, img: Image.Image) -> Image.Image:
-        return self._authors(img) if self.mode == "authors" else self._pool(img)
-
-    def extra(self, img: Image.Image, k: int) -> Image.Image:
-        """The ``k``-th extra training mosaic of ``img`` (``rcm.pairing`` extra/both): authors mode
-        at scale ``k mod 3``, one mosaic per scale as the authors' script; pool mode draws."""
-        return self._authors(img, k) if self.mode == "authors" else self._pool(img)
-
-    def _pool(self, img: Image.Image) -> Image.Image:
-        assert self.out_size is not None
-        cell = self.out_size // self.grid
-        mosaic = Image.new("RGB", (cell * self.grid, cell * self.grid))
-        for i, box in enumerate(self.draw_boxes(*img.size)):
-            crop = img.crop(box)
-            if random.random() < self.aug_p:
-                crop = self.light(crop)
-            crop = crop.resize((cell, cell), Image.Resampling.BICUBIC)
-            mosaic.paste(crop, ((i % self.grid) * cell, (i // self.grid) * cell))
-        if mosaic.size[0] != self.out_size:
-            mosaic = mosaic.resize((self.out_size, self.out_size), Image.Resampling.BICUBIC)
-        return mosaic
-
-    def _authors(self, img: Image.Image, scale: int | None = None) -> Image.Image:
+    def __call__(self, img: Image.Image, scale: int | None = None) -> Image.Image:
+        """A mosaic of ``img``; authors mode at scale ``scale`` (see :meth:`draw_side`) when given."""
+        if self.mode == "pool":
+            assert self.out_size is not None
+            cell = self.out_size // self.grid
+            crops = [img.crop(box) for box in self.draw_boxes(*img.size)]
+            crops = [self.light(c) if random.random() < self.aug_p else c for c in crops]
+            return self._paste([c.resize((cell, cell), Image.Resampling.BICUBIC) for c in crops], cell)
         side = self.draw_side(min(img.size), scale)
         originals = [img.crop(_random_box(*img.size, side)) for _ in range(2)]
         tiles = originals + [self.copy_aug(originals[i % 2]) for i in range(self.grid ** 2 - 2)]
         random.shuffle(tiles)
+        return self._paste(tiles, side)  # native size: rotation and jitter keep the tile's size
+
+    def extra(self, img: Image.Image, k: int) -> Image.Image:
+        """The ``k``-th extra training mosaic of ``img`` (``rcm.pairing`` extra/both): authors mode
+        at scale ``k mod 3``, one mosaic per scale as the authors' script; pool mode draws."""
+        return self(img, k)
+
+    def _paste(self, tiles: list[Image.Image], side: int) -> Image.Image:
+        """The ``grid²`` tiles of side ``side`` pasted row-major, the mosaic resized to ``out_size``."""
         mosaic = Image.new("RGB", (side * self.grid, side * self.grid))
-        for i, tile in enumerate(tiles):  # native size: rotation and jitter keep the tile's size
+        for i, tile in enumerate(tiles):
             mosaic.paste(tile, ((i % self.grid) * side, (i // self.grid) * side))
         if self.out_size is not None and mosaic.size[0] != self.out_size:
             mosaic = mosaic.resize((self.out_size, self.out_size), Image.Resampling.BICUBIC)

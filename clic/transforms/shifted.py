@@ -1,15 +1,10 @@
 """CLICv2 shifted patchify (Chen, Zhao, Liu 2025, arXiv 2503.06641).
 
-Positives come from the same image content rather than from different crops: one random
-resized crop is rendered on a canvas of side ``size + patch``; view 1 is the window at
-``origin``, view 2 the window at ``origin + (dy, dx)``. Both views are patchified on their own
-grid, so patch (i, j) of view 2 sees the content of patch (i, j) of view 1 moved by the shift.
-The shift magnitude lies in ``[min_shift, max_shift] * patch``, strictly below half a patch, along
-a direction drawn from horizontal, vertical or diagonal, with a random sign. Below half a patch
-the positive (the same grid cell) always shares more pixels with the anchor than any negative
-does: along a shifted axis the positive overlaps ``1 - s`` of the patch and the neighbouring cell
-``s``; at ``s >= 1/2`` a negative would be the better match for the anchor's content. Colour jitter is drawn
-independently per view; flips are shared so corresponding patches keep their geometry.
+One random resized crop is rendered on a canvas of side ``size + patch``; view 1 is the window at
+``origin``, view 2 the window at ``origin + (dy, dx)`` (:class:`clic.transforms.plan.ShiftPlan`),
+so patch (i, j) of view 2 sees patch (i, j) of view 1 moved by less than half a patch: the
+positive then shares more pixels with its anchor than any neighbouring (negative) patch does.
+Flips are shared so corresponding patches keep their geometry; colour jitter is drawn per view.
 """
 
 from __future__ import annotations
