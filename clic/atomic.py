@@ -65,10 +65,6 @@ def remove_leftovers(folder: Path, pattern: str) -> list[Path]:
     return removed
 
 
-def _aside_pattern(out: Path) -> str:
-    return rf"{re.escape(out.name)}\.old-(?P<pid>\d+)"
-
-
 def staging_dir(out: Path) -> Path:
     """The private folder this process builds ``out`` in (``<out>.partial-<pid>``), emptied."""
     tmp = out.with_name(f"{out.name}.partial-{os.getpid()}")
@@ -79,14 +75,15 @@ def staging_dir(out: Path) -> Path:
 def recover_dir(out: Path) -> None:
     """Undo what a killed writer of ``out`` left: restore ``<out>.old-<pid>`` when ``out`` is
     missing, delete ``<out>.partial-<pid>*`` and other ``<out>.old-<pid>`` of dead processes."""
-    regex = re.compile(_aside_pattern(out))
+    aside = rf"{re.escape(out.name)}\.old-(?P<pid>\d+)"
+    regex = re.compile(aside)
     asides = [p for p in sorted(out.parent.glob(f"{glob.escape(out.name)}.old-*"))
               if (m := regex.fullmatch(p.name)) and not pid_alive(int(m.group("pid")))]
     if asides and not (out.exists() or out.is_symlink()):
         newest = max(asides, key=lambda p: p.lstat().st_mtime_ns)
         os.rename(newest, out)
         log.warning("restored %s from %s (left by a killed run)", out, newest.name)
-    remove_leftovers(out.parent, _aside_pattern(out))
+    remove_leftovers(out.parent, aside)
     remove_leftovers(out.parent, rf"{re.escape(out.name)}\.partial-(?P<pid>\d+)(\..*)?")
 
 

@@ -1,16 +1,4 @@
-"""The ``clic`` command line.
-
-    clic data prepare [--params params.yaml] [--set key=value ...]
-    clic data corpus [--params params.yaml] [--data DIR]     (list and hash pretrain.data; exit 1 on leaks)
-    clic data shard --out DIR [--per-shard N] [ENTRY ...]    (write pretrain.data or ENTRYs as MDS shards)
-    clic pretrain --method {moco,clic,clicv2} --out DIR [--data DIR] [--set key=value ...]
-    clic embed --model CHECKPOINT --out FEATURES.npz IMAGE_OR_FOLDER...
-    clic probe --model ENCODER --out DIR [--data DIR]       (also --baseline random|handcrafted)
-    clic transfer --model ENCODER --out METRICS.json [--data IMAGEFOLDER] [--name imagenet]
-    clic score --model SCORER [--out SCORES.csv] IMAGE_OR_FOLDER...    (path,score rows; stdout without --out)
-    clic map --model SCORER --out MAP.png IMAGE
-    clic params PROFILE.yaml [--set key=value ...]           (print the merged params, e.g. > params.yaml)
-    clic params PROFILE.yaml --method M                      (M's resolved pretraining settings)
+"""The ``clic`` command line: ``clic --help``, and every command with examples in docs/usage.md.
 
 Overrides use the dotted paths of ``params.yaml`` (``--set pretrain.clicv2.epochs=3``); for
 ``pretrain`` a key may also be given relative to the method's section (``--set epochs=3``).
@@ -21,6 +9,11 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
 
 from clic.config import METHODS
 from clic.params import TOP_LEVEL, data_config, load_params, method_settings, pretrain_config, to_dict, validate_config
@@ -28,10 +21,16 @@ from clic.params import TOP_LEVEL, data_config, load_params, method_settings, pr
 log = logging.getLogger("clic")
 
 
-def _common(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a parameter (repeatable)")
+def _sub(sub: Any, name: str, text: str, params: bool = True, device: bool = False) -> argparse.ArgumentParser:
+    """A subcommand; ``params``: it reads a params file (``--params``, ``--set``); ``device``: it runs a model."""
+    p = sub.add_parser(name, help=text)
+    if params:
+        p.add_argument("--params", default="params.yaml", help="params file (default: params.yaml)")
+        p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a parameter (repeatable)")
+    if device:
+        p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
+    return p
 
 
 def _batch_inputs(p: argparse.ArgumentParser) -> None:
@@ -41,7 +40,6 @@ def _batch_inputs(p: argparse.ArgumentParser) -> None:
     p.add_argument("--threads", type=int, default=None,
                    help="threads of a CPU forward (default: all cores; cores minus --workers pays when "
                    "decoding large photos is the slow half)")
-    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     p.add_argument("inputs", nargs="+", metavar="IMAGE_OR_FOLDER")
 
 
@@ -51,24 +49,20 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("-v", "--verbose", action="store_true", help="debug logging")
     sub = ap.add_subparsers(dest="command", required=True)
 
-    data = sub.add_parser("data", help="dataset preparation")
-    data_sub = data.add_subparsers(dest="data_command", required=True)
-    prep = data_sub.add_parser("prepare", help="turn the source named in params into the prepared format")
-    _common(prep)
+    data_sub = sub.add_parser("data", help="dataset preparation").add_subparsers(dest="data_command", required=True)
+    prep = _sub(data_sub, "prepare", "turn the source named in params into the prepared format")
     prep.add_argument("--transfer", default="", metavar="DIR",
                       help="also write the synthetic labelled classification set to DIR")
     prep.add_argument("--force", action="store_true",
                       help="rebuild even when the folder was prepared from the same inputs")
-    corp = data_sub.add_parser("corpus", help="list and hash the pretraining corpus (pretrain.data) and report "
-                               "evaluation images found in it (exit 1 when there are any)")
-    _common(corp)
+    corp = _sub(data_sub, "corpus", "list and hash the pretraining corpus (pretrain.data) and report evaluation "
+                "images found in it (exit 1 when there are any)")
     corp.add_argument("--data", default="", help="prepared dataset whose evaluation images are looked for "
                       "(default: data.out_dir; skipped when it is not prepared)")
     corp.add_argument("--workers", type=int, default=0, help="hashing processes (default: CPUs, at most 8)")
     corp.add_argument("--work-dir", default="", help="extracted archives and the hash index (default: data/corpus)")
-    shd = data_sub.add_parser("shard", help="write a pretraining corpus as MosaicML streaming (MDS) shards "
-                              "(resumable: a re-run completes a killed one)")
-    _common(shd)
+    shd = _sub(data_sub, "shard", "write a pretraining corpus as MosaicML streaming (MDS) shards (resumable: a "
+               "re-run completes a killed one)")
     shd.add_argument("--out", required=True, help="corpus folder (index.json, part-NNNNNN/)")
     shd.add_argument("--per-shard", type=int, default=1000, help="images per part, the unit a re-run resumes "
                      "at (default: 1000)")
@@ -81,21 +75,18 @@ def parser() -> argparse.ArgumentParser:
     shd.add_argument("entries", nargs="*", metavar="ENTRY",
                      help="image folders, archives or prepared datasets (default: pretrain.data)")
 
-    pre = sub.add_parser("pretrain", help="self-supervised pretraining (resumes from DIR/checkpoint.pt)")
-    _common(pre)
+    pre = _sub(sub, "pretrain", "self-supervised pretraining (resumes from DIR/checkpoint.pt)", device=True)
     pre.add_argument("--method", required=True, choices=METHODS)
     pre.add_argument("--out", required=True, help="output folder (checkpoint.pt, encoder.pt, metrics.jsonl)")
     pre.add_argument("--data", default="", help="prepared dataset folder (default: data.out_dir)")
-    pre.add_argument("--device", default=None, help="cpu, cuda, cuda:1 (default: cuda if available)")
     pre.add_argument("--no-progress", action="store_true")
 
-    emb = sub.add_parser("embed", help="frozen-encoder features for images or folders")
+    emb = _sub(sub, "embed", "frozen-encoder features for images or folders", params=False, device=True)
     emb.add_argument("--model", required=True, help="encoder.pt or checkpoint.pt")
     emb.add_argument("--out", required=True, help="output .npz with arrays paths and features")
     _batch_inputs(emb)
 
-    prb = sub.add_parser("probe", help="fit a linear probe on frozen features; report PCC/SRCC; save a scorer")
-    _common(prb)
+    prb = _sub(sub, "probe", "fit a linear probe on frozen features; report PCC/SRCC; save a scorer", device=True)
     prb.add_argument("--model", default="", help="encoder.pt or checkpoint.pt (or use --baseline)")
     prb.add_argument("--scorer", default="", help="cross-dataset: evaluate a fitted scorer.pt (or models:/ URI) "
                      "on every labelled image of --data, without refitting")
@@ -105,31 +96,27 @@ def parser() -> argparse.ArgumentParser:
     prb.add_argument("--data", default="", help="prepared dataset folder (default: data.out_dir)")
     prb.add_argument("--out", required=True, help="report folder (metrics.json, predictions.csv, plots, scorer.pt)")
     prb.add_argument("--cache", default="", help="feature cache folder")
-    prb.add_argument("--device", default=None)
 
-    trf = sub.add_parser("transfer", help="linear classification probe on an ImageFolder (train/, val/)")
-    _common(trf)
+    trf = _sub(sub, "transfer", "linear classification probe on an ImageFolder (train/, val/)", device=True)
     trf.add_argument("--model", required=True)
     trf.add_argument("--data", default="", help="ImageFolder root (default: transfer.path)")
     trf.add_argument("--name", default="", help="dataset name for the metric keys (default: transfer.name)")
     trf.add_argument("--out", required=True, help="JSON file for <name>_top1 / <name>_top5")
-    trf.add_argument("--device", default=None)
 
-    sco = sub.add_parser("score", help="complexity scores for images or folders")
+    sco = _sub(sub, "score", "complexity scores for images or folders", params=False, device=True)
     sco.add_argument("--model", required=True, help="scorer.pt (from clic probe) or an MLflow models:/ URI")
     sco.add_argument("--out", default="", help="write the path,score rows to this CSV (default: print them)")
     _batch_inputs(sco)
 
-    mp = sub.add_parser("map", help="per-patch complexity heat map blended over an image")
+    mp = _sub(sub, "map", "per-patch complexity heat map blended over an image", params=False, device=True)
     mp.add_argument("--model", required=True)
     mp.add_argument("--out", required=True, help="PNG file")
     mp.add_argument("--alpha", type=float, default=0.5, help="heat-map opacity")
-    mp.add_argument("--device", default=None)
     mp.add_argument("image")
 
-    par = sub.add_parser("params", help="print a params file with its 'extends' chain and overrides merged, or "
-                         "with --method one method's resolved pretraining settings")
-    par.add_argument("profile", help="e.g. params/gpu.yaml")
+    par = _sub(sub, "params", "print a params file with its 'extends' chain and overrides merged, or with "
+               "--method one method's resolved pretraining settings", params=False)
+    par.add_argument("params", metavar="profile", help="e.g. params/gpu.yaml")
     par.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     par.add_argument("--method", choices=METHODS, default=None,
                      help="print pretrain.common merged into pretrain.<method> with every default filled in "
@@ -139,8 +126,6 @@ def parser() -> argparse.ArgumentParser:
 
 def _yaml(tree: dict) -> str:
     """Block-style YAML with lists on one line (``crop_scale: [0.2, 1.0]``), as params.yaml."""
-    import yaml
-
     class Dumper(yaml.SafeDumper):
         pass
 
@@ -148,101 +133,84 @@ def _yaml(tree: dict) -> str:
     return yaml.dump(tree, Dumper=Dumper, sort_keys=False)
 
 
-def _method_overrides(method: str, overrides: list[str]) -> list[str]:
-    """``epochs=3`` -> ``pretrain.<method>.epochs=3``; fully dotted keys pass through."""
-    return [o if o.split("=", 1)[0].split(".", 1)[0].strip() in TOP_LEVEL else f"pretrain.{method}.{o}"
-            for o in overrides]
+def _overrides(args: argparse.Namespace) -> list[str]:
+    """The ``--set`` values; for ``pretrain``, ``epochs=3`` -> ``pretrain.<method>.epochs=3`` (fully
+    dotted keys pass through)."""
+    if args.command != "pretrain":
+        return args.overrides
+    return [o if o.split("=", 1)[0].split(".", 1)[0].strip() in TOP_LEVEL else f"pretrain.{args.method}.{o}"
+            for o in args.overrides]
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    command = COMMANDS[args.data_command if args.command == "data" else args.command]
     try:
-        if args.command == "data" and args.data_command == "corpus":
-            return _corpus(args)
-        if args.command == "data" and args.data_command == "shard":
-            return _shard(args)
-        if args.command == "data":
-            from clic.data.prepare import prepare, prepare_transfer
-
-            params = load_params(args.params, args.overrides)
-            dcfg = data_config(params)
-            out = prepare(dcfg, seed=int(params.get("seed", 0)), force=args.force)
-            print(f"prepared dataset: {out}")
-            if args.transfer:
-                print(f"transfer dataset: {prepare_transfer(dcfg, args.transfer, int(params.get('seed', 0)))}")
-        elif args.command == "pretrain":
-            import yaml
-
-            from clic.pretrain import run
-
-            params = load_params(args.params, _method_overrides(args.method, args.overrides))
-            cfg = pretrain_config(params, args.method)
-            log.debug("resolved config:\n%s", yaml.safe_dump(to_dict(cfg), sort_keys=False))
-            data_dir = args.data or data_config(params).out_dir
-            encoder = run(cfg, data_dir, args.out, args.device, progress=not args.no_progress)
-            print(f"encoder: {encoder}")
-        elif args.command == "embed":
-            from clic.embed import embed_to_npz
-
-            n, errors = embed_to_npz(args.model, args.inputs, args.out, args.batch_size, args.workers, args.device,
-                                         args.threads)
-            print(f"wrote {n} feature rows to {args.out}" + (f" ({len(errors)} unreadable images skipped)"
-                                                             if errors else ""))
-        elif args.command == "probe":
-            _probe(args)
-        elif args.command == "transfer":
-            _transfer(args)
-        elif args.command == "score":
-            _score(args)
-        elif args.command == "map":
-            _map(args)
-        elif args.command == "params":
-            import yaml
-
-            merged = load_params(args.profile, args.overrides)
-            data_config(merged)  # validate what can be validated without a method
-            configs = {m: pretrain_config(merged, m) for m in METHODS}
-            if args.method:  # a params file itself: seed, pretrain.data and the method's section
-                own = method_settings(configs[args.method])
-                seed, data = own.pop("seed"), own.pop("data")
-                own.pop("method")
-                print(f"# {args.profile}: pretrain.{args.method} resolved (docs/recipes.md gives each value's source)")
-                print(_yaml({"seed": seed, "pretrain": {"data": data, args.method: own}}), end="")
-            else:
-                print(yaml.safe_dump(merged, sort_keys=False), end="")
+        params = load_params(args.params, _overrides(args)) if "params" in args else {}  # profile: `clic params`
+        return command(args, params) or 0
     except ValueError as exc:
         print(f"clic: error: {exc}", file=sys.stderr)
         return 2
-    return 0
 
 
-def _corpus(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from clic.data.prepare import prepare, prepare_transfer
+
+    dcfg, seed = data_config(params), int(params.get("seed", 0))
+    print(f"prepared dataset: {prepare(dcfg, seed=seed, force=args.force)}")
+    if args.transfer:
+        print(f"transfer dataset: {prepare_transfer(dcfg, args.transfer, seed)}")
+
+
+def _pretrain(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from clic.pretrain import run
+
+    cfg = pretrain_config(params, args.method)
+    log.debug("resolved config:\n%s", yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    data_dir = args.data or data_config(params).out_dir
+    print(f"encoder: {run(cfg, data_dir, args.out, args.device, progress=not args.no_progress)}")
+
+
+def _embed(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from clic.embed import embed_to_npz
+
+    n, errors = embed_to_npz(args.model, args.inputs, args.out, args.batch_size, args.workers, args.device,
+                             args.threads)
+    print(f"wrote {n} feature rows to {args.out}" + (f" ({len(errors)} unreadable images skipped)" if errors else ""))
+
+
+def _params(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    data_config(params)  # validate what can be validated without a method
+    configs = {m: pretrain_config(params, m) for m in METHODS}
+    if not args.method:
+        print(yaml.safe_dump(params, sort_keys=False), end="")
+        return
+    own = method_settings(configs[args.method])  # a params file itself: seed, pretrain.data and the section
+    seed, data = own.pop("seed"), own.pop("data")
+    own.pop("method")
+    print(f"# {args.params}: pretrain.{args.method} resolved (docs/recipes.md gives each value's source)")
+    print(_yaml({"seed": seed, "pretrain": {"data": data, args.method: own}}), end="")
+
+
+def _corpus(args: argparse.Namespace, params: dict[str, Any]) -> int:
     import time
     from collections import Counter
-    from pathlib import Path
 
-    from clic.data.corpus import (
-        CORPUS_DIR,
-        INDEX_NAME,
-        corpus_hashes,
-        corpus_records,
-        evaluation_hashes,
-        evaluation_records,
-        leaks,
-    )
+    from clic.data import corpus
     from clic.data.table import read_table
     from clic.params import probe_config
 
-    params = load_params(args.params, args.overrides)
     pcfg, dcfg, mode = pretrain_config(params, METHODS[0]), data_config(params), probe_config(params).mode
     if not pcfg.data:
         raise ValueError("pretrain.data is empty: pretraining uses the prepared dataset's "
                          f"{'/'.join(pcfg.splits)} split(s); set pretrain.data to a list of image folders or archives")
-    work = Path(args.work_dir or CORPUS_DIR)
+    work = Path(args.work_dir or corpus.CORPUS_DIR)
+    index, workers = work / corpus.INDEX_NAME, args.workers or None
     start = time.perf_counter()
-    records = corpus_records(pcfg.data, work, dcfg.max_archive_bytes, dcfg.max_member_bytes, dcfg.max_archive_ratio)
+    records = corpus.corpus_records(pcfg.data, work, dcfg.max_archive_bytes, dcfg.max_member_bytes,
+                                    dcfg.max_archive_ratio)
     listed = time.perf_counter() - start
     by_source = Counter((r.name.split("/", 1)[0], r.category) for r in records)
     print(f"corpus: {len(records)} images in {len(pcfg.data)} entr{'y' if len(pcfg.data) == 1 else 'ies'} "
@@ -250,7 +218,7 @@ def _corpus(args: argparse.Namespace) -> int:
     for (entry, category), n in sorted(by_source.items()):
         print(f"  {entry}/{category + '/' if category else ''}: {n}")
     start = time.perf_counter()
-    hashes = corpus_hashes(records, work / INDEX_NAME, args.workers or None, dcfg.max_pixels)
+    hashes = corpus.corpus_hashes(records, index, workers, dcfg.max_pixels)
     print(f"hashed {hashes.hashed} images in {time.perf_counter() - start:.1f} s "
           f"({len(records) - hashes.hashed} known); {len(hashes.errors)} unreadable (skipped when pretraining)")
     for name, err in sorted(hashes.errors.items())[:10]:
@@ -259,9 +227,9 @@ def _corpus(args: argparse.Namespace) -> int:
     if not (data_dir / "table.csv").is_file():
         print(f"{data_dir} is not prepared: evaluation images not checked")
         return 0
-    evaluation = evaluation_records(read_table(data_dir), mode)
+    evaluation = corpus.evaluation_records(read_table(data_dir), mode)
     bits = validate_config(params).near_duplicate_bits
-    found = leaks(hashes, evaluation_hashes(evaluation, data_dir, work / INDEX_NAME, args.workers or None), bits)
+    found = corpus.leaks(hashes, corpus.evaluation_hashes(evaluation, data_dir, index, workers), bits)
     print(f"evaluation images ({data_dir}, probe.mode={mode}): {len(evaluation)}; in the corpus (identical or "
           f"within {bits} perceptual-hash bits): {len({x.evaluation for x in found})}")
     for leak in found[:20]:
@@ -271,13 +239,10 @@ def _corpus(args: argparse.Namespace) -> int:
     return 1 if found else 0
 
 
-def _shard(args: argparse.Namespace) -> int:
-    from pathlib import Path
-
+def _shard(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from clic.data.corpus import CORPUS_DIR, corpus_records
     from clic.data.shards import write_shards
 
-    params = load_params(args.params, args.overrides)
     entries = args.entries or list(pretrain_config(params, METHODS[0]).data)
     if not entries:
         raise ValueError("nothing to shard: name image folders, archives or prepared datasets, or set pretrain.data")
@@ -288,14 +253,12 @@ def _shard(args: argparse.Namespace) -> int:
                            args.workers or None, dcfg.max_pixels, args.force, not args.no_progress)
     print(f"{summary.images} images in {summary.parts} parts ({summary.written} written now, "
           f"{summary.unreadable} unreadable skipped) -> {summary.index}")
-    return 0
 
 
-def _probe(args: argparse.Namespace) -> None:
+def _probe(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from clic.evaluation.evaluate import evaluate_encoder, evaluate_handcrafted, evaluate_random, evaluate_scorer
     from clic.params import probe_config
 
-    params = load_params(args.params, args.overrides)
     cfg, seed = probe_config(params), int(params.get("seed", 0))
     data_dir = args.data or data_config(params).out_dir
     if args.baseline == "handcrafted":
@@ -312,15 +275,13 @@ def _probe(args: argparse.Namespace) -> None:
           f"RMSE {report['rmse']:.4f}  (n={int(report['n'])}) -> {args.out}")
 
 
-def _transfer(args: argparse.Namespace) -> None:
+def _transfer(args: argparse.Namespace, params: dict[str, Any]) -> None:
     import json
-    from pathlib import Path
 
     from clic.embed import load_encoder
     from clic.evaluation.transfer import transfer_probe
     from clic.params import transfer_config
 
-    params = load_params(args.params, args.overrides)
     cfg = transfer_config(params)
     backbone, pcfg = load_encoder(args.model, args.device or "cpu")
     out = Path(args.out)
@@ -332,45 +293,34 @@ def _transfer(args: argparse.Namespace) -> None:
     print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
-def _score(args: argparse.Namespace) -> None:
+def _score(args: argparse.Namespace, params: dict[str, Any]) -> None:
     import csv
-    from pathlib import Path
+    import io
 
-    from clic.embed import expand_inputs
+    from clic.atomic import write_text
+    from clic.embed import expand_inputs, skip_unreadable
     from clic.scorer import load_scorer
 
     scorer = load_scorer(args.model, args.device)
     paths = expand_inputs(args.inputs)
-    if not paths:
-        raise ValueError("no image files found in the given inputs")
     scores, kept, errors = scorer.score_files(paths, args.batch_size, args.workers, threads=args.threads)
-    for e in errors:
-        log.warning("skipped unreadable image: %s", e)
-    if not kept:
-        raise ValueError(f"none of the {len(paths)} images could be read (first: {errors[0] if errors else '?'})")
+    skip_unreadable(len(paths), kept, errors)
     rows = [(str(paths[i]), f"{s:.6f}") for i, s in zip(kept, scores, strict=True)]
+    table = io.StringIO()
+    csv.writer(table).writerows([("path", "score"), *rows])
     skipped = f" ({len(errors)} unreadable, skipped)" if errors else ""
     if not args.out:  # path,score rows on stdout, like every scoring tool; the summary on stderr
-        w = csv.writer(sys.stdout)
-        w.writerow(["path", "score"])
-        w.writerows(rows)
+        sys.stdout.write(table.getvalue())
         sys.stdout.flush()
         print(f"scored {len(kept)} images{skipped}", file=sys.stderr)
         return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.with_name(f".{out.name}.tmp")
-    with tmp.open("w", newline="") as fh:
-        w = csv.writer(fh)
-        w.writerow(["path", "score"])
-        w.writerows(rows)
-    tmp.replace(out)
+    write_text(out, table.getvalue())
     print(f"scored {len(kept)} images -> {out}{skipped}")
 
 
-def _map(args: argparse.Namespace) -> None:
-    from pathlib import Path
-
+def _map(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from clic.data.imageio import load_rgb
     from clic.scorer import blend_heatmap, load_scorer
 
@@ -385,6 +335,11 @@ def _map(args: argparse.Namespace) -> None:
     blend_heatmap(view, values, args.alpha).save(out)
     print(f"map {values.shape[0]}x{values.shape[1]}, mean {values.mean():.4f} "
           f"(image score {float(scorer(img)[0]):.4f}) -> {out}")
+
+
+COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], int | None]] = {
+    "prepare": _prepare, "corpus": _corpus, "shard": _shard, "pretrain": _pretrain, "embed": _embed, "probe": _probe,
+    "transfer": _transfer, "score": _score, "map": _map, "params": _params}
 
 
 if __name__ == "__main__":

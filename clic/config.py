@@ -1,18 +1,10 @@
 """Typed configuration built from the sections of ``params.yaml`` (pydantic models).
 
-Every knob of the pipeline lives in ``params.yaml``; this module turns its sections into frozen,
-strictly typed models (bounds as field constraints, cross-field rules as validators), reports
-every failure as a :class:`ParamError` naming the dotted key, and computes derived values (the
-absolute learning rate) in one place. Layout of ``params.yaml``::
-
-    seed: 0
-    data: {...}                     -> DataConfig
-    pretrain:
-      data: [...]                   the pretraining corpus (every method)
-      common: {...}                 shared by every method
-      moco|clic|clicv2: {...}       deep-merged over ``common`` -> PretrainConfig
-
-Files are read, merged and turned into these sections by :mod:`clic.params`.
+Frozen, strictly typed sections: bounds as field constraints, cross-field rules as validators,
+every failure a :class:`ParamError` naming the dotted key; derived values (the absolute learning
+rate) are computed here. ``pretrain.common`` deep-merged with ``pretrain.<method>`` (plus ``seed``
+and the corpus ``pretrain.data``) is a :class:`PretrainConfig`; ``data``, ``probe``, ``transfer``,
+``validate`` and ``mlflow`` are one section each. :mod:`clic.params` reads and merges the files.
 """
 
 from __future__ import annotations

@@ -9,6 +9,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -23,7 +24,7 @@ from clic.cores import torch_threads
 from clic.data.imageio import ImageError, decode_opened, is_image_file, load_rgb
 from clic.engine import checkpoint as ckpt
 from clic.engine.train import autocast
-from clic.models.backbones import build_backbone
+from clic.models.backbones import ResNetBackbone, ViTBackbone, build_backbone
 from clic.params import from_dict
 from clic.transforms.common import MEAN, STD
 
@@ -32,7 +33,15 @@ log = logging.getLogger(__name__)
 
 def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, PretrainConfig]:
     """Backbone (eval mode) and its config from ``encoder.pt`` or ``checkpoint.pt``."""
-    state = ckpt.load(path, "cpu")
+    backbone, cfg = rebuild_backbone(ckpt.load(path, "cpu"), path)
+    return backbone.to(device).eval(), cfg
+
+
+def rebuild_backbone(state: Mapping[str, Any], path: str | Path) -> tuple[ResNetBackbone | ViTBackbone,
+                                                                         PretrainConfig]:
+    """The backbone of a saved encoder, training checkpoint or scorer ``state``, rebuilt from its
+    stored config; weights that do not fit it are a ``ValueError`` naming the file, the config and
+    the mismatch (missing and unexpected keys, shape differences)."""
     if "config" not in state:
         raise ValueError(f"{path}: no config stored; not a clic encoder or checkpoint")
     cfg = from_dict(PretrainConfig, state["config"], f"{path}:config")
@@ -44,47 +53,7 @@ def load_encoder(path: str | Path, device: str | torch.device = "cpu") -> tuple[
         weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
     else:
         raise ValueError(f"{path}: holds neither 'backbone' nor 'model' weights")
-    load_weights(backbone, weights, path, cfg)
-    return backbone.to(device).eval(), cfg
-
-
-def eval_transform(size: int, whole: bool = False) -> T.Compose:
-    """Resize the short side to ``size`` and centre-crop a square (the whole image for squares);
-    ``whole``: resize the whole image to ``size`` x ``size`` without cropping, the aspect ratio
-    not kept (ICNet's IC9600 protocol)."""
-    if whole:
-        return T.Compose([T.Resize((size, size), antialias=True), T.ToTensor(), T.Normalize(MEAN, STD)])
-    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
-
-
-def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
-    """Files as given, folders walked recursively for image files (sorted)."""
-    paths: list[Path] = []
-    for item in inputs:
-        p = Path(item)
-        if p.is_dir():
-            paths.extend(sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q)))
-        elif p.exists():
-            paths.append(p)
-        else:
-            raise ValueError(f"{p}: no such file or folder")
-    return paths
-
-
-def load_for_model(source: str | Path | Image.Image, size: int) -> Image.Image:
-    """Decode an image (a path, or a PIL image the caller opened) that will be resized to ``size``:
-    EXIF orientation applied, any mode to 8-bit RGB, JPEG files at a reduced DCT scale keeping at
-    least twice that side (scores move by ~1% of their spread, decoding is 4-5x cheaper). Paths and
-    PIL images go through the same decoding (:func:`clic.data.imageio.decode_opened`)."""
-    if isinstance(source, Image.Image):
-        return decode_opened(source, min_size=2 * size)
-    return load_rgb(source, min_size=2 * size)
-
-
-def load_weights(module: nn.Module, weights: Mapping[str, torch.Tensor], path: str | Path, cfg: PretrainConfig) -> None:
-    """``module.load_state_dict(weights)``, or a ``ValueError`` naming the file, the config the
-    model was rebuilt from, and the mismatch (missing and unexpected keys, shape differences)."""
-    own = module.state_dict()
+    own = backbone.state_dict()
     missing = [k for k in own if k not in weights]
     unexpected = [k for k in weights if k not in own]
     shapes = [f"{k} {tuple(weights[k].shape)} in the file vs {tuple(v.shape)} in the model"
@@ -98,7 +67,51 @@ def load_weights(module: nn.Module, weights: Mapping[str, torch.Tensor], path: s
                          f"image_size={cfg.image_size}, patch_size={cfg.patch_size}, depth={cfg.depth}, "
                          f"pool={cfg.pool}): {'; '.join(problems)}; the file was edited or written by another "
                          "version of clic")
-    module.load_state_dict(weights)
+    backbone.load_state_dict(weights)
+    return backbone, cfg
+
+
+def eval_transform(size: int, whole: bool = False) -> T.Compose:
+    """Resize the short side to ``size`` and centre-crop a square (the whole image for squares);
+    ``whole``: resize the whole image to ``size`` x ``size`` without cropping, the aspect ratio
+    not kept (ICNet's IC9600 protocol)."""
+    if whole:
+        return T.Compose([T.Resize((size, size), antialias=True), T.ToTensor(), T.Normalize(MEAN, STD)])
+    return T.Compose([T.Resize(size, antialias=True), T.CenterCrop(size), T.ToTensor(), T.Normalize(MEAN, STD)])
+
+
+def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders walked recursively for image files (sorted); none is an error."""
+    paths: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            paths.extend(sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q)))
+        elif p.exists():
+            paths.append(p)
+        else:
+            raise ValueError(f"{p}: no such file or folder")
+    if not paths:
+        raise ValueError("no image files found in the given inputs")
+    return paths
+
+
+def skip_unreadable(n: int, kept: list[int], errors: list[str]) -> None:
+    """Warn of each image that could not be read; refuse a run where none of the ``n`` could."""
+    for e in errors:
+        log.warning("skipped unreadable image: %s", e)
+    if not kept:
+        raise ValueError(f"none of the {n} images could be read (first: {errors[0] if errors else '?'})")
+
+
+def load_for_model(source: str | Path | Image.Image, size: int) -> Image.Image:
+    """Decode an image (a path, or a PIL image the caller opened) that will be resized to ``size``:
+    EXIF orientation applied, any mode to 8-bit RGB, JPEG files at a reduced DCT scale keeping at
+    least twice that side (scores move by ~1% of their spread, decoding is 4-5x cheaper). Paths and
+    PIL images go through the same decoding (:func:`clic.data.imageio.decode_opened`)."""
+    if isinstance(source, Image.Image):
+        return decode_opened(source, min_size=2 * size)
+    return load_rgb(source, min_size=2 * size)
 
 
 class _Images(Dataset):
@@ -160,13 +173,8 @@ def embed_to_npz(model: str | Path, inputs: Iterable[str | Path], out: str | Pat
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     backbone, cfg = load_encoder(model, dev)
     paths = expand_inputs(inputs)
-    if not paths:
-        raise ValueError("no image files found in the given inputs")
     feats, kept, errors = extract(backbone, paths, cfg.image_size, batch_size, workers, dev, threads=threads)
-    for e in errors:
-        log.warning("skipped: %s", e)
-    if not kept:
-        raise ValueError(f"none of the {len(paths)} images could be read (first: {errors[0] if errors else '?'})")
+    skip_unreadable(len(paths), kept, errors)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.tmp.npz")

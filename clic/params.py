@@ -1,19 +1,17 @@
 """Reading params files into the typed sections of :mod:`clic.config`.
 
-:func:`load_params` reads a file and its ``extends`` chain (safe YAML with YAML 1.2 numbers; a
-tree that aliases would expand beyond :data:`MAX_YAML_VALUES` values is refused unexpanded; a file
-that is not UTF-8 is named), checks every key and value type (:func:`check_params`) and applies
-``--set`` overrides (a mapping merges into its section; one key set twice to different values is
-refused). :func:`pretrain_config` and the other section builders validate bounds and cross-field
-rules; every failure is a :class:`ParamError` naming the dotted key, in words a user reads (not
-pydantic's). Nothing read from a params file is ever executed.
+:func:`load_params` reads a file and its ``extends`` chain as safe YAML (alias bombs and non-UTF-8
+files refused), checks every key and value type and applies ``--set`` overrides; the section
+builders (:func:`pretrain_config`, ...) check bounds and cross-field rules. Every failure is a
+:class:`ParamError` naming the dotted key, in a user's words (not pydantic's). Nothing read runs.
 """
 
 from __future__ import annotations
 
 import difflib
+import functools
 import re
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from pathlib import Path
 from typing import Annotated, Any, TypeVar
 
@@ -52,17 +50,22 @@ def _join(where: str, name: object) -> str:
 
 
 def _dotted(where: str, loc: tuple[Any, ...]) -> str:
-    for part in loc:
-        where = _join(where, part)
-    return where
+    return functools.reduce(_join, loc, where)
 
 
-def _unknown(cls: type[BaseModel] | None, name: object, where: str) -> ParamError:
-    """An unknown key, with the nearest valid one (``pretrian`` -> ``pretrain``)."""
-    valid = sorted(TOP_LEVEL if cls is None else cls.model_fields)
+def _nest(key: str, value: Any) -> dict[str, Any]:
+    """``("a.b", 1)`` -> ``{"a": {"b": 1}}``."""
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def _unknown(keys: Collection[str], name: object, where: str) -> ParamError:
+    """An unknown key, with the nearest of the valid ``keys`` (``pretrian`` -> ``pretrain``)."""
+    valid = sorted(keys)
     near = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
     hint = f"did you mean {_join(where, near[0])!r}? " if near else ""
-    if not near and cls is None and str(name) in PretrainConfig.model_fields:
+    if not near and keys is TOP_LEVEL and str(name) in PretrainConfig.model_fields:
         hint = f"did you mean 'pretrain.<method>.{name}' (or 'pretrain.common.{name}')? "
     return ParamError(_join(where, name), "{key}: unknown key; " + hint + f"valid keys here: {', '.join(valid)}")
 
@@ -81,7 +84,7 @@ def _translate(exc: ValidationError, cls: type[BaseModel], where: str) -> ParamE
     loc, kind, value, ctx = tuple(err["loc"]), err["type"], err.get("input"), err.get("ctx") or {}
     key = _dotted(where, loc)
     if kind == "extra_forbidden":
-        return _unknown(_model_at(cls, loc[:-1]), loc[-1], _dotted(where, loc[:-1]))
+        return _unknown(_model_at(cls, loc[:-1]).model_fields, loc[-1], _dotted(where, loc[:-1]))
     if kind == "value_error":
         orig = ctx.get("error")
         if isinstance(orig, ParamError):  # a section's cross-field rule, keyed relative to the section
@@ -99,10 +102,8 @@ def _translate(exc: ValidationError, cls: type[BaseModel], where: str) -> ParamE
         return ParamError(key, f"{{key}} must be a finite number, got {value}")
     if kind == "too_short":
         return ParamError(key, "{key} must not be empty")
-    name = _TYPE_NAMES.get(kind.rsplit("_", 1)[0], "")
-    if name:
-        return ParamError(key, f"{{key}}: expected {name}, got {_short(value)}")
-    return ParamError(key, f"{{key}}: {err['msg']}, got {_short(value)}")
+    typ = _TYPE_NAMES.get(kind.rsplit("_", 1)[0])
+    return ParamError(key, f"{{key}}: {f'expected {typ}' if typ else err['msg']}, got {_short(value)}")
 
 
 def from_dict(cls: type[T], raw: Mapping[str, Any] | None, where: str = "") -> T:
@@ -127,7 +128,7 @@ def check_tree(cls: type[BaseModel], raw: Any, where: str) -> None:
     for name, value in raw.items():
         field = cls.model_fields.get(str(name))
         if field is None:
-            raise _unknown(cls, name, where)
+            raise _unknown(cls.model_fields, name, where)
         ann: Any = field.annotation
         if isinstance(ann, type) and issubclass(ann, BaseModel):
             check_tree(ann, value, _join(where, name))
@@ -147,7 +148,7 @@ def check_params(params: Mapping[str, Any]) -> None:
     a params tree, naming the dotted key and the nearest valid one."""
     for name, value in params.items():
         if name not in TOP_LEVEL:
-            raise _unknown(None, name, "")
+            raise _unknown(TOP_LEVEL, name, "")
         if name == "seed" and (not isinstance(value, int) or isinstance(value, bool)):
             raise ParamError("seed", f"{{key}}: expected int, got {_short(value)}")
         if name in SECTIONS and value is not None:
@@ -162,10 +163,7 @@ def check_params(params: Mapping[str, Any]) -> None:
                     if sub is not None:
                         check_tree(PretrainConfig, sub, f"pretrain.{part}")
                 else:
-                    near = difflib.get_close_matches(str(part), ["data", "common", *METHODS], n=1, cutoff=0.6)
-                    raise ParamError(f"pretrain.{part}", "{key}: unknown key; "
-                                     + (f"did you mean 'pretrain.{near[0]}'? " if near else "")
-                                     + "valid keys here: clic, clicv2, common, data, moco")
+                    raise _unknown(("data", "common", *METHODS), part, "pretrain")
 
 
 def _corpus(data: Any) -> list[str]:
@@ -205,8 +203,7 @@ def parse_yaml(text: str, where: str) -> Any:
         if depth > 100:
             raise ValueError(f"{where}: YAML nested deeper than 100 levels")
         if id(v) not in sizes:
-            items = list(v.items()) if isinstance(v, dict) else list(enumerate(v))
-            sizes[id(v)] = 1 + sum(size(x, depth + 1) for _, x in items)
+            sizes[id(v)] = 1 + sum(size(x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
             if sizes[id(v)] > MAX_YAML_VALUES:
                 raise ValueError(f"{where}: YAML aliases expand to more than {MAX_YAML_VALUES:,} values (an alias "
                                  "bomb?); write the values out")
@@ -258,10 +255,7 @@ def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, An
 def check_override(key: str, value: Any) -> None:
     """Refuse an override of dotted ``key`` that the schema does not know or whose ``value`` has
     the wrong type (:class:`ParamError` naming the key and the nearest valid one)."""
-    tree: Any = value
-    for part in reversed(key.split(".")):
-        tree = {part: tree}
-    check_params(tree)
+    check_params(_nest(key, value))
 
 
 def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -284,10 +278,7 @@ def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, A
                 raise ParamError(leaf, f"--set {item!r}: {{key}} is also set to {_short(leaves[leaf][0])} by "
                                        f"--set {leaves[leaf][1]!r}; give it once")
             leaves[leaf] = (v, item)
-        tree: Any = value
-        for part in reversed(key.split(".")):
-            tree = {part: tree}
-        params = deep_merge(params, tree)
+        params = deep_merge(params, _nest(key, value))
     return params
 
 
@@ -358,13 +349,7 @@ def method_settings(cfg: PretrainConfig) -> dict[str, Any]:
 
 def to_dict(cfg: BaseModel) -> dict[str, Any]:
     """The resolved config as plain YAML/JSON-safe types (tuples become lists)."""
-    def plain(v: Any) -> Any:
-        if isinstance(v, tuple | list):
-            return [plain(x) for x in v]
-        if isinstance(v, dict):
-            return {k: plain(x) for k, x in v.items()}
-        return v
-    return plain(cfg.model_dump())
+    return cfg.model_dump(mode="json")
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -21,7 +21,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from clic.config import MocoConfig, PretrainConfig
+from clic.config import PretrainConfig
 from clic.cores import usable_cores
 from clic.data.corpus import CORPUS_DIR, corpus_records
 from clic.data.dataset import EpochBatches, ViewDataset
@@ -113,27 +113,17 @@ def intra_op_threads(cfg: PretrainConfig, nprocs: int = 1) -> int:
     return max(1, usable_cores() // max(nprocs, 1))
 
 
-def backbone_of(model: nn.Module) -> ResNetBackbone | ViTBackbone:
-    model = model.module if isinstance(model, DistributedDataParallel) else model
-    return model.backbone  # type: ignore[return-value]
-
-
 def pick_device(name: str | None = None) -> torch.device:
     """``name`` (``cpu``, ``cuda``, ``cuda:1``), else CUDA when there is one; ``cuda`` without an
     index is this process's local rank (``torch.cuda.set_device`` refuses an index-less device)."""
-    if name:
-        dev = torch.device(name)
-        return torch.device("cuda", dist.local_rank()) if dev.type == "cuda" and dev.index is None else dev
-    if torch.cuda.is_available():
-        return torch.device("cuda", dist.local_rank())
-    return torch.device("cpu")
+    dev = torch.device(name or ("cuda" if torch.cuda.is_available() else "cpu"))
+    return torch.device("cuda", dist.local_rank()) if dev.type == "cuda" and dev.index is None else dev
 
 
-def encoder_payload(model: nn.Module, cfg: PretrainConfig, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    bb = backbone_of(model)
+def encoder_payload(model: nn.Module, cfg: PretrainConfig) -> dict[str, Any]:
+    bb: ResNetBackbone | ViTBackbone = model.backbone  # type: ignore[assignment]
     return {"kind": "clic-encoder", "backbone": {k: v.detach().cpu() for k, v in bb.state_dict().items()},
-            "feature_dim": int(bb.feature_dim), "config": to_dict(cfg), "git": ckpt.git_revision(),
-            **(extra or {})}
+            "feature_dim": int(bb.feature_dim), "config": to_dict(cfg), "git": ckpt.git_revision()}
 
 
 def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: str | None = None,
@@ -157,7 +147,6 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
     torch.manual_seed(cfg.seed + rank)
 
     loader, feed, n_images = build_loader(cfg, data_dir, corpus_dir, rank, world, pin_memory=dev.type == "cuda")
-    steps_per_epoch = feed.steps_per_epoch
 
     if dev.type == "cpu" and "OMP_NUM_THREADS" not in os.environ:
         torch.set_num_threads(intra_op_threads(cfg, int(os.environ.get("LOCAL_WORLD_SIZE", "1"))))
@@ -214,18 +203,17 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
         if (start_epoch, start_step) == (0, 0):  # a fresh start: no metrics of an earlier run
             (out / "metrics.jsonl").unlink(missing_ok=True)
         log.info("pretraining %s (%s, %d px) on %d images: %d epochs x %d steps, lr %.4g, %d process(es), %s",
-                 cfg.method, cfg.backbone, cfg.image_size, n_images, cfg.epochs, steps_per_epoch, lr, world, dev)
+                 cfg.method, cfg.backbone, cfg.image_size, n_images, cfg.epochs, feed.steps_per_epoch, lr, world, dev)
     augment = build_device_views(cfg, dev)  # None unless augment_on: device
     for epoch in range(start_epoch, cfg.epochs):
-        feed.set_epoch(epoch, skip=start_step if epoch == start_epoch else 0)
+        skip = start_step if epoch == start_epoch else 0
+        feed.set_epoch(epoch, skip=skip)
         metrics = train_one_epoch(
-            train_model, loader, optimizer, epoch, steps_per_epoch,
-            start_step if epoch == start_epoch else 0,
+            train_model, loader, optimizer, epoch, feed.steps_per_epoch, skip,
             lr_at=lambda t: cosine_lr(t, lr, cfg.epochs, cfg.optim.warmup_epochs, cfg.optim.min_lr_ratio),
-            momentum_at=momentum_schedule(cfg),
-            device=dev, amp=cfg.amp, clip_grad=cfg.optim.clip_grad, channels_last=channels_last,
-            on_checkpoint=save, checkpoint_every=cfg.checkpoint_every, sync_every=cfg.sync_every,
-            augment=augment, augment_seed=cfg.seed + 7919 * rank,
+            momentum_at=momentum_schedule(cfg), device=dev, amp=cfg.amp, clip_grad=cfg.optim.clip_grad,
+            channels_last=channels_last, on_checkpoint=save, checkpoint_every=cfg.checkpoint_every,
+            sync_every=cfg.sync_every, augment=augment, augment_seed=cfg.seed + 7919 * rank,
             progress=progress and dist.is_main())
         metrics = {k: dist.all_reduce_mean(v, dev) for k, v in metrics.items()}
         metrics["images_per_s"] *= world
@@ -248,17 +236,17 @@ def build_loader(cfg: PretrainConfig, data_dir: str | Path, corpus_dir: str | Pa
     """The training loader, what sets its epoch (``set_epoch(epoch, skip)``, ``steps_per_epoch``)
     and the number of images: shards streamed when ``cfg.data`` names shard indexes, else the
     records of a corpus or prepared dataset."""
-    prefetch = 4 if cfg.num_workers else None
-    collate = collate_encoded if cfg.decode_on == "device" else None  # encoded images differ in length
+    # the loader has its own generator so that iterating it never draws from the global RNG (exact
+    # resumption); encoded images (decode_on: device) differ in length
+    common: dict[str, Any] = {"num_workers": cfg.num_workers, "pin_memory": pin_memory,
+                              "prefetch_factor": 4 if cfg.num_workers else None,
+                              "collate_fn": collate_encoded if cfg.decode_on == "device" else None,
+                              "generator": torch.Generator().manual_seed(cfg.seed)}
     if any(is_shard_index(entry) for entry in cfg.data):
         stream = shard_stream(cfg, corpus_dir)
-        if cfg.method != "clicv2":
-            check_queue(cfg.moco, stream.num_samples)
-        # workers start afresh each epoch and copy the stream's epoch and skip; the loader's own
-        # generator keeps iterating it from drawing on the global RNG (exact resumption)
-        return (DataLoader(stream, batch_size=cfg.batch_size, drop_last=True, num_workers=cfg.num_workers,
-                           pin_memory=pin_memory, prefetch_factor=prefetch, collate_fn=collate,
-                           generator=torch.Generator().manual_seed(cfg.seed)), stream, stream.num_samples)
+        check_queue(cfg, stream.num_samples)
+        # workers start afresh each epoch and copy the stream's epoch and skip
+        return DataLoader(stream, batch_size=cfg.batch_size, drop_last=True, **common), stream, stream.num_samples
     records = pretraining_records(cfg, data_dir, corpus_dir)
     extra = None
     if cfg.method == "clic" and cfg.rcm.pairing in ("extra", "both"):
@@ -271,15 +259,10 @@ def build_loader(cfg: PretrainConfig, data_dir: str | Path, corpus_dir: str | Pa
                         "mosaics are cut from the resized cache", missing, len(records))
     dataset = ViewDataset(records, data_dir, build_views(cfg), cfg.seed, extra, cfg.rcm.extra_per_image,
                           decode_side=2 * cfg.image_size, encoded=cfg.decode_on == "device")
-    if cfg.method != "clicv2":
-        check_queue(cfg.moco, len(records))
+    check_queue(cfg, len(records))
     batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, rank, world)
-    # workers persist across epochs (the sampler hands out (epoch, index) keys); the loader has its
-    # own generator so that iterating it never draws from the global RNG (exact resumption)
-    loader = DataLoader(dataset, batch_sampler=batches, num_workers=cfg.num_workers, pin_memory=pin_memory,
-                        collate_fn=collate,
-                        persistent_workers=cfg.num_workers > 0, prefetch_factor=prefetch,
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    # workers persist across epochs (the sampler hands out (epoch, index) keys)
+    loader = DataLoader(dataset, batch_sampler=batches, persistent_workers=cfg.num_workers > 0, **common)
     return loader, batches, len(dataset)
 
 
@@ -302,14 +285,14 @@ def shard_stream(cfg: PretrainConfig, corpus_dir: str | Path) -> Any:
                        cache_limit=cfg.shard_cache or None)
 
 
-def check_queue(cfg: MocoConfig, n_images: int) -> None:
+def check_queue(cfg: PretrainConfig, n_images: int) -> None:
     """Refuse a MoCo queue longer than ``max_queue_fraction`` of the pretraining images: it would
     hold several stale keys of most images. (A query's own image is excluded from its negatives
     anyway; what remains is a queue of mostly stale keys, which MoCo's K << N assumption avoids.)"""
-    limit = int(cfg.max_queue_fraction * n_images)
-    if cfg.queue_size > limit:
-        raise ValueError(f"moco.queue_size={cfg.queue_size} exceeds moco.max_queue_fraction="
-                         f"{cfg.max_queue_fraction} of the {n_images} pretraining images (at most {limit}); "
+    moco, limit = cfg.moco, int(cfg.moco.max_queue_fraction * n_images)
+    if cfg.method != "clicv2" and moco.queue_size > limit:
+        raise ValueError(f"moco.queue_size={moco.queue_size} exceeds moco.max_queue_fraction="
+                         f"{moco.max_queue_fraction} of the {n_images} pretraining images (at most {limit}); "
                          "lower the queue or pretrain on more images (pretrain.data)")
 
 

@@ -26,13 +26,13 @@ import torch
 from PIL import Image
 
 from clic.config import PretrainConfig
-from clic.embed import eval_transform, extract, load_for_model, load_weights
+from clic.embed import eval_transform, extract, load_for_model, rebuild_backbone
 from clic.engine import checkpoint as ckpt
 from clic.engine.train import autocast
 from clic.evaluation.icnet import ICNetHead
 from clic.evaluation.probe import LinearHead
-from clic.models.backbones import ResNetBackbone, ViTBackbone, build_backbone
-from clic.params import from_dict, to_dict
+from clic.models.backbones import ResNetBackbone, ViTBackbone
+from clic.params import to_dict
 
 ImageLike = str | Path | Image.Image | torch.Tensor
 
@@ -101,13 +101,13 @@ class Scorer:
         """Scores of the decodable files (decoding in loader workers, overlapped with compute),
         their indices in ``paths``, and one error message per unreadable file. ``threads``: of a
         CPU forward (default: all cores; :func:`clic.embed.extract`)."""
-        if isinstance(self.head, ICNetHead):
-            scores, kept, errors = extract(self.backbone, paths, self.cfg.image_size, batch_size, workers,
-                                           self.device, progress, self.whole, forward=self._scores, threads=threads)
-            return scores.reshape(-1).astype(np.float64), kept, errors
-        feats, kept, errors = extract(self.backbone, paths, self.cfg.image_size, batch_size, workers,
-                                      self.device, progress, self.whole, forward=self._pool, threads=threads)
-        return feats.astype(np.float64) @ self._w.cpu().double().numpy() + self._b, kept, errors
+        icnet = isinstance(self.head, ICNetHead)  # linear heads run on the pooled features, in float64
+        forward = self._scores if icnet else self._pool
+        out, kept, errors = extract(self.backbone, paths, self.cfg.image_size, batch_size, workers, self.device,
+                                    progress, self.whole, forward=forward, threads=threads)
+        if icnet:
+            return out.reshape(-1).astype(np.float64), kept, errors
+        return out.astype(np.float64) @ self._w.cpu().double().numpy() + self._b, kept, errors
 
     # --------------------------------------------------------------------------------- maps
     @torch.no_grad()
@@ -151,9 +151,7 @@ def load_scorer(path_or_uri: str | Path, device: str | torch.device | None = Non
     state = ckpt.load(path)
     if state.get("kind") != "clic-scorer":
         raise ValueError(f"{path}: not a clic scorer (kind={state.get('kind')!r}); fit one with `clic probe`")
-    cfg = from_dict(PretrainConfig, state["config"], f"{path}:config")
-    backbone = build_backbone(cfg.backbone, cfg.image_size, cfg.patch_size, cfg.depth, cfg.pool)
-    load_weights(backbone, state["backbone"], path, cfg)
+    backbone, cfg = rebuild_backbone(state, path)
     head_type, view = state.get("head_type", "linear"), state.get("input", "crop")
     features = state.get("features", "last")
     if head_type not in ("linear", "icnet") or view not in ("crop", "whole") or features not in ("last", "stages"):
