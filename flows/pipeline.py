@@ -1,20 +1,9 @@
-"""Prefect flows over the DVC stages.
-
-- ``pretrain(method, dataset, overrides)``: fetch, validate, pretrain and probe one method;
-- ``evaluate(dataset, methods, alias)``: re-probe the registered scorers on a dataset;
-- ``pipeline(dataset, overrides)``: every stage (all methods, baselines, transfer, comparison).
-
-Each task runs ``dvc repro --single-item <stage>`` in the flow's isolated workspace (so DVC decides
-what is already done) and streams the stage's output into the flow's logs line by line as it comes
-(progress-bar redraws and library noise left out). Fetching retries. A flow run takes one slot of
-the global concurrency limit ``gpu`` (``make prefect-up`` creates it with one slot per GPU of the
-worker) for all its GPU stages at once, logging "waiting for a gpu slot" while the limit is full.
-Its MLflow runs are grouped under one parent run named by what it is (``pretrain clicv2``,
-``evaluate``, ``pipeline``) and tagged ``prefect.flow_run_id``; once the parent is closed the flow
-publishes a markdown artifact with the metrics and links to the runs in the MLflow UI.
-
-``overrides`` are ``params.yaml`` dotted keys (``{"pretrain.clicv2.epochs": 1}``, or ``{"epochs": 1}``
-relative to the method's section in ``pretrain``); unknown keys fail the run before any work.
+"""Prefect flows over the DVC stages: ``pretrain(method, dataset, overrides)`` (fetch, validate,
+pretrain, probe), ``evaluate(dataset, methods, alias)`` (re-probe the registered scorers) and
+``pipeline(dataset, overrides)`` (every stage). Each task runs ``dvc repro --single-item <stage>``
+in the flow's workspace (``flows/workspace.py``), streaming its output into the logs; a flow run
+holds one slot of the concurrency limit ``gpu`` for all its GPU stages, groups its MLflow runs
+under one parent run and publishes a markdown artifact. docs/usage.md, "Prefect", tells the rest.
 """
 
 from __future__ import annotations
@@ -75,7 +64,12 @@ def stream(cmd: list[str], cwd: Path, env: dict[str, str]) -> tuple[int, list[st
     return rc, list(tail)
 
 
-def _run_dvc(ws: Path, target: str) -> str:
+def _env() -> dict[str, str]:
+    return stage_env(ROOT, str(flow_run.id or "local"), os.environ.get("CLIC_RUN_NAME", ""))
+
+
+@task(task_run_name="{target}")
+def stage(ws: Path, target: str) -> str:
     rc, tail = stream(["dvc", "repro", "--single-item", target], ws, _env())
     if rc != 0:
         errors = [x for x in tail if "error" in x.lower() or "failed" in x.lower()]
@@ -83,19 +77,18 @@ def _run_dvc(ws: Path, target: str) -> str:
     return "\n".join(tail)
 
 
-def _env() -> dict[str, str]:
-    return stage_env(ROOT, str(flow_run.id or "local"), os.environ.get("CLIC_RUN_NAME", ""))
+fetch = stage.with_options(name="fetch", retries=2, retry_delay_seconds=10)  # data may sit on a flaky mount
 
 
-@task(retries=2, retry_delay_seconds=10, task_run_name="fetch")
-def fetch(ws: Path) -> str:
-    """Preparing data may hit a flaky mount or archive read: retried."""
-    return _run_dvc(ws, "fetch")
-
-
-@task(task_run_name="{target}")
-def stage(ws: Path, target: str) -> str:
-    return _run_dvc(ws, target)
+def repro(ws: Path, names: list[str]) -> None:
+    """The DVC stages ``names`` in order, one task each (``fetch`` retried); one ``gpu`` slot held
+    from the first GPU stage to the last."""
+    gpu = [i for i, n in enumerate(names) if n.split("@")[0] in GPU_STAGES]
+    first, last = (gpu[0], gpu[-1] + 1) if gpu else (len(names), len(names))
+    for part, slot in ((names[:first], False), (names[first:last], True), (names[last:], False)):
+        with gpu_slot() if slot and part else contextlib.nullcontext():
+            for n in part:
+                (fetch if n == "fetch" else stage)(ws, n)
 
 
 def _locked(exc: BaseException) -> bool:
@@ -160,46 +153,38 @@ def mlflow_parent(name: str) -> Iterator[None]:
             env = _env()
             mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
             client = mlflow.MlflowClient()
-            exp = client.get_experiment_by_name("clic")
-            if exp is not None:
-                query = f"tags.`clic.invocation` = '{env['CLIC_PIPELINE_ID']}' and tags.`clic.kind` = 'pipeline'"
-                for run in client.search_runs([exp.experiment_id], query):
-                    if error:
-                        client.log_text(run.info.run_id, error + "\n", "error.txt")
-                        client.set_tag(run.info.run_id, "clic.error", error[:5000])
-                    client.set_terminated(run.info.run_id, status)
+            query = f"tags.`clic.invocation` = '{env['CLIC_PIPELINE_ID']}' and tags.`clic.kind` = 'pipeline'"
+            for run in mlflow.search_runs(experiment_names=["clic"], filter_string=query, output_format="list"):
+                if error:
+                    client.log_text(run.info.run_id, error + "\n", "error.txt")
+                    client.set_tag(run.info.run_id, "clic.error", error[:5000])
+                client.set_terminated(run.info.run_id, status)
         except Exception as exc:  # noqa: BLE001 - never hide the flow's own outcome
             get_run_logger().warning("could not close the MLflow parent run: %s", exc)
-
-
-def _mlflow_runs(env: dict[str, str]) -> list[tuple[str, str, str, str, bool]]:
-    """(run name, run id, status, experiment id, is parent) of this flow run's MLflow runs."""
-    import mlflow
-
-    mlflow.set_tracking_uri(env["MLFLOW_TRACKING_URI"])
-    runs = mlflow.search_runs(experiment_names=["clic"], output_format="list",
-                              filter_string=f"tags.`prefect.flow_run_id` = '{env['CLIC_PREFECT_FLOW_RUN_ID']}'")
-    return [(r.info.run_name, r.info.run_id, r.info.status, r.info.experiment_id,
-             r.data.tags.get("clic.kind") == "pipeline") for r in runs]
 
 
 def publish(ws: Path, title: str, metric_files: dict[str, Path], extra: str = "") -> dict[str, Any]:
     """A markdown artifact: one row per model with its metrics, then this flow run's MLflow runs
     (parent first) linked to the MLflow UI. Call it after the parent run is closed."""
-    env = _env()
-    rows, results = [], {}
-    for name, f in metric_files.items():
-        m = json.loads(f.read_text()) if f.exists() else {}
-        results[name] = m
-        cells = " | ".join(f"{m.get(k, float('nan')):.4f}" for k in ("pcc", "srcc", "krcc", "rmse"))
-        rows.append(f"| {name} | {cells} |")
+    import mlflow
+
     from stages.tracking import ui_link, ui_url
 
+    env = _env()
+    results = {name: json.loads(f.read_text()) if f.exists() else {} for name, f in metric_files.items()}
+    rows: list[str] = []
+    for name, m in results.items():
+        cells = [name, *(f"{m.get(k, float('nan')):.4f}" for k in ("pcc", "srcc", "krcc", "rmse"))]
+        rows.append("| " + " | ".join(cells) + " |")
     tracking = env["MLFLOW_TRACKING_URI"]
-    runs = sorted(_mlflow_runs(env), key=lambda r: (not r[4], r[0]))
-    links = [f"| [{n}]({ui_link(f'experiments/{e}/runs/{i}', tracking)}) | {'flow (parent)' if p else 'stage'} "
-             f"| `{i}` | {s} |" for n, i, s, e, p in runs]
-    exp = runs[0][3] if runs else ""
+    mlflow.set_tracking_uri(tracking)
+    found = mlflow.search_runs(experiment_names=["clic"], output_format="list",
+                               filter_string=f"tags.`prefect.flow_run_id` = '{env['CLIC_PREFECT_FLOW_RUN_ID']}'")
+    runs = sorted(((r.data.tags.get("clic.kind") == "pipeline", r.info) for r in found),
+                  key=lambda x: (not x[0], x[1].run_name))  # parent first
+    links = [f"| [{r.run_name}]({ui_link(f'experiments/{r.experiment_id}/runs/{r.run_id}', tracking)}) "
+             f"| {'flow (parent)' if parent else 'stage'} | `{r.run_id}` | {r.status} |" for parent, r in runs]
+    exp = runs[0][1].experiment_id if runs else ""
     md = [f"# {title}", "", "| model | PCC | SRCC | KRCC | RMSE |", "|---|---|---|---|---|", *rows, "",
           f"MLflow store: `{tracking}`, workspace: `{ws}`; runs of experiment clic in the UI: "
           f"[{ui_url(tracking)}]({ui_link(f'experiments/{exp}', tracking)})", "",
@@ -221,11 +206,7 @@ def pretrain(method: str = "clicv2", dataset: str = "", overrides: dict[str, Any
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     with workspace("pretrain", method, dataset, overrides) as ws:
         with mlflow_parent(f"flow pretrain/{method}"):
-            fetch(ws)
-            stage(ws, "validate")
-            with gpu_slot():
-                stage(ws, f"pretrain@{method}")
-                stage(ws, f"probe@{method}")
+            repro(ws, ["fetch", "validate", f"pretrain@{method}", f"probe@{method}"])
         return publish(ws, f"pretrain {method}", {method: ws / "metrics" / "probe" / f"{method}.json"})
 
 
@@ -268,8 +249,7 @@ def evaluate(dataset: str = "", methods: list[str] | None = None, alias: str = "
     with workspace("evaluate", "", dataset, overrides) as ws:
         files = {}
         with mlflow_parent("flow evaluate"):
-            fetch(ws)
-            stage(ws, "validate")
+            repro(ws, ["fetch", "validate"])
             with gpu_slot():
                 for m in methods:
                     files[f"clic-{m}@{alias}"] = reprobe(ws, m, alias)
@@ -283,18 +263,7 @@ def pipeline(dataset: str = "", overrides: dict[str, Any] | None = None) -> dict
         with mlflow_parent("flow pipeline"):
             names = subprocess.run(["dvc", "stage", "list", "--name-only"], cwd=ws, env=_env(), check=True,
                                    capture_output=True, text=True).stdout.split()
-            gpu = [i for i, n in enumerate(names) if n.split("@")[0] in GPU_STAGES]
-            first, last = (gpu[0], gpu[-1] + 1) if gpu else (len(names), len(names))
-            for n in names[:first]:
-                if n == "fetch":
-                    fetch(ws)
-                else:
-                    stage(ws, n)
-            with gpu_slot():
-                for n in names[first:last]:
-                    stage(ws, n)
-            for n in names[last:]:
-                stage(ws, n)
+            repro(ws, names)
         table = (ws / "metrics" / "comparison.md").read_text()
         return publish(ws, "pipeline", {m: ws / "metrics" / f"{m}.json" for m in METHODS},
                        extra="## Comparison\n\n" + table)

@@ -1,17 +1,9 @@
 """Isolated workspaces for flow runs (no Prefect imports: plain helpers, unit-testable).
 
-A workspace is a copy of the project's code and params (``clic/``, ``stages/``, ``dvc.yaml``,
-``params.yaml``) with the run's overrides applied, under ``workspaces/<flow>-<hash>``, where the
-hash covers the flow, method, dataset and overrides. Runs with identical settings share (and
-reuse, via DVC's up-to-date checks) one workspace, serialised by a file lock; runs with other
-settings get their own, so two concurrent runs can never write the same outputs. All workspaces
-share the project's DVC cache and MLflow store. Only the newest ``CLIC_KEEP_WORKSPACES`` (default
-5) workspaces of each flow are kept: older ones are removed when a new one is made (``make
-clean-workspaces`` removes them all).
-
-Overrides are a mapping of ``params.yaml`` dotted keys to values (``{"pretrain.clicv2.epochs": 1}``);
-for a ``pretrain`` run a key may be relative to the method's section (``{"epochs": 1}``), as with
-``clic pretrain --set``. Unknown keys are refused before any work.
+A workspace, ``workspaces/<flow>-<hash of flow, method, dataset, overrides>``, is a copy of the
+project's code and params with the run's overrides applied; runs with the same settings share it
+under a file lock, others never write the same outputs. All share the DVC cache and MLflow store.
+Overrides and pruning (``CLIC_KEEP_WORKSPACES``): docs/usage.md, "Prefect".
 """
 
 from __future__ import annotations
@@ -50,7 +42,8 @@ def workspace(flow: str, method: str = "", dataset: str = "", overrides: dict[st
     overrides = resolve_overrides(overrides or {}, method, base)
     if dataset:
         overrides.setdefault("data.source", dataset)
-    params = apply_overrides(base, _flat_items(overrides))
+    params = apply_overrides(base, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
+                                    for k, v in overrides.items()])
     load_check(params, method)
     _anchor_paths(params, root)
     ws = root / "workspaces" / workspace_key(flow, method, dataset, overrides)
@@ -132,10 +125,6 @@ def prune_workspaces(folder: Path, flow: str, count: int, keep: Path | None = No
             shutil.rmtree(old, ignore_errors=True)
         removed.append(old)
     return removed
-
-
-def _flat_items(overrides: dict[str, Any]) -> list[str]:
-    return [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}" for k, v in overrides.items()]
 
 
 def load_check(params: dict[str, Any], method: str) -> None:

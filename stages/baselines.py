@@ -3,22 +3,21 @@ hand-crafted measures, probed on the same split/folds as the methods."""
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
 from clic.config import METHODS
 from clic.evaluation.evaluate import evaluate_handcrafted, evaluate_random
 from clic.params import data_config, pretrain_config, probe_config, to_dict
 from stages import tracking
-from stages.common import ROOT, main, params
-from stages.probe import KEYS, log_report
+from stages.common import ROOT, main, write_json
+from stages.probe import key_metrics, log_report
 
 
-def baselines() -> None:
-    p = params()
+def baselines(p: dict[str, Any]) -> None:
     cfg, seed = probe_config(p), int(p.get("seed", 0))
     data_dir = ROOT / data_config(p).out_dir
     results: dict[str, dict] = {}
-    with tracking.stage_run(p, "baselines", config={"probe": to_dict(cfg)}) as _:
+    with tracking.stage_run(p, "baselines", config={"probe": to_dict(cfg)}):
         archs = {}
         for m in METHODS:
             a = pretrain_config(p, m)
@@ -26,21 +25,18 @@ def baselines() -> None:
         if "random" in cfg.baselines:
             for name, arch in archs.items():
                 report = evaluate_random(arch, data_dir, cfg, ROOT / "reports" / "baselines" / name, seed)
-                results[name] = {k: report[k] for k in KEYS if k in report}
+                results[name] = key_metrics(report)
                 log_report(report, f"reports/baselines/{name}", prefix=f"{name}_")
                 print(f"{name}: PCC {report['pcc']:.4f} SRCC {report['srcc']:.4f}")
         if "handcrafted" in cfg.baselines:
             report = evaluate_handcrafted(data_dir, cfg, ROOT / "reports" / "baselines" / "handcrafted", seed)
-            results["handcrafted"] = {k: report[k] for k in KEYS if k in report}
-            results["handcrafted"]["zero_shot_srcc"] = {m: v["srcc"] for m, v in report["zero_shot"].items()}
+            zero_shot = {m: v["srcc"] for m, v in report["zero_shot"].items()}
+            results["handcrafted"] = {**key_metrics(report), "zero_shot_srcc": zero_shot}
             log_report(report, "reports/baselines/handcrafted", prefix="handcrafted_")
-            for m, v in report["zero_shot"].items():
-                tracking.mlflow.log_metric(f"zero_shot_{m}_srcc", v["srcc"])
+            tracking.mlflow.log_metrics({f"zero_shot_{m}_srcc": v for m, v in zero_shot.items()})
             print(f"handcrafted probe: SRCC {report['srcc']:.4f}; best zero-shot {report['best_zero_shot']} "
                   f"SRCC {report['best_zero_shot_srcc']:.4f}")
-        out = ROOT / "metrics" / "baselines.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(results, indent=2, sort_keys=True) + "\n")
+        write_json("metrics/baselines.json", results, sort_keys=True)
 
 
 if __name__ == "__main__":

@@ -1,7 +1,9 @@
-"""What every stage does the same way: load params, report errors as one clear line."""
+"""What every stage does the same way: its params and method argument, JSON outputs, errors as one
+clear line."""
 
 from __future__ import annotations
 
+import json
 import logging
 import sys
 import traceback
@@ -13,29 +15,33 @@ from clic.config import METHODS
 from clic.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
-PARAMS = ROOT / "params.yaml"
-log = logging.getLogger("stages")
 QUIET = ("great_expectations", "mlflow.system_metrics")
 
 
-def params() -> dict[str, Any]:
-    return load_params(PARAMS)
+def read_json(path: Path) -> Any:
+    return json.loads(path.read_text())
 
 
-def method_arg(allowed: tuple[str, ...] = METHODS) -> str:
-    if len(sys.argv) != 2 or sys.argv[1] not in allowed:
-        raise SystemExit(f"usage: python -m {sys.argv[0]} {{{','.join(allowed)}}}")
-    return sys.argv[1]
+def write_json(rel: str, data: Any, **dump: Any) -> Path:
+    """``data`` as indented JSON in ``ROOT / rel``, its folder made; ``dump``: more ``json.dumps``
+    arguments (``sort_keys``, ``default``)."""
+    out = ROOT / rel
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(data, indent=2, **dump) + "\n")
+    return out
 
 
-def main(stage: str, fn: Callable[[], None]) -> None:
-    """Run ``fn``; a ValueError (bad input, bad params, unreachable store) exits 2 with one line,
-    anything else exits 1 with the traceback."""
+def main(stage: str, fn: Callable[..., None], per_method: bool = False) -> None:
+    """Run ``fn(params)``, or ``fn(params, method)`` for a ``per_method`` stage (``python -m
+    stages.<stage> <method>``); a ValueError (bad input, bad params, unreachable store) exits 2
+    with one line, anything else exits 1 with the traceback."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in QUIET:  # their INFO lines are import-time chatter, not the stage's progress
         logging.getLogger(noisy).setLevel(logging.WARNING)
+    if per_method and (len(sys.argv) != 2 or sys.argv[1] not in METHODS):
+        raise SystemExit(f"usage: python -m {sys.argv[0]} {{{','.join(METHODS)}}}")
     try:
-        fn()
+        fn(load_params(ROOT / "params.yaml"), *(sys.argv[1:2] if per_method else ()))
     except ValueError as exc:
         print(f"{stage}: error: {exc}", file=sys.stderr)
         sys.exit(2)

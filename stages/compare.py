@@ -4,34 +4,31 @@ closes the pipeline's parent run and says where everything is."""
 
 from __future__ import annotations
 
-import json
 import math
+from typing import Any
 
 from clic.config import METHODS
 from stages import tracking
-from stages.common import ROOT, main, params
+from stages.common import ROOT, main, read_json, write_json
 
 COLS = ("pcc", "srcc", "krcc", "rmse")
 
 
 def _load(path: str) -> dict:
     f = ROOT / path
-    return json.loads(f.read_text()) if f.exists() else {}
+    return read_json(f) if f.exists() else {}
 
 
 def _fmt(v: object) -> str:
     return f"{v:.4f}" if isinstance(v, float) and not math.isnan(v) else ("—" if v is None else str(v))
 
 
-def compare() -> None:
-    p = params()
+def compare(p: dict[str, Any]) -> None:
     rows: dict[str, dict] = {}
     for m in METHODS:
-        merged = {**_load(f"metrics/probe/{m}.json"), **_load(f"metrics/transfer/{m}.json")}
-        (ROOT / "metrics" / f"{m}.json").write_text(json.dumps(merged, indent=2, sort_keys=True) + "\n")
-        rows[m] = merged
-    for name, r in _load("metrics/baselines.json").items():
-        rows[name] = r
+        rows[m] = {**_load(f"metrics/probe/{m}.json"), **_load(f"metrics/transfer/{m}.json")}
+        write_json(f"metrics/{m}.json", rows[m], sort_keys=True)
+    rows.update(_load("metrics/baselines.json"))
     top = sorted({k for r in rows.values() for k in r if k.endswith("_top1")})
     header = ["model", *COLS, "srcc 95% CI", *top]
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
@@ -43,9 +40,8 @@ def compare() -> None:
     table = "\n".join(lines) + "\n"
     (ROOT / "metrics" / "comparison.md").write_text(table)
     summary = {name: {k: r[k] for k in (*COLS, *top) if k in r} for name, r in rows.items()}
-    (ROOT / "metrics").mkdir(exist_ok=True)
-    (ROOT / "metrics" / "summary.json").write_text(json.dumps(summary, indent=2, sort_keys=True) + "\n")
-    with tracking.stage_run(p, "compare") as _:
+    write_json("metrics/summary.json", summary, sort_keys=True)
+    with tracking.stage_run(p, "compare"):
         tracking.mlflow.log_artifact(str(ROOT / "metrics" / "comparison.md"))
         tracking.mlflow.log_artifact(str(ROOT / "metrics" / "summary.json"))
         for name, r in summary.items():

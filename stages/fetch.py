@@ -2,21 +2,20 @@
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
 from clic.data.prepare import prepare, prepare_transfer
 from clic.params import data_config
 from stages import tracking
-from stages.common import ROOT, main, params
+from stages.common import ROOT, main, read_json
 
 
-def fetch() -> None:
-    p = params()
+def fetch(p: dict[str, Any]) -> None:
     cfg, seed = data_config(p), int(p.get("seed", 0))
-    with tracking.stage_run(p, "fetch", config={"data": p.get("data", {})}) as _:
+    with tracking.stage_run(p, "fetch", config={"data": p.get("data", {})}):
         (ROOT / cfg.raw_dir).mkdir(parents=True, exist_ok=True)  # a DVC output even when unused
         out = prepare(cfg, seed)
-        meta = json.loads((out / "meta.json").read_text())
+        meta = read_json(out / "meta.json")
         tracking.mlflow.set_tag("clic.dataset_fingerprint", meta["fingerprint"])
         tracking.mlflow.log_metrics({f"images_{k}": float(v) for k, v in meta["counts"].items()})
         # the synthetic labelled set is tiny and always written; transfer.path may point elsewhere

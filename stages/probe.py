@@ -1,11 +1,7 @@
-"""Stage ``probe@<method>``: linear probe of the frozen encoder against human scores.
-
-Writes ``reports/<method>/`` (metrics.json, predictions.csv, scatter.png, categories.png,
-scorer.pt) and ``metrics/probe/<method>.json``; logs metrics and plots to MLflow; registers the
-scorer as ``clic-<method>`` (alias ``current`` on every version: MLflow reserves ``latest``, which
-``models:/clic-<method>/latest`` resolves anyway; ``champion`` moved only when the new version is
-better on the validation images carved from the training split, by a paired bootstrap:
-:func:`champion_decision`).
+"""Stage ``probe@<method>``: linear probe of the frozen encoder against human scores, into
+``reports/<method>/`` and ``metrics/probe/<method>.json``, logged to MLflow; the scorer is registered
+as ``clic-<method>`` with alias ``current`` on every version and ``champion`` moved only by
+:func:`champion_decision` (docs/usage.md, "Choosing the champion").
 """
 
 from __future__ import annotations
@@ -13,9 +9,10 @@ from __future__ import annotations
 import base64
 import csv
 import io
-import json
 import logging
+from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
@@ -25,21 +22,23 @@ from clic.evaluation.metrics import paired_srcc_difference
 from clic.params import data_config, mlflow_config, probe_config, to_dict
 from clic.scorer import load_scorer
 from stages import tracking
-from stages.common import ROOT, main, method_arg, params
+from stages.common import ROOT, main, read_json, write_json
 
-KEYS = ("pcc", "srcc", "krcc", "rmse", "rmae", "mae", "pcc_ci95", "srcc_ci95", "n")
+METRICS = ("pcc", "srcc", "krcc", "rmse", "rmae", "mae")  # logged to MLflow
+KEYS = (*METRICS, "pcc_ci95", "srcc_ci95", "n")  # written to the metrics files
+# what the logged scorer imports (clic's core at load time), all from PyPI, pinned as installed (the
+# pins of requirements/lock.txt in a `make`-built environment); clic itself travels in the model as code
+SCORER_PACKAGES = ("torch", "torchvision", "timm", "numpy", "scipy", "pillow", "pandas", "pyyaml", "tqdm",
+                   "huggingface-hub", "safetensors")
 log = logging.getLogger("stages.probe")
 
 
-def save_metrics(name: str, report: dict, folder: str = "probe") -> None:
-    out = ROOT / "metrics" / folder / f"{name}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps({k: report[k] for k in KEYS if k in report}, indent=2) + "\n")
+def key_metrics(report: dict) -> dict:
+    return {k: report[k] for k in KEYS if k in report}
 
 
 def log_report(report: dict, folder: str, prefix: str = "") -> None:
-    keys = ("pcc", "srcc", "krcc", "rmse", "rmae", "mae")
-    tracking.mlflow.log_metrics({f"{prefix}{k}": float(report[k]) for k in keys})
+    tracking.mlflow.log_metrics({f"{prefix}{k}": float(report[k]) for k in METRICS})
     for c, m in (report.get("per_category") or {}).items():
         tracking.mlflow.log_metrics({f"{prefix}srcc_{c}": float(m["srcc"]), f"{prefix}rmse_{c}": float(m["rmse"])})
     for f in ("metrics.json", "predictions.csv", "validation.csv", "scatter.png", "categories.png"):
@@ -59,16 +58,15 @@ def register(method: str, scorer_path: str, report: dict, fingerprint: str, vali
     aliases; returns the version. ``validation``: this probe's ``validation.csv``."""
     from mlflow.models import infer_signature
 
-    example = input_example()
-    scorer = load_scorer(scorer_path, "cpu")
     from stages.scorer_model import ScorerModel
 
-    preds = ScorerModel.score_rows(scorer, example["image"])
+    example = input_example()
+    preds = ScorerModel.score_rows(load_scorer(scorer_path, "cpu"), example["image"])
     name = f"clic-{method}"
     info = tracking.mlflow.pyfunc.log_model(
         name="scorer", python_model=str(ROOT / "stages" / "scorer_model.py"), artifacts={"scorer": scorer_path},
         code_paths=[str(ROOT / "clic")], signature=infer_signature(example, preds), input_example=example,
-        registered_model_name=name, pip_requirements=scorer_requirements())
+        registered_model_name=name, pip_requirements=[f"{p}=={metadata.version(p)}" for p in SCORER_PACKAGES])
     client = tracking.MlflowClient()
     version = str(info.registered_model_version)
     client.set_model_version_tag(name, version, "dataset_fingerprint", fingerprint)
@@ -82,19 +80,6 @@ def register(method: str, scorer_path: str, report: dict, fingerprint: str, vali
         client.set_registered_model_alias(name, "champion", version)
     log.info("registered %s version %s: %s", name, version, why)
     return version
-
-
-# what the logged scorer imports (clic's core at load time); all on PyPI
-SCORER_PACKAGES = ("torch", "torchvision", "timm", "numpy", "scipy", "pillow", "pandas", "pyyaml", "tqdm",
-                   "huggingface-hub", "safetensors")
-
-
-def scorer_requirements() -> list[str]:
-    """``name==version`` of :data:`SCORER_PACKAGES` as installed (the pins of requirements/lock.txt
-    in a `make`-built environment); ``clic`` itself travels inside the model as code."""
-    from importlib.metadata import version
-
-    return [f"{p}=={version(p)}" for p in SCORER_PACKAGES]
 
 
 def read_validation(path: str | Path) -> dict[str, tuple[float, float]]:
@@ -134,18 +119,16 @@ def champion_decision(client: tracking.MlflowClient, name: str, fingerprint: str
                             f"{d['diff']:+.4f}, one-sided 95% lower bound {d['lower']:+.4f} {verdict}")
 
 
-def probe() -> None:
-    method = method_arg()
-    p = params()
-    cfg, seed = probe_config(p), int(p.get("seed", 0))
+def probe(p: dict[str, Any], method: str) -> None:
+    cfg = probe_config(p)
     data_dir = ROOT / data_config(p).out_dir
     folder = f"reports/{method}"
-    fingerprint = json.loads((data_dir / "meta.json").read_text())["fingerprint"]
+    fingerprint = read_json(data_dir / "meta.json")["fingerprint"]
     with tracking.stage_run(p, "probe", method, {"probe": to_dict(cfg)},
                             {"clic.dataset_fingerprint": fingerprint}) as active:
-        report = evaluate_encoder(ROOT / "models" / method / "encoder.pt", data_dir, cfg, ROOT / folder, seed,
-                                  cache_dir=ROOT / "data" / "features", name=method)
-        save_metrics(method, report)
+        report = evaluate_encoder(ROOT / "models" / method / "encoder.pt", data_dir, cfg, ROOT / folder,
+                                  int(p.get("seed", 0)), cache_dir=ROOT / "data" / "features", name=method)
+        write_json(f"metrics/probe/{method}.json", key_metrics(report))
         log_report(report, folder)
         version = ""
         if mlflow_config(p).register:
@@ -158,4 +141,4 @@ def probe() -> None:
 
 
 if __name__ == "__main__":
-    main("probe", probe)
+    main("probe", probe, per_method=True)

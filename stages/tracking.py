@@ -1,17 +1,8 @@
-"""MLflow glue shared by the DVC stages (the core library never imports MLflow).
-
-- Tracking URI: ``MLFLOW_TRACKING_URI`` if set, else ``mlflow.tracking_uri`` in params, else
-  ``sqlite:///<project>/mlflow.db`` with artifacts under ``<project>/mlartifacts``.
-- One run per stage execution in experiment ``mlflow.experiment``, nested under a parent run per
-  pipeline invocation. The invocation is ``CLIC_PIPELINE_ID`` when set (Prefect flows and
-  ``make pipeline`` set it), else the ``dvc`` process that launched the stage (pid + start time).
-- The parent run is named by what the invocation is (``CLIC_RUN_NAME``: ``pretrain clicv2``,
-  ``evaluate``; ``pipeline`` by default) and carries each method's key metrics
-  (``<method>_pcc``, ``<method>_srcc``, ``<method>_<dataset>_top1``) so the runs list shows them.
-- The experiment is tagged as model training (``mlflow.experimentKind``), so the MLflow 3 UI opens
-  on its runs rather than on the GenAI traces view.
-- A stage that raises marks its run and the parent FAILED, never leaves them RUNNING, and logs the
-  error text as the artifact ``error.txt``.
+"""MLflow glue shared by the DVC stages (the core library never imports MLflow): the store, one
+run per stage execution nested under one parent run per pipeline invocation (``dvc repro`` or a
+Prefect flow run; ``CLIC_PIPELINE_ID``/``CLIC_RUN_NAME`` name it), the registered scorers' links.
+A stage that raises marks its run and the parent FAILED with the error as ``error.txt``. What a
+user sees of it: docs/usage.md, "MLflow".
 """
 
 from __future__ import annotations
@@ -28,12 +19,13 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_SKIP_PIP_REQUIREMENTS_CHECK", "true")
 
 import mlflow  # noqa: E402
+import psutil  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from clic.engine.checkpoint import code_version, git_revision  # noqa: E402
 from clic.params import flatten, mlflow_config  # noqa: E402
 
-EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI: training runs vs GenAI traces
+EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"  # MLflow 3's UI: not GenAI
 KEY_METRICS = ("pcc", "srcc")  # with every ``<dataset>_top1``: copied onto the parent run
 
 
@@ -53,12 +45,10 @@ def ui_url(tracking: str = "") -> str:
     if os.environ.get("MLFLOW_UI_URL"):
         return os.environ["MLFLOW_UI_URL"].rstrip("/")
     project = Path(os.environ.get("CLIC_PROJECT_DIR") or ROOT)
-    try:
+    with contextlib.suppress(OSError, ValueError):
         url, pid = (project / UI_FILE).read_text().split()
         os.kill(int(pid), 0)  # raises when that UI has stopped
         return url.rstrip("/")
-    except (OSError, ValueError):
-        pass
     tracking = tracking or os.environ.get("MLFLOW_TRACKING_URI", "")
     if tracking.startswith(("http://", "https://")):
         return tracking.rstrip("/")
@@ -81,48 +71,35 @@ def setup(params: dict[str, Any]) -> str:
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
     name = mlflow_config(params).experiment
     client = MlflowClient()
-    kind = {EXPERIMENT_KIND: "custom_model_development"}
     try:
         exp = client.get_experiment_by_name(name)
     except Exception as exc:  # noqa: BLE001 - any failure here means the store is unusable
         raise ValueError(f"MLflow tracking store {uri} is unreachable or unusable ({type(exc).__name__}: "
                          f"{str(exc).splitlines()[0][:200]}); start the server or unset MLFLOW_TRACKING_URI") from exc
-    if exp is not None:
-        if exp.tags.get(EXPERIMENT_KIND) != kind[EXPERIMENT_KIND]:  # stores made before the tag
-            client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, kind[EXPERIMENT_KIND])
-        return exp.experiment_id
-    artifacts = Path(os.environ.get("CLIC_ARTIFACT_ROOT") or ROOT / "mlartifacts")
-    location = artifacts.as_uri() if uri.startswith("sqlite:") else None
-    try:
-        return client.create_experiment(name, artifact_location=location, tags=kind)
-    except mlflow.exceptions.MlflowException:  # a concurrent stage created it first
-        exp = client.get_experiment_by_name(name)
-        if exp is None:
-            raise
-        return exp.experiment_id
-
-
-def _proc_start(pid: int) -> str:
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
-        return "0"
+    if exp is None:
+        artifacts = Path(os.environ.get("CLIC_ARTIFACT_ROOT") or ROOT / "mlartifacts")
+        location = artifacts.as_uri() if uri.startswith("sqlite:") else None
+        try:
+            return client.create_experiment(name, artifact_location=location, tags={EXPERIMENT_KIND: TRAINING})
+        except mlflow.exceptions.MlflowException:  # a concurrent stage created it first
+            if (exp := client.get_experiment_by_name(name)) is None:
+                raise
+    if exp.tags.get(EXPERIMENT_KIND) != TRAINING:  # stores made before the tag
+        client.set_experiment_tag(exp.experiment_id, EXPERIMENT_KIND, TRAINING)
+    return exp.experiment_id
 
 
 def invocation_id() -> str:
-    """Identity of the pipeline invocation this stage belongs to."""
+    """Identity of the pipeline invocation this stage belongs to: ``CLIC_PIPELINE_ID`` (Prefect
+    flows and ``make pipeline`` set it), else the ``dvc`` process that launched the stage."""
     if os.environ.get("CLIC_PIPELINE_ID"):
         return os.environ["CLIC_PIPELINE_ID"]
-    pid = os.getppid()
-    for _ in range(6):  # walk up to the dvc process that runs the stage commands
-        try:
-            argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[:3]
-            if "dvc" in [Path(a.decode(errors="replace")).name for a in argv]:
-                return f"dvc-{pid}-{_proc_start(pid)}"
-            pid = int(Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[1])
-        except (OSError, ValueError, IndexError):
-            break
-    return f"proc-{os.getpid()}-{_proc_start(os.getpid())}"
+    me = psutil.Process()
+    with contextlib.suppress(psutil.Error):
+        for proc in me.parents()[:6]:  # up to the dvc process that runs the stage commands
+            if "dvc" in [Path(a).name for a in proc.cmdline()[:3]]:
+                return f"dvc-{proc.pid}-{proc.create_time()}"
+    return f"proc-{me.pid}-{me.create_time()}"
 
 
 def parent_run(experiment_id: str) -> str:
@@ -152,19 +129,16 @@ def stage_run(params: dict[str, Any], stage: str, method: str = "", config: dict
     parent = parent_run(exp)
     run_tags = {"mlflow.parentRunId": parent, "clic.stage": stage, "clic.kind": "stage",
                 "git.commit": git_revision(ROOT), "clic.code_version": code_version(),
-                "dvc.stage": f"{stage}@{method}" if method else stage, **(tags or {})}
+                "dvc.stage": f"{stage}@{method}" if method else stage, **(tags or {}), **_prefect_tag()}
     if method:
         run_tags["clic.method"] = method
-    run_tags.update(_prefect_tag())
     run = mlflow.start_run(experiment_id=exp, run_name=f"{stage} {method}".strip(), tags=run_tags,
                            log_system_metrics=True)
     try:
         if config:
             mlflow.log_dict(config, "config.yaml")  # the resolved config, as one readable artifact
-            flat = {k: (str(v)[:500] if v is not None else "") for k, v in flatten(config).items()}
-            items = list(flat.items())
-            for i in range(0, len(items), 100):
-                mlflow.log_params(dict(items[i:i + 100]))
+            # MLflow sends the params in batches of at most 100
+            mlflow.log_params({k: (str(v)[:500] if v is not None else "") for k, v in flatten(config).items()})
         yield run
     except BaseException as exc:
         text = f"{type(exc).__name__}: {exc}"
@@ -175,18 +149,11 @@ def stage_run(params: dict[str, Any], stage: str, method: str = "", config: dict
         MlflowClient().set_terminated(parent, "FAILED")
         raise
     else:
-        _copy_key_metrics(run.info.run_id, parent, method)
+        if method:  # the method's key metrics onto the parent, as ``<method>_<key>``
+            metrics = MlflowClient().get_run(run.info.run_id).data.metrics
+            mlflow.log_metrics({f"{method}_{k}": v for k, v in metrics.items()
+                                if k in KEY_METRICS or k.endswith("_top1")}, run_id=parent)
         mlflow.end_run("FINISHED")
-
-
-def _copy_key_metrics(run_id: str, parent: str, method: str) -> None:
-    """``pcc``/``srcc``/``<dataset>_top1`` of a method's stage onto the parent as ``<method>_<key>``."""
-    if not method:
-        return
-    metrics = MlflowClient().get_run(run_id).data.metrics
-    keep = {f"{method}_{k}": v for k, v in metrics.items() if k in KEY_METRICS or k.endswith("_top1")}
-    if keep:
-        mlflow.log_metrics(keep, run_id=parent)
 
 
 def finish_parent(params: dict[str, Any]) -> str:

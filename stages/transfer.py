@@ -3,30 +3,26 @@
 
 from __future__ import annotations
 
-import json
+from typing import Any
 
 from clic.embed import load_encoder
 from clic.evaluation.transfer import transfer_probe
 from clic.params import to_dict, transfer_config
 from stages import tracking
-from stages.common import ROOT, main, method_arg, params
+from stages.common import ROOT, main, write_json
 
 
-def transfer() -> None:
-    method = method_arg()
-    p = params()
+def transfer(p: dict[str, Any], method: str) -> None:
     cfg = transfer_config(p)
-    with tracking.stage_run(p, "transfer", method, {"transfer": to_dict(cfg)}) as _:
+    with tracking.stage_run(p, "transfer", method, {"transfer": to_dict(cfg)}):
         backbone, pcfg = load_encoder(ROOT / "models" / method / "encoder.pt")
         metrics = transfer_probe(backbone, pcfg.image_size, ROOT / cfg.path, cfg.name,
                                  ROOT / "data" / f".transfer-{method}", cfg.epochs, cfg.lr, cfg.batch_size,
                                  cfg.workers, seed=int(p.get("seed", 0)))
-        out = ROOT / "metrics" / "transfer" / f"{method}.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+        write_json(f"metrics/transfer/{method}.json", metrics, sort_keys=True)
         tracking.mlflow.log_metrics(metrics)
         print(f"{method}: " + ", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 if __name__ == "__main__":
-    main("transfer", transfer)
+    main("transfer", transfer, per_method=True)

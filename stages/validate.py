@@ -1,20 +1,11 @@
-"""Stage ``validate``: a great-expectations suite over the prepared table and its images.
-
-Checks: required columns; no nulls; unique names; splits in the allowed set (names unique, so
-splits are disjoint); scores within [0, 1] (labelled rows); no identical image content across
-train and test (leakage); no evaluation image (the test split, or every labelled image with
-``probe.mode: cv``) whose content is in the pretraining corpus ``pretrain.data``; row count within
-``validate.min_rows``..``validate.max_rows``; every image present, decodable and at least
-``data.min_size`` on its short side.
-
-Outputs: the GX Data Docs site (``reports/gx``) and ``metrics/validation.json``. On failure it
-prints each failed expectation with its count and example rows and exits 1, so nothing
-downstream runs.
+"""Stage ``validate``: a great-expectations suite (:func:`build_suite`) over the prepared table, its
+images and the pretraining corpus ``pretrain.data`` (no evaluation image in it). Writes ``reports/gx``
+(Data Docs) and ``metrics/validation.json``; on failure it prints each failed expectation with its
+count and example rows and exits non-zero, so nothing downstream runs.
 """
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import sys
@@ -38,24 +29,24 @@ from clic.data.shards import is_url
 from clic.data.table import COLUMNS, SPLITS, read_table, resolve
 from clic.params import data_config, pretrain_config, probe_config, to_dict, validate_config
 from stages import tracking
-from stages.common import ROOT, main, params
+from stages.common import ROOT, main, write_json
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+
+
+def _short_side(path: Path) -> int:
+    """The image's shorter side in pixels; 0 when it cannot be read."""
+    try:
+        return min(load_rgb(path).size)
+    except ImageError:
+        return 0
 
 
 def table_frame(data_dir: Path) -> pd.DataFrame:
     rows = read_table(data_dir)
     df = pd.DataFrame([r.__dict__ for r in rows], columns=list(COLUMNS))
-    readable, short = [], []
-    for r in rows:
-        try:
-            img = load_rgb(resolve(data_dir, r.path))
-            readable.append(True)
-            short.append(min(img.size))
-        except ImageError:
-            readable.append(False)
-            short.append(0)
-    df["image_readable"] = readable
+    short = [_short_side(resolve(data_dir, r.path)) for r in rows]
+    df["image_readable"] = [s > 0 for s in short]  # a decoded image is at least 1 px on each side
     df["short_side"] = short
     train = set(df.loc[df.split == "train", "sha256"])
     test = set(df.loc[df.split == "test", "sha256"])
@@ -92,20 +83,17 @@ def mark_corpus_leaks(df: pd.DataFrame, p: dict[str, Any]) -> dict[str, Any]:
 
 
 def build_suite(gx: Any, gxe: Any, min_rows: int, max_rows: int, min_size: int) -> Any:
-    suite = gx.ExpectationSuite(name="prepared_dataset")
-    for col in COLUMNS:
-        suite.add_expectation(gxe.ExpectColumnToExist(column=col))
-    for col in ("name", "path", "split", "sha256"):
-        suite.add_expectation(gxe.ExpectColumnValuesToNotBeNull(column=col))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeUnique(column="name"))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column="score", min_value=0.0, max_value=1.0))
-    suite.add_expectation(gxe.ExpectTableRowCountToBeBetween(min_value=min_rows, max_value=max_rows))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="image_readable", value_set=[True]))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeBetween(column="short_side", min_value=min_size))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeInSet(column="leaks_across_splits", value_set=[False]))
-    suite.add_expectation(gxe.ExpectColumnValuesToBeNull(column="in_pretraining_corpus"))
-    return suite
+    return gx.ExpectationSuite(name="prepared_dataset", expectations=[
+        *(gxe.ExpectColumnToExist(column=col) for col in COLUMNS),
+        *(gxe.ExpectColumnValuesToNotBeNull(column=col) for col in ("name", "path", "split", "sha256")),
+        gxe.ExpectColumnValuesToBeUnique(column="name"),
+        gxe.ExpectColumnValuesToBeInSet(column="split", value_set=list(SPLITS)),
+        gxe.ExpectColumnValuesToBeBetween(column="score", min_value=0.0, max_value=1.0),
+        gxe.ExpectTableRowCountToBeBetween(min_value=min_rows, max_value=max_rows),
+        gxe.ExpectColumnValuesToBeInSet(column="image_readable", value_set=[True]),
+        gxe.ExpectColumnValuesToBeBetween(column="short_side", min_value=min_size),
+        gxe.ExpectColumnValuesToBeInSet(column="leaks_across_splits", value_set=[False]),
+        gxe.ExpectColumnValuesToBeNull(column="in_pretraining_corpus")])
 
 
 def run_suite(df: pd.DataFrame, site_root: Path, min_rows: int, max_rows: int, min_size: int) -> dict[str, Any]:
@@ -169,31 +157,25 @@ def describe_failure(check: dict[str, Any]) -> str:
             f"e.g. {check['examples'] or check['observed_value']}")
 
 
-def validate() -> None:
-    p = params()
-    dcfg = data_config(p)
-    vcfg = validate_config(p)
-    data_dir = ROOT / dcfg.out_dir
-    with tracking.stage_run(p, "validate", config={"validate": to_dict(vcfg)}) as _:
-        df = table_frame(data_dir)
+def validate(p: dict[str, Any]) -> None:
+    dcfg, vcfg = data_config(p), validate_config(p)
+    with tracking.stage_run(p, "validate", config={"validate": to_dict(vcfg)}):
+        df = table_frame(ROOT / dcfg.out_dir)
         corpus = mark_corpus_leaks(df, p)
         summary = run_suite(df, ROOT / "reports" / "gx", vcfg.min_rows, vcfg.max_rows, dcfg.min_size)
         summary["corpus"] = corpus
-        out = ROOT / "metrics" / "validation.json"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        out = write_json("metrics/validation.json", summary, default=str)
         tracking.mlflow.log_metrics({"validation_failed": float(summary["failed"]), "rows": float(summary["rows"]),
                                      "corpus_images": float(corpus["images"])})
         tracking.mlflow.log_artifact(str(out))
-        if (ROOT / "reports" / "gx").exists():
-            tracking.mlflow.log_artifacts(str(ROOT / "reports" / "gx" / "gx" / "uncommitted" / "data_docs"), "gx_docs")
+        # run_suite made reports/gx afresh
+        tracking.mlflow.log_artifacts(str(ROOT / "reports" / "gx" / "gx" / "uncommitted" / "data_docs"), "gx_docs")
         print(f"data docs: {summary['data_docs']}")
         if not summary["success"]:
-            lines = [f"validation failed: {summary['failed']} of {len(summary['checks'])} expectations"]
-            lines += [f"  - {describe_failure(c)}" for c in summary["checks"] if not c["success"]]
-            message = "\n".join(lines)
-            print(message, file=sys.stderr)
-            raise ValueError(message.splitlines()[0])
+            head = f"validation failed: {summary['failed']} of {len(summary['checks'])} expectations"
+            failed = [f"  - {describe_failure(c)}" for c in summary["checks"] if not c["success"]]
+            print("\n".join([head, *failed]), file=sys.stderr)
+            raise ValueError(head)
         print(f"validation passed: {len(summary['checks'])} expectations on {summary['rows']} rows")
 
 
