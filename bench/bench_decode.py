@@ -1,45 +1,38 @@
 """Data-path benchmark: decode + both views per image, per method, on ONE core; prints JSON.
 
-For each method's view recipe at ``--size`` px (224 by default, the papers' size):
-- ``full_jpeg``: full-size camera JPEGs (``--source`` px long side), decoded
-  - ``pillow``: in full by Pillow (the pre-issue path),
-  - ``pillow_draft``: by Pillow at the smallest DCT scale that keeps the short side >= 2x size
-    (what :func:`clic.data.imageio.load_rgb` does),
-  - ``simplejpeg`` / ``turbojpeg``: the same reduced-scale decode by libjpeg-turbo bindings, where
-    those packages are installed;
-- ``cache_png``: the prepared cache (PNG, short side ``2 x size``, Pillow),
-- ``cache_jpeg``: the same cache written as quality-95 JPEG (a candidate cache format);
-- ``dali_cpu`` (where ``nvidia-dali`` is installed; not a project dependency): DALI's CPU
-  pipeline on one thread, decoding alone, and decoding + MoCo's two crops/flips (no jitter);
+For each method's view recipe at ``--size`` px (224 by default, the papers' size), images/s from:
+- ``full_jpeg``: camera JPEGs (``--source`` px long side) decoded by Pillow in full (``pillow``),
+  at the smallest DCT scale keeping the short side >= 2x size (``pillow_draft``, what
+  :func:`clic.data.imageio.load_rgb` does), or so by ``simplejpeg`` / ``turbojpeg`` where installed;
+- ``cache_png`` / ``cache_jpeg``: the prepared cache (short side ``2 x size``) as PNG, or as
+  quality-95 JPEG (a candidate format);
+- ``dali_cpu`` (where ``nvidia-dali`` is installed; not a dependency): DALI's one-thread CPU
+  pipeline, decoding alone and decoding + MoCo's two crops/flips (no jitter);
 - ``augment_on_device``: the loader's half only (decode + crops/flips, uint8 out) when the
-  photometric ops run batched on the training device (``pretrain.augment_on: device``);
-- ``decode_on_device`` (MoCo v2, CLICv2): the loader's half when the device also decodes
-  (``pretrain.decode_on: device``): read the file, its header, draw the boxes;
-  ``decode_on_device_cpu_step``: the device half (decode + cut the views, batches of 32) run on
-  this CPU with torchvision's decoder, images/s on one core (on CUDA nvJPEG does this part);
-- ``photometric_cpu``: the photometric half alone (jitter, grayscale, blur, key noise, normalising
-  both views), images/s on one core: PIL ops per image (the loader) against the batched ops
-  (``clic/transforms/batch.py``, batches of 64) run on the CPU: what dropping the PIL ops for the
-  batched ones would cost a loader core.
+  photometric ops run batched on the device (``pretrain.augment_on: device``);
+- ``decode_on_device`` (MoCo v2, CLICv2): the loader's half when the device also decodes (read
+  the file, its header, draw the boxes); ``decode_on_device_cpu_step``: the device half (decode +
+  cut, batches of 32) on this CPU with torchvision's decoder (on CUDA nvJPEG does this part);
+- ``photometric_cpu``: jitter, grayscale, blur, key noise and normalising of both views, PIL per
+  image (the loader) against the batched ops of ``clic/transforms/batch.py`` (batches of 64).
 
-Images/s is decode + views for one image on one core (``torch.set_num_threads(1)``), so it is
-also the rate one loader worker sustains. Synthetic photo-like images (smooth fields, edges and
-sensor noise) are generated; nothing is downloaded.
+Per core (``torch.set_num_threads(1)``), so also the rate one loader worker sustains. The images
+are synthetic and photo-like (smooth fields, edges, sensor noise); nothing is downloaded.
 
     python bench/bench_decode.py [--images 48] [--size 224] [--source 3000] [--methods moco clic clicv2]
 """
 
 from __future__ import annotations
 
-import argparse
-import json
+import contextlib
 import tempfile
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import simplejpeg
 import torch
+from common import REPO, emit, parser, rate  # this folder's shared helpers (the script's folder is on sys.path)
 from PIL import Image
 from torchvision.transforms import functional as F
 
@@ -47,9 +40,7 @@ from clic.config import PretrainConfig
 from clic.data.imageio import load_rgb, read_encoded, resize_short
 from clic.params import load_params, pretrain_config
 from clic.pretrain import build_boxes, build_device_views, build_views
-from clic.transforms.decode import DeviceDecode, collate_encoded
-
-REPO = Path(__file__).resolve().parents[1]
+from clic.transforms.decode import DeviceDecode, PlanBoxes, collate_encoded, decode_batch
 
 
 def photo_like(rng: np.random.Generator, w: int, h: int) -> Image.Image:
@@ -67,23 +58,16 @@ def photo_like(rng: np.random.Generator, w: int, h: int) -> Image.Image:
 
 def decoders(short_min: int) -> dict[str, Callable[[Path], Image.Image]]:
     """Every available way to go from a JPEG file to an RGB image with short side >= short_min."""
-    out: dict[str, Callable[[Path], Image.Image]] = {
-        "pillow": lambda p: load_rgb(p),
-        "pillow_draft": lambda p: load_rgb(p, min_size=short_min),
-    }
-    try:
-        import simplejpeg
+    def simple(p: Path) -> Image.Image:
+        data = p.read_bytes()
+        w, h, _, _ = simplejpeg.decode_jpeg_header(data)
+        scale = min(w, h) / short_min
+        return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=int(h / scale),
+                                                      min_width=int(w / scale)))
 
-        def simple(p: Path) -> Image.Image:
-            data = p.read_bytes()
-            w, h, _, _ = simplejpeg.decode_jpeg_header(data)
-            scale = min(w, h) / short_min
-            return Image.fromarray(simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=int(h / scale),
-                                                          min_width=int(w / scale)))
-        out["simplejpeg"] = simple
-    except ImportError:
-        pass
-    try:
+    out: dict[str, Callable[[Path], Image.Image]] = {
+        "pillow": load_rgb, "pillow_draft": lambda p: load_rgb(p, min_size=short_min), "simplejpeg": simple}
+    with contextlib.suppress(ImportError, RuntimeError, OSError):  # PyTurboJPEG needs the system libturbojpeg
         from turbojpeg import TurboJPEG
 
         tj = TurboJPEG()
@@ -95,8 +79,6 @@ def decoders(short_min: int) -> dict[str, Callable[[Path], Image.Image]]:
             f = next((f for f in factors if min(w, h) * f[0] / f[1] >= short_min), (1, 1))
             return Image.fromarray(tj.decode(data, scaling_factor=f)[..., ::-1])  # BGR -> RGB
         out["turbojpeg"] = turbo
-    except (ImportError, RuntimeError, OSError):  # the package needs the system libturbojpeg
-        pass
     return out
 
 
@@ -131,31 +113,44 @@ def dali_rates(files: list[Path], size: int, repeat: int, batch: int = 16) -> di
         p = pipe(mode)
         p.build()
         p.run()  # warm-up
-        steps = max(1, repeat * len(files) // batch)
-        start = time.perf_counter()
-        for _ in range(steps):
-            p.run()
-        out[mode] = round(steps * batch / (time.perf_counter() - start), 1)
+        out[mode] = rate(batch, p.run, max(1, repeat * len(files) // batch))
     return out
 
 
-def rate(files: list[Path], decode: Callable[[Path], Image.Image], views: Callable | None, repeat: int) -> float:
-    """Images/s of decode (+ views) on one core, after one warm-up pass."""
-    for p in files[:2]:
-        img = decode(p)
-        if views is not None:
-            views(img)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        for p in files:
+def path_rate(files: list[Path], decode: Callable[[Path], Image.Image], views: Callable | None, repeat: int) -> float:
+    """Images/s of decode (+ views) on one core, after a warm-up on two images."""
+    def each(paths: list[Path]) -> None:
+        for p in paths:
             img = decode(p)
             if views is not None:
                 views(img)
-    return repeat * len(files) / (time.perf_counter() - start)
+
+    each(files[:2])
+    return rate(len(files), lambda: each(files), repeat)
+
+
+def device_decode_rates(boxes: PlanBoxes, files: list[Path], device: torch.device, batch: int, repeat: int = 1,
+                        decode_only: bool = False) -> dict[str, float]:
+    """``decode_on: device`` in images/s: ``loader``, the loader's half on one core (read the file,
+    its header, draw the boxes); ``cut``, the device decoding batches and cutting the views from
+    them (after one warm-up batch); ``decode`` (with ``decode_only``), the device decoding alone."""
+    def encode() -> list[dict]:
+        return [boxes(read_encoded(p.read_bytes(), p.name)) for p in files]
+
+    out = {"loader": rate(len(files), encode, repeat)}
+    items = encode()
+    batches = [collate_encoded([dict(it) for it in items[k:k + batch]]) for k in range(0, len(items), batch)]
+    decode = DeviceDecode.of(boxes)
+    decode(batches[0], device)  # warm-up
+    out["cut"] = rate(len(files), lambda: [decode(b, device) for b in batches], repeat, device)
+    if decode_only:
+        out["decode"] = rate(len(files), lambda: [decode_batch(b["encoded"], list(b["plan"]["name"]), device)
+                                                  for b in batches], repeat, device)
+    return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--images", type=int, default=48)
     ap.add_argument("--size", type=int, default=224)
     ap.add_argument("--source", type=int, default=3000, help="long side of the synthetic camera JPEGs")
@@ -181,33 +176,36 @@ def main() -> None:
         sets = {"full_jpeg": sorted(full.iterdir()), "cache_png": sorted(png.iterdir()),
                 "cache_jpeg": sorted(jpg.iterdir())}
         result["bytes_per_image"] = {k: int(np.mean([p.stat().st_size for p in v])) for k, v in sets.items()}
-        paths = {f"full_jpeg/{name}": (sets["full_jpeg"], fn) for name, fn in decoders(short).items()}
-        paths["cache_png/pillow"] = (sets["cache_png"], lambda p: load_rgb(p))
-        paths["cache_jpeg/pillow"] = (sets["cache_jpeg"], lambda p: load_rgb(p))
-        if "simplejpeg" in decoders(short):
-            paths["cache_jpeg/simplejpeg"] = (sets["cache_jpeg"], decoders(short)["simplejpeg"])
+        found = decoders(short)
+        paths = {f"full_jpeg/{name}": (sets["full_jpeg"], fn) for name, fn in found.items()}
+        paths["cache_png/pillow"] = (sets["cache_png"], load_rgb)
+        paths["cache_jpeg/pillow"] = (sets["cache_jpeg"], load_rgb)
+        paths["cache_jpeg/simplejpeg"] = (sets["cache_jpeg"], found["simplejpeg"])
         for name, (files, fn) in paths.items():
             if name != "full_jpeg/pillow" or args.images <= 64:
-                result["decode_only"][name] = round(rate(files, fn, None, args.repeat), 1)
+                result["decode_only"][name] = path_rate(files, fn, None, args.repeat)
+        for name in ("full_jpeg", "cache_jpeg"):
+            dali = dali_rates(sets[name], args.size, args.repeat)
+            if dali is not None:
+                result["decode_only"].setdefault("dali_cpu", {})[name] = dali
         for method in args.methods:
-            cfg = pretrain_config(params, method)
-            cfg = changed(cfg, image_size=args.size)
+            cfg = changed(pretrain_config(params, method), image_size=args.size)
             views = build_views(cfg)
             geometry = build_views(changed(cfg, augment_on="device"))
-            result["methods"][method] = {name: round(rate(files, fn, views, args.repeat), 1)
-                                         for name, (files, fn) in paths.items() if name != "full_jpeg/pillow"}
-            result["methods"][method]["augment_on_device"] = {  # the loader's half: decode + geometry
-                name: round(rate(paths[name][0], paths[name][1], geometry, args.repeat), 1)
+            row: dict = {name: path_rate(files, fn, views, args.repeat) for name, (files, fn) in paths.items()
+                   if name != "full_jpeg/pillow"}
+            row["augment_on_device"] = {  # the loader's half: decode + geometry
+                name: path_rate(*paths[name], geometry, args.repeat)
                 for name in ("full_jpeg/pillow_draft", "cache_png/pillow", "cache_jpeg/pillow")}
-            if method == args.methods[0]:
-                for name in ("full_jpeg", "cache_jpeg"):
-                    dali = dali_rates(sets[name], args.size, args.repeat)
-                    if dali is not None:
-                        result["decode_only"].setdefault("dali_cpu", {})[name] = dali
-            result["methods"][method]["photometric_cpu"] = photometric_cpu(cfg, args.repeat)
+            row["photometric_cpu"] = photometric_cpu(cfg, args.repeat)
             if method != "clic":  # CLIC's mosaics are built in the loader (decode_on: loader only)
-                result["methods"][method].update(decode_on_device(cfg, sets, args.repeat))
-    print(json.dumps(result, indent=1))
+                boxes = build_boxes(changed(cfg, augment_on="device", decode_on="device"))
+                rates = {name: device_decode_rates(boxes, sets[name], torch.device("cpu"), 32, args.repeat)
+                         for name in ("full_jpeg", "cache_jpeg")}
+                row["decode_on_device"] = {name: r["loader"] for name, r in rates.items()}
+                row["decode_on_device_cpu_step"] = {name: r["cut"] for name, r in rates.items()}
+            result["methods"][method] = row
+    emit(result)
 
 
 def changed(cfg: PretrainConfig, **update: object) -> PretrainConfig:
@@ -227,36 +225,8 @@ def photometric_cpu(cfg: PretrainConfig, repeat: int, n: int = 64) -> dict[str, 
     device = build_device_views(changed(cfg, augment_on="device"))
     batch = {k: torch.stack([F.pil_to_tensor(c) for c in crops]) for k in keys}
     g = torch.Generator().manual_seed(0)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        for c in crops:
-            to_tensor(c), to_tensor(c)
-    pil = repeat * n / (time.perf_counter() - start)
-    start = time.perf_counter()
-    for _ in range(repeat):
-        device(batch, g)
-    return {"pil": round(pil, 1), "batched": round(repeat * n / (time.perf_counter() - start), 1)}
-
-
-def decode_on_device(cfg: PretrainConfig, sets: dict[str, list[Path]], repeat: int) -> dict:
-    """Loader half and (CPU-run) device half of ``decode_on: device``, images/s on one core."""
-    cfg = changed(cfg, augment_on="device", decode_on="device")
-    boxes = build_boxes(cfg)
-    decode = DeviceDecode.of(boxes)
-    loader: dict[str, float] = {}
-    step: dict[str, float] = {}
-    for name in ("full_jpeg", "cache_jpeg"):
-        files = sets[name]
-        start = time.perf_counter()
-        for _ in range(repeat):
-            items = [boxes(read_encoded(p.read_bytes(), p.name)) for p in files]
-        loader[name] = round(repeat * len(files) / (time.perf_counter() - start), 1)
-        start = time.perf_counter()
-        for _ in range(repeat):
-            for k in range(0, len(items), 32):
-                decode(collate_encoded([dict(it) for it in items[k:k + 32]]), torch.device("cpu"))
-        step[name] = round(repeat * len(files) / (time.perf_counter() - start), 1)
-    return {"decode_on_device": loader, "decode_on_device_cpu_step": step}
+    return {"pil": rate(n, lambda: [(to_tensor(c), to_tensor(c)) for c in crops], repeat),
+            "batched": rate(n, lambda: device(batch, g), repeat)}
 
 
 if __name__ == "__main__":

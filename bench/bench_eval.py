@@ -15,15 +15,14 @@
 
 from __future__ import annotations
 
-import argparse
-import json
 import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import emit, parser, rate, timed  # this folder's shared helpers (on sys.path)
+from PIL import Image
 
 from clic.config import PretrainConfig
 from clic.cores import torch_threads, usable_cores
@@ -39,9 +38,8 @@ def ridge_bench(n: int = 10_000, d: int = 2_048) -> dict:
     rng = np.random.default_rng(0)
     x = rng.normal(size=(n, d)).astype(np.float32)
     y = x[:, :10] @ rng.normal(size=10) + rng.normal(size=n)
-    start = time.perf_counter()
-    head = fit_ridge(x, y, folds=5)
-    return {"ridge_cv_seconds": round(time.perf_counter() - start, 2), "n": n, "d": d, "alpha": head.alpha}
+    head, seconds = timed(fit_ridge, x, y, folds=5)
+    return {"ridge_cv_seconds": round(seconds, 2), "n": n, "d": d, "alpha": head.alpha}
 
 
 def _write(job: tuple[int, int, str]) -> None:
@@ -63,26 +61,21 @@ def score_bench(images: int, backbone: str, size: int, workers: int, source: int
         with ProcessPoolExecutor(usable_cores()) as pool:
             list(pool.map(_write, [(i, source, str(p)) for i, p in enumerate(paths)], chunksize=16))
         scorer.score_files(paths[:64], batch_size=64, workers=workers, progress=False, threads=threads)  # warm-up
-        start = time.perf_counter()
-        scores, kept, _ = scorer.score_files(paths, batch_size=64, workers=workers, progress=False, threads=threads)
-        scored = len(kept) / (time.perf_counter() - start)
+        (_, kept, _), seconds = timed(scorer.score_files, paths, batch_size=64, workers=workers, progress=False,
+                                      threads=threads)
+        scored = len(kept) / seconds
         tf = eval_transform(size)
-        from PIL import Image
-
         batch = torch.stack([tf(Image.open(p).convert("RGB")) for p in paths[:64]])
         with torch.no_grad(), torch_threads(threads):
             bb(batch)
-            start = time.perf_counter()
-            for s in range(0, images, 64):
-                bb(batch[: min(64, images - s)])
-        bare = images / (time.perf_counter() - start)
+            bare = rate(images, lambda: [bb(batch[: min(64, images - s)]) for s in range(0, images, 64)], ndigits=None)
     return {"score_images_per_s": round(scored, 1), "bare_forward_images_per_s": round(bare, 1),
             "score_vs_bare": round(scored / bare, 3), "backbone": backbone, "size": size, "source": source,
             "workers": workers, "threads": threads, "cores": usable_cores()}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--images", type=int, default=512,
                     help="images scored; use >= 16 batches of 64 per worker, or start-up and the pipeline's "
                     "fill (each worker builds whole batches) weigh on the rate")
@@ -95,7 +88,7 @@ def main() -> None:
     args = ap.parse_args()
     source = args.source or 4 * args.size
     scoring = score_bench(args.images, args.backbone, args.size, args.workers, source, args.threads)
-    print(json.dumps({**ridge_bench(), **scoring}, indent=2))
+    emit({**ridge_bench(), **scoring}, indent=2)
 
 
 if __name__ == "__main__":

@@ -16,24 +16,25 @@ Runs on CPU too (torchvision's decoder), where only the plumbing is meaningful.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import tempfile
-import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
 import torch
-from bench_decode import photo_like  # this folder's decode benchmark (the script's own folder is on sys.path)
+from bench_decode import device_decode_rates, photo_like  # this folder's decode benchmark (on sys.path)
+from common import emit, parser, timed
 
 from clic.config import MocoViewConfig, PretrainConfig, ShiftConfig
-from clic.data.imageio import read_encoded, resize_short
+from clic.data.imageio import resize_short
 from clic.params import from_dict
 from clic.pretrain import run
-from clic.transforms.decode import DeviceDecode, PlanBoxes, collate_encoded, decode_batch
+from clic.transforms.decode import PlanBoxes
 from clic.transforms.plan import MocoPlan, ShiftPlan
+
+KEYS = {"loader": "loader_half_images_per_s_one_core", "cut": "device_decode_and_cut_images_per_s",
+        "decode": "device_decode_only_images_per_s"}
 
 
 def _make(job: tuple[int, int, str, str]) -> None:
@@ -43,39 +44,12 @@ def _make(job: tuple[int, int, str, str]) -> None:
     resize_short(img, 448).save(Path(small) / f"{i:05d}.jpg", quality=95)
 
 
-def _sync(dev: torch.device) -> None:
-    if dev.type == "cuda":
-        torch.cuda.synchronize()
-
-
 def device_rates(files: list[Path], dev: torch.device, batch: int) -> dict:
     """Loader half (one core) and device half (decode alone; decode + cut) images/s per method."""
-    out = {}
     setups = {"moco_224": PlanBoxes(MocoPlan(224, MocoViewConfig())),
               "clicv2_224_p16": PlanBoxes(ShiftPlan(224, 16, ShiftConfig()))}
-    for name, boxes in setups.items():
-        decode = DeviceDecode.of(boxes)
-        start = time.perf_counter()
-        items = [boxes(read_encoded(p.read_bytes(), p.name)) for p in files]
-        loader = len(files) / (time.perf_counter() - start)
-        batches = [collate_encoded([dict(it) for it in items[k:k + batch]])
-                   for k in range(0, len(items) - batch + 1, batch)]
-        decode(batches[0], dev)  # warm-up
-        _sync(dev)
-        start = time.perf_counter()
-        for b in batches:
-            decode(b, dev)
-        _sync(dev)
-        cut = len(batches) * batch / (time.perf_counter() - start)
-        start = time.perf_counter()
-        for b in batches:
-            decode_batch(b["encoded"], list(b["plan"]["name"]), dev)
-        _sync(dev)
-        alone = len(batches) * batch / (time.perf_counter() - start)
-        out[name] = {"loader_half_images_per_s_one_core": round(loader, 1),
-                     "device_decode_and_cut_images_per_s": round(cut, 1),
-                     "device_decode_only_images_per_s": round(alone, 1)}
-    return out
+    return {name: {KEYS[k]: v for k, v in device_decode_rates(boxes, files, dev, batch, decode_only=True).items()}
+            for name, boxes in setups.items()}
 
 
 def train_rate(folder: Path, dev: torch.device, method: str, decode_on: str, workers: int, n: int, batch: int,
@@ -91,16 +65,14 @@ def train_rate(folder: Path, dev: torch.device, method: str, decode_on: str, wor
     cfg = from_dict(PretrainConfig, raw)
     epochs_metrics: list[dict] = []
     with tempfile.TemporaryDirectory() as tmp:
-        start = time.perf_counter()
-        run(cfg, Path(tmp) / "unused", Path(tmp) / "out", device=str(dev), progress=False,
-            on_epoch=lambda e, m: epochs_metrics.append(m), corpus_dir=Path(tmp) / "corpus")
-        wall = time.perf_counter() - start
+        _, wall = timed(run, cfg, Path(tmp) / "unused", Path(tmp) / "out", device=str(dev), progress=False,
+                        on_epoch=lambda e, m: epochs_metrics.append(m), corpus_dir=Path(tmp) / "corpus")
     return {"images_per_s_by_epoch": [round(m["images_per_s"], 1) for m in epochs_metrics],
             "wall_s": round(wall, 1), "workers": workers}
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--n", type=int, default=1024)
     ap.add_argument("--side", type=int, default=2400)
     ap.add_argument("--batch", type=int, default=256)
@@ -125,7 +97,7 @@ def main() -> None:
             for decode_on in ("loader", "device"):
                 result[f"train_{method}_camera_decode_on_{decode_on}"] = train_rate(
                     big, dev, method, decode_on, args.workers, args.n, args.batch, args.epochs)
-    print(json.dumps(result, indent=1))
+    emit(result)
 
 
 if __name__ == "__main__":

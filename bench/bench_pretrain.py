@@ -16,19 +16,17 @@ at 224 px on random tensors, reporting images/s and peak memory.
 
 from __future__ import annotations
 
-import argparse
-import json
 import logging
-import os
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 import torch
+from common import REPO, emit, parser, rate, timed  # this folder's shared helpers (on sys.path)
 from torch.utils.data import default_collate
 
 from clic.config import PretrainConfig
+from clic.cores import torch_threads
 from clic.data.dataset import ViewDataset
 from clic.data.prepare import prepare
 from clic.data.table import read_table
@@ -37,31 +35,30 @@ from clic.params import data_config, from_dict, load_params, pretrain_config, to
 from clic.pretrain import build_device_views, build_model, build_optimizer, build_views, run
 from clic.transforms.decode import collate_encoded
 
-REPO = Path(__file__).resolve().parents[1]
+
+def model_and_optimizer(cfg: PretrainConfig, device: torch.device) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    model = build_model(cfg).to(device).train()
+    if cfg.channels_last == "on":
+        model = model.to(memory_format=torch.channels_last)
+    return model, build_optimizer(model, cfg, cfg.lr())
 
 
 def bare_loop(cfg: PretrainConfig, batch: dict[str, torch.Tensor], steps: int, device: torch.device,
               compile_: bool = False) -> float:
     """Images/s of forward + backward + step on fixed tensors (no data, no engine)."""
-    model = build_model(cfg).to(device).train()
-    if cfg.channels_last == "on":
-        model = model.to(memory_format=torch.channels_last)
+    model, opt = model_and_optimizer(cfg, device)
     opt_model = torch.compile(model) if compile_ else model
-    opt = build_optimizer(model, cfg, cfg.lr())
-    bsz = next(iter(batch.values())).shape[0]
-    for i in range(steps + 3):
-        if i == 3:  # warm-up steps (three: compilation may recompile once)
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            start = time.perf_counter()
+
+    def step() -> None:
         with autocast(device, cfg.amp):
             loss = opt_model(batch, momentum=0.99)["loss"]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
-    if device.type == "cuda":
-        torch.cuda.synchronize()
-    return steps * bsz / (time.perf_counter() - start)
+
+    for _ in range(3):  # warm-up steps (three: compilation may recompile once)
+        step()
+    return rate(next(iter(batch.values())).shape[0], step, steps, device, ndigits=None)
 
 
 def train_views(cfg: PretrainConfig, data_dir: Path) -> ViewDataset:
@@ -72,15 +69,10 @@ def train_views(cfg: PretrainConfig, data_dir: Path) -> ViewDataset:
 
 def view_rate(cfg: PretrainConfig, data_dir: Path, n: int = 200) -> float:
     """Samples/s of the method's view recipe (decode from cache + all views) on one core."""
-    torch.set_num_threads(1)
     ds = train_views(cfg, data_dir)
     n = min(n, len(ds))
-    start = time.perf_counter()
-    for i in range(n):
-        ds[i]
-    rate = n / (time.perf_counter() - start)
-    torch.set_num_threads(os.cpu_count() or 1)
-    return rate
+    with torch_threads(1):
+        return rate(n, lambda: [ds[i] for i in range(n)], ndigits=None)
 
 
 def cpu_bench(methods: list[str], epochs: int, overrides: list[str] | None = None) -> dict:
@@ -124,24 +116,14 @@ def engine_rate(cfg: PretrainConfig, batch: dict[str, torch.Tensor], steps: int,
                 sync_every: int) -> float:
     """Images/s of :func:`train_one_epoch` on a device-resident batch: the engine's own cost
     (schedules, loss read-back, metric averaging) against :func:`bare_loop`."""
-    model = build_model(cfg).to(device)
-    if cfg.channels_last == "on":
-        model = model.to(memory_format=torch.channels_last)
-    opt = build_optimizer(model, cfg, cfg.lr())
-    bsz = next(iter(batch.values())).shape[0]
+    model, opt = model_and_optimizer(cfg, device)
 
-    def epoch(n: int) -> float:
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        start = time.perf_counter()
+    def epoch(n: int) -> None:
         train_one_epoch(model, [batch] * n, opt, 0, n, 0, lambda t: cfg.lr(), lambda t: 0.99, device,
                         amp=cfg.amp, sync_every=sync_every, progress=False)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        return n * bsz / (time.perf_counter() - start)
 
     epoch(2)  # warm-up
-    return epoch(steps)
+    return rate(steps * next(iter(batch.values())).shape[0], lambda: epoch(steps), device=device)
 
 
 def gpu_bench(batch_size: int, steps: int, compile_: bool) -> dict:
@@ -170,17 +152,16 @@ def gpu_bench(batch_size: int, steps: int, compile_: bool) -> dict:
         run_ = {"batch_size": batch_size, "images_per_s": round(bare_loop(cfg, batch, steps, device), 1),
                 "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 2)}
         for n in (1, 20):
-            run_[f"engine_sync_every_{n}"] = round(engine_rate(cfg, batch, steps, device, n), 1)
+            run_[f"engine_sync_every_{n}"] = engine_rate(cfg, batch, steps, device, n)
         if compile_:
-            start = time.perf_counter()
-            run_["compiled_images_per_s"] = round(bare_loop(cfg, batch, steps, device, compile_=True), 1)
-            run_["compile_s"] = round(time.perf_counter() - start, 1)
+            compiled, seconds = timed(bare_loop, cfg, batch, steps, device, compile_=True)
+            run_.update(compiled_images_per_s=round(compiled, 1), compile_s=round(seconds, 1))
         out["runs"][name] = run_
     return out
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--methods", nargs="+", default=["moco", "clic", "clicv2"])
     ap.add_argument("--epochs", type=int, default=3)
     ap.add_argument("--gpu", action="store_true")
@@ -191,9 +172,10 @@ def main() -> None:
                     help="override params.yaml (CPU runs), e.g. pretrain.augment_on=device")
     args = ap.parse_args()
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    result = gpu_bench(args.batch_size, args.steps, args.compile) if args.gpu else cpu_bench(args.methods, args.epochs,
-                                                                                          args.overrides)
-    print(json.dumps(result, indent=2))
+    if args.gpu:
+        emit(gpu_bench(args.batch_size, args.steps, args.compile), indent=2)
+    else:
+        emit(cpu_bench(args.methods, args.epochs, args.overrides), indent=2)
 
 
 if __name__ == "__main__":

@@ -16,16 +16,13 @@ decoded through the training stream in one process.
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
-import resource
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
+from common import emit, parser, peak_rss_mb, timed  # this folder's shared helpers (on sys.path)
 from PIL import Image
 
 from clic.data.corpus import corpus_records
@@ -46,14 +43,8 @@ def make_jpegs(root: Path, n: int, size: tuple[int, int] = (96, 72)) -> None:
         Image.fromarray(arr).save(folder / f"{i:07d}.jpg", quality=90)
 
 
-def peak_rss_mb() -> dict[str, float]:
-    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
-    children = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024  # the largest reaped child
-    return {"peak_rss_main_mb": round(own, 1), "peak_rss_largest_worker_mb": round(children, 1)}
-
-
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap = parser(__doc__)
     ap.add_argument("--n", type=int, default=100_000)
     ap.add_argument("--size", default="96x72", help="WIDTHxHEIGHT of the generated JPEGs")
     ap.add_argument("--per-shard", type=int, default=1000)
@@ -65,40 +56,34 @@ def main() -> None:
     workers = args.workers or len(os.sched_getaffinity(0))
     with tempfile.TemporaryDirectory() as tmp:
         src, out = Path(tmp) / "src", Path(tmp) / "shards"
-        start = time.perf_counter()
         w, h = (int(x) for x in args.size.split("x"))
-        make_jpegs(src, args.n, (w, h))
-        generated = time.perf_counter() - start
-        rss_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-        start = time.perf_counter()
-        records = corpus_records([src])
-        listed = time.perf_counter() - start
-        start = time.perf_counter()
-        summary = write_shards(records, out, args.per_shard, args.side, workers=workers, progress=False)
-        seconds = time.perf_counter() - start
+        _, generated = timed(make_jpegs, src, args.n, (w, h))
+        rss_before = peak_rss_mb()
+        records, listed = timed(corpus_records, [src])
+        summary, seconds = timed(write_shards, records, out, args.per_shard, args.side, workers=workers, progress=False)
         report = {"n": args.n, "size": args.size, "workers": workers, "per_shard": args.per_shard, "side": args.side,
                   "generate_seconds": round(generated, 1), "list_seconds": round(listed, 2),
                   "shard_seconds": round(seconds, 2), "images_per_s": round(args.n / seconds, 1),
                   "images_per_s_per_core": round(args.n / seconds / workers, 1),
                   "parts": summary.parts, "shard_bytes_mb": round(sum(p.stat().st_size for p in
                                                                       out.glob("part-*/*.mds")) / 2**20, 1),
-                  "rss_before_listing_mb": round(rss_before, 1), **peak_rss_mb()}
+                  "rss_before_listing_mb": rss_before, "peak_rss_main_mb": peak_rss_mb(),
+                  "peak_rss_largest_worker_mb": peak_rss_mb(workers=True)}
         if args.read:  # one epoch through the training stream, decoded, no views
             from clic.data.shard_stream import ShardStream
 
             stream = ShardStream([out], Path(tmp) / "cache", lambda img: {"w": img.size[0]}, batch_size=1)
             stream.set_epoch(0)
-            start = time.perf_counter()
-            count = sum(1 for _ in stream)
-            report.update(read_images_per_s=round(count / (time.perf_counter() - start), 1))
+            count, seconds = timed(lambda: sum(1 for _ in stream))
+            report.update(read_images_per_s=round(count / seconds, 1))
         if args.resume:
             for p in sorted(out.glob("part-*"))[summary.parts // 2:]:
                 shutil.rmtree(p)
             (out / INDEX_NAME).unlink()
-            start = time.perf_counter()
-            again = write_shards(records, out, args.per_shard, args.side, workers=workers, progress=False)
-            report.update(resume_seconds=round(time.perf_counter() - start, 2), resume_written=again.written)
-        print(json.dumps(report, indent=1))
+            again, seconds = timed(write_shards, records, out, args.per_shard, args.side, workers=workers,
+                                   progress=False)
+            report.update(resume_seconds=round(seconds, 2), resume_written=again.written)
+        emit(report)
 
 
 if __name__ == "__main__":

@@ -11,13 +11,12 @@ distances' quantiles for both, and how many pairs each threshold would flag.
 
 from __future__ import annotations
 
-import argparse
 import io
-import json
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from common import emit, parser  # this folder's shared helpers (on sys.path)
 from PIL import Image
 
 from clic.data.corpus import walk_images
@@ -52,7 +51,7 @@ def plain(path: Path) -> int:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--eval", type=Path, required=True)
     ap.add_argument("--corpus", type=Path, required=True)
     ap.add_argument("--workers", type=int, default=2)
@@ -62,8 +61,8 @@ def main() -> None:
         ev = list(pool.map(copies, evals, chunksize=16))
         co = np.array(list(pool.map(plain, corpus, chunksize=64)), dtype=np.uint64)
     originals = np.array([h for h, _ in ev], dtype=np.uint64)
-    copy_d = {f"{s}/q{q}": np.array([hamming(np.array([h], np.uint64), np.array([c[j]], np.uint64))[0, 0]
-                                     for h, c in ev]) for j, (s, q) in enumerate(VARIANTS)}
+    copy_bits = np.bitwise_count(originals[:, None] ^ np.array([c for _, c in ev], dtype=np.uint64))  # (eval, variant)
+    copy_d = {f"{s}/q{q}": copy_bits[:, j] for j, (s, q) in enumerate(VARIANTS)}
     cross = hamming(co, originals)  # (corpus, eval)
     within = hamming(originals, originals)[np.triu_indices(len(originals), 1)]
     distinct = np.concatenate([cross.ravel(), within])
@@ -78,7 +77,7 @@ def main() -> None:
         "flagged_distinct_pairs_at": {t: int((distinct <= t).sum()) for t in range(0, 17, 2)},
         "missed_copies_at": {t: int(sum((v > t).sum() for v in copy_d.values())) for t in range(0, 17, 2)},
     }
-    print(json.dumps(report, indent=2))
+    emit(report, indent=2)
 
 
 if __name__ == "__main__":

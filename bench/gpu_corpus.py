@@ -1,19 +1,16 @@
 """The GPU run of docs/results.md, as one command: CLIC (ResNet-50) and CLICv2 (ViT-S/16) at 224 px
 pretrained on the unlabelled corpus with the recipe card's settings (``params/gpu-corpus.yaml``),
-each in its share of a fixed GPU time, encoders into one folder; then, on any CPU, the
-unseen-kinds probe of those encoders.
+each in its share of a fixed GPU time; then, on any CPU, the unseen-kinds probe of those encoders.
 
     python bench/gpu_corpus.py --out runs/gpu --seconds 400 --phase train    # on the GPU machine
     python bench/gpu_corpus.py --out runs/gpu --phase probe                  # here, on CPU
 
 ``train``: per method, a calibration run (2 short epochs; the first compiles, and torch's compile
 cache serves the main run) measures the steady images/s; the main run's ``epochs`` (and CLICv2's
-warm-up, 1/15 of the run as the recipe's 20 of 300) are set so that it fits the method's share of
-``--seconds``; the main run is stopped at 1.5x its share plus two minutes, keeping its last
-checkpoint (an encoder too: ``clic embed`` and the probe read checkpoints). Writes
-``OUT/<method>/`` (``encoder.pt`` or ``checkpoint.pt``, ``metrics.jsonl``) and ``OUT/gpu.json``
-(rates, epochs, seconds, whether a run was cut). ``probe``: ``bench/real_data.py`` on those
-encoders (no pretraining), into ``OUT/probe/table.json``.
+warm-up, 1/15 of the run as the recipe's 20 of 300) fit the method's share of ``--seconds``; it is
+stopped at 1.5x its share plus two minutes, its last checkpoint then the encoder. Writes
+``OUT/<method>/`` and ``OUT/gpu.json`` (rates, epochs, seconds, whether a run was cut). ``probe``:
+``bench/real_data.py`` on those encoders (no pretraining), into ``OUT/probe/table.json``.
 """
 
 from __future__ import annotations
@@ -27,14 +24,17 @@ import time
 from pathlib import Path
 from typing import Any
 
-ROOT = Path(__file__).resolve().parents[1]
+from common import REPO, parser  # this folder's shared helpers (on sys.path)
+
+from clic.data.corpus import corpus_records
+from clic.params import load_params, pretrain_config
 
 
 def clic(args: list[str], timeout: float | None = None) -> tuple[int, float]:
     """Run ``python -m clic.cli ARGS`` in the project; (exit status, seconds). A timeout stops it."""
     start = time.perf_counter()
     try:
-        rc = subprocess.run([sys.executable, "-m", "clic.cli", *args], cwd=ROOT, timeout=timeout).returncode
+        rc = subprocess.run([sys.executable, "-m", "clic.cli", *args], cwd=REPO, timeout=timeout).returncode
     except subprocess.TimeoutExpired:
         rc = -1
     return rc, time.perf_counter() - start
@@ -45,27 +45,17 @@ def last_metrics(folder: Path) -> dict[str, Any]:
     return json.loads(lines[-1]) if lines else {}
 
 
-def samples_per_epoch(params: dict[str, Any], method: str, images: int) -> int:
-    """CLIC with offline-style mosaics (``rcm.pairing`` extra/both) trains on each image and its mosaics."""
-    from clic.params import pretrain_config
-
-    cfg = pretrain_config(params, method)
-    extra = cfg.rcm.extra_per_image if method == "clic" and cfg.rcm.pairing in ("extra", "both") else 0
-    return images * (1 + extra)
-
-
-def corpus_size(params: dict[str, Any], method: str) -> int:
-    from clic.data.corpus import corpus_records
-    from clic.params import pretrain_config
-
+def corpus_size(params: dict[str, Any], method: str) -> tuple[int, int]:
+    """The images the method pretrains on, and its samples per epoch: CLIC with offline-style
+    mosaics (``rcm.pairing`` extra/both) trains on each image and its mosaics."""
     cfg = pretrain_config(params, method)
     n = len(corpus_records(cfg.data))
-    return min(n, cfg.max_images) if cfg.max_images else n
+    images = min(n, cfg.max_images) if cfg.max_images else n
+    extra = cfg.rcm.extra_per_image if method == "clic" and cfg.rcm.pairing in ("extra", "both") else 0
+    return images, images * (1 + extra)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    from clic.params import load_params
-
     params = load_params(args.params, args.overrides)
     sets = [x for o in args.overrides for x in ("--set", o)]
     share = args.seconds / len(args.methods)
@@ -81,9 +71,9 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
         rate = float(last_metrics(calib_dir).get("images_per_s", 0.0))
         if rc != 0 or rate <= 0:
             raise SystemExit(f"{method}: the calibration run failed (exit {rc}); see the output above")
-        images = corpus_size(params, method)
+        images, samples = corpus_size(params, method)
         left = max(share - calib_s, share / 3)
-        epochs = max(1, math.floor(left * rate * args.fill / samples_per_epoch(params, method, images)))
+        epochs = max(1, math.floor(left * rate * args.fill / samples))
         extra = ["--set", f"epochs={epochs}"]
         if method == "clicv2":
             extra += ["--set", f"optim.warmup_epochs={round(epochs / 15, 2)}"]
@@ -102,17 +92,17 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 def probe(args: argparse.Namespace) -> None:
     summary = json.loads((args.out / "gpu.json").read_text())
     encoders = [f"{m}={r['encoder']}" for m, r in summary["methods"].items()]
-    cmd = [sys.executable, str(ROOT / "bench" / "real_data.py"), "--params", str(args.params),
+    cmd = [sys.executable, str(REPO / "bench" / "real_data.py"), "--params", str(args.params),
            "--out", str(args.out / "probe"), "--methods", *summary["methods"], "--encoders", *encoders,
            "--select", args.select,
            *[x for o in args.overrides for x in ("--set", o)]]
-    subprocess.run(cmd, cwd=ROOT, check=True)
+    subprocess.run(cmd, cwd=REPO, check=True)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--out", type=Path, default=Path("runs/gpu"))
-    ap.add_argument("--params", type=Path, default=ROOT / "params" / "gpu-corpus.yaml")
+    ap.add_argument("--params", type=Path, default=REPO / "params" / "gpu-corpus.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--methods", nargs="+", default=["clic", "clicv2"])
     ap.add_argument("--seconds", type=float, default=400.0, help="GPU time for all methods (default 400)")

@@ -14,14 +14,13 @@ Prints a JSON table of SRCC (out-of-fold, all categories pooled) and writes it t
 
 from __future__ import annotations
 
-import argparse
-import dataclasses
 import json
 import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
+from common import parser  # this folder's shared helpers (on sys.path)
 
 from clic.data.imageio import load_rgb, resize_short
 from clic.data.prepare import prepare
@@ -39,12 +38,12 @@ def _handcrafted_srcc(data_dir: Path, pcfg, size: int, seed: int) -> float:
     x = np.array([[handcrafted.measure(resize_short(load_rgb(r.image_path(data_dir)), size))[m]
                    for m in handcrafted.MEASURES] for r in fit], np.float64)
     feats = np.log1p(np.abs(x))
-    pred, _ = probe(feats, fit, feats, fit, dataclasses.replace(pcfg, protocol="ridge"), seed)
+    pred, _ = probe(feats, fit, feats, fit, pcfg.model_copy(update={"protocol": "ridge"}), seed)
     return regression_metrics(pred, np.array([r.score for r in fit]))["srcc"]
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--params", default="params/real-photos.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default="runs/savoias")
@@ -71,7 +70,7 @@ def main() -> None:
                 return round(rep["srcc"], 4)
 
             row = {"ridge": srcc(f"{method}-ridge", pcfg, cfg),
-                   "sgd": srcc(f"{method}-sgd", dataclasses.replace(pcfg, protocol="sgd"), cfg)}
+                   "sgd": srcc(f"{method}-sgd", pcfg.model_copy(update={"protocol": "sgd"}), cfg)}
             if getattr(backbone, "is_vit", False):
                 backbone.pool = "cls"
                 row["cls_token"] = srcc(f"{method}-cls", pcfg, cfg)

@@ -13,11 +13,11 @@ setting's per-category means and which was chosen on what. Only the other catego
 
 from __future__ import annotations
 
-import argparse
 import json
 from pathlib import Path
 from typing import Any
 
+from common import parser  # this folder's shared helpers (on sys.path)
 from seed_table import Study, read_rows
 
 from clic.data.prepare import prepare
@@ -26,7 +26,7 @@ from clic.params import data_config, load_params, probe_config
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("run", type=Path, help="a real_data.py --seeds output folder (seed-<s>/models/<method>/)")
     ap.add_argument("--params", default="params/real-photos.yaml")
     ap.add_argument("--out", type=Path, default=Path("runs/probe-select"))
@@ -36,9 +36,11 @@ def main() -> None:
     args = ap.parse_args()
     params = load_params(args.params)
     data_dir = prepare(data_config(params), int(params.get("seed", 0)))
-    settings = [(f, s) for f in args.features for s in args.sizes]
-    for features, size in settings:
+    summary: dict[str, Any] = {"selected_on": args.select, "settings": {}, "chosen": {}}
+    for features, size in [(f, s) for f in args.features for s in args.sizes]:
         name = f"{features}-{size}"
+        cfg = probe_config({"probe": {**params["probe"], "features": features, "image_size": size,
+                                      "validation_fraction": 0.0}})
         for seed_dir in sorted(args.run.glob("seed-*")):
             seed = int(seed_dir.name.split("-", 1)[1])
             for encoder in sorted(seed_dir.glob("models/*/encoder.pt")):
@@ -46,17 +48,11 @@ def main() -> None:
                 out = args.out / name / seed_dir.name / "reports" / method
                 if (out / "predictions.csv").is_file():
                     continue  # resumable: a setting probed before is kept
-                cfg = probe_config({"probe": {**params["probe"], "features": features, "image_size": size,
-                                              "validation_fraction": 0.0}})
                 evaluate_encoder(encoder, data_dir, cfg, out, seed)
                 print(f"{name} {seed_dir.name} {method}: done", flush=True)
-    summary: dict[str, Any] = {"selected_on": args.select, "settings": {}, "chosen": {}}
-    for features, size in settings:
-        name = f"{features}-{size}"
         study = Study(read_rows([args.out / name]))
         summary["settings"][name] = {row: study.summary(row) for row in study.pred}
-    methods = sorted({m for s in summary["settings"].values() for m in s})
-    for method in methods:
+    for method in sorted({m for s in summary["settings"].values() for m in s}):
         scored = {n: s[method][args.select]["mean"] for n, s in summary["settings"].items() if method in s}
         best = max(scored, key=lambda n: scored[n])
         summary["chosen"][method] = {"setting": best, f"{args.select}_srcc": scored[best],

@@ -5,28 +5,20 @@ method (labels unused), probe every encoder and the baselines on the same folds,
     python bench/real_data.py --params params/real-photos.yaml --protocol final --out runs/final
 
 Protocols:
-- ``unseen`` (default): pretrain on ``pretrain.data`` only (the unlabelled corpus; none of the
-  labelled photos, checked by content hash), then ridge-probe 5-fold inside each labelled category.
-  The check compares decoded pixels and perceptual hashes, so a resized or re-encoded copy of a
-  labelled photo in the corpus is caught too (``validate.near_duplicate_bits``).
-  Anything chosen by looking at numbers (the best single hand-crafted measure here) is chosen on
-  the ``--select`` category only; the other categories are the report.
-- ``final``: pretrain on everything available, ``pretrain.data`` plus the labelled photos: the
-  encoders a user would take (``OUT/models/<method>/encoder.pt``). Its probe numbers are
-  in-sample for pretraining (the encoder saw the probed images, not their labels).
+- ``unseen`` (default): pretrain on ``pretrain.data`` only (the unlabelled corpus, checked to hold
+  none of the labelled photos, resized or re-encoded copies included: decoded pixels and perceptual
+  hashes, ``validate.near_duplicate_bits``), then ridge-probe 5-fold inside each labelled category.
+  Anything chosen by looking at numbers (the best single hand-crafted measure) is chosen on the
+  ``--select`` category only; the other categories are the report.
+- ``final``: pretrain on ``pretrain.data`` plus the labelled photos: the encoders a user would take
+  (``OUT/models/<method>/encoder.pt``); its probe numbers are in-sample for pretraining.
 - ``dev``: pretrain on the labelled photos only (the earlier protocol, for comparison).
 
-Seeds: ``--seeds 0 1 2`` runs each seed into ``OUT/seed-<s>/`` (pretraining, the probe's folds and
-the random inits all follow the seed); ``bench/seed_table.py OUT...`` turns them into means, spreads
-and paired differences with intervals over seeds and images.
-
-Resumable: each method trains into ``OUT[/seed-<s>]/models/<method>`` (re-running continues from
-checkpoints written by the same code), and a method whose encoder (same config) and probe report
-are there is not redone, so a long multi-seed run survives an interruption: run the same command
-again. Each row of ``table.json`` records the code version and git revision that trained it.
-
-The same seed is bit-identical only at the same thread count (``OMP_NUM_THREADS``, recorded in
-``table.json``): other threads sum in another order, and the runs drift apart from the first step.
+``--seeds 0 1 2`` runs each seed (pretraining, the probe's folds, the random inits) into
+``OUT/seed-<s>/``, for ``bench/seed_table.py``. Resumable: run the same command again; a method
+whose encoder (same config, same code) and probe report are there is not redone. A seed is
+bit-identical only at the same thread count (``OMP_NUM_THREADS``, recorded in ``table.json`` beside
+each row's code version and git revision).
 """
 
 from __future__ import annotations
@@ -35,19 +27,19 @@ import argparse
 import csv
 import json
 import logging
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from common import parser, timed  # this folder's shared helpers (on sys.path)
 
 from clic.data.corpus import corpus_records, evaluation_records, find_leaks
 from clic.data.prepare import prepare
 from clic.data.table import read_table
 from clic.engine import checkpoint as ckpt
 from clic.evaluation import handcrafted
-from clic.evaluation.evaluate import evaluate_encoder, evaluate_random, handcrafted_features
+from clic.evaluation.evaluate import evaluate_encoder, evaluate_handcrafted, evaluate_random, handcrafted_features
 from clic.evaluation.metrics import bootstrap_ci, regression_metrics
 from clic.params import data_config, load_params, pretrain_config, probe_config, to_dict, validate_config
 from clic.pretrain import run
@@ -92,7 +84,7 @@ def handcrafted_rows(data_dir: Path, select: str, n_boot: int, seed: int, worker
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("--params", default="params/real-photos.yaml")
     ap.add_argument("--set", dest="overrides", action="append", default=[])
     ap.add_argument("--out", default="runs/unseen")
@@ -125,8 +117,7 @@ def run_seed(args: argparse.Namespace, params: dict[str, Any], out: Path, data_s
     """One seed of the protocol into ``out`` (``table.json`` there): the seed drives pretraining,
     the random inits and the probe's folds; the dataset is prepared with ``data_seed``."""
     seed, pcfg = int(params.get("seed", 0)), probe_config(params)
-    dcfg = data_config(params)
-    data_dir = prepare(dcfg, data_seed)
+    data_dir = prepare(data_config(params), data_seed)
     corpus = list(params.get("pretrain", {}).get("data") or [])
     if args.protocol == "final":
         corpus = [*corpus, str(data_dir)]
@@ -151,8 +142,6 @@ def run_seed(args: argparse.Namespace, params: dict[str, Any], out: Path, data_s
                              "torch_threads": torch.get_num_threads()}
     if not args.skip_baselines:
         table["handcrafted_best_single"] = handcrafted_rows(data_dir, args.select, n_boot, seed, pcfg.workers)
-        from clic.evaluation.evaluate import evaluate_handcrafted
-
         evaluate_handcrafted(data_dir, pcfg, out / "reports" / "handcrafted", seed)
         table["handcrafted_ridge"] = category_table(*read_predictions(out / "reports" / "handcrafted"), n_boot, seed)
     code = ckpt.code_version()  # a run interrupted under other code retrains instead of resuming
@@ -173,21 +162,18 @@ def run_seed(args: argparse.Namespace, params: dict[str, Any], out: Path, data_s
         if method in given:  # trained elsewhere (bench/gpu_corpus.py): probed only
             evaluate_encoder(given[method], data_dir, pcfg, rdir, seed)
             table[method] = {**category_table(*read_predictions(rdir), n_boot, seed), "encoder": str(given[method])}
-            save_table(out, table)
-            continue
-        if done_before(encoder, rdir, cfg):
+        elif done_before(encoder, rdir, cfg):
             log.info("%s: trained and probed before with this config (%s); not redone", method, rdir)
             earlier = read_json(out / "table.json").get(method, {})
             table[method] = {**category_table(*read_predictions(rdir), n_boot, seed),
                              **{k: earlier[k] for k in ("pretrain_minutes", "epochs", "code_version", "git")
                                 if k in earlier}}
-            continue
-        start = time.time()
-        encoder = run(cfg, data_dir, out / "models" / method, progress=False, code_version=code)
-        minutes = round((time.time() - start) / 60, 1)
-        evaluate_encoder(encoder, data_dir, pcfg, rdir, seed)
-        table[method] = {**category_table(*read_predictions(rdir), n_boot, seed), "pretrain_minutes": minutes,
-                         "epochs": cfg.epochs, "code_version": code, "git": ckpt.git_revision()}
+        else:
+            encoder, seconds = timed(run, cfg, data_dir, out / "models" / method, progress=False, code_version=code)
+            evaluate_encoder(encoder, data_dir, pcfg, rdir, seed)
+            table[method] = {**category_table(*read_predictions(rdir), n_boot, seed),
+                             "pretrain_minutes": round(seconds / 60, 1), "epochs": cfg.epochs, "code_version": code,
+                             "git": ckpt.git_revision()}
         save_table(out, table)  # after each method: an interrupted run keeps what it measured
     print(json.dumps(save_table(out, table), indent=2))
 

@@ -16,17 +16,14 @@ made only where the 95% interval excludes zero.
 
 from __future__ import annotations
 
-import argparse
 import csv
 import json
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from common import parser  # this folder's shared helpers (on sys.path)
 from scipy.stats import rankdata
-
-CATEGORIES_ALL = "all"
-
 
 Rows = dict[str, dict[int, dict[str, tuple[float, float, str]]]]
 
@@ -51,7 +48,7 @@ def read_rows(folders: list[Path], only: set[int] | None = None) -> Rows:
 
 
 def _srcc(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
-    """Spearman correlation along the last axis: pred (..., N), true (..., N)."""
+    """Spearman correlation along the last axis: pred (..., N), true (N,) or (..., N)."""
     rp, rt = rankdata(pred, axis=-1), rankdata(true, axis=-1)
     rp = rp - rp.mean(-1, keepdims=True)
     rt = rt - rt.mean(-1, keepdims=True)
@@ -61,7 +58,7 @@ def _srcc(pred: np.ndarray, true: np.ndarray) -> np.ndarray:
 class Study:
     """Predictions aligned on one image order: ``pred[row]`` is (seeds, N), ``true`` (N,)."""
 
-    def __init__(self, rows: dict[str, dict[int, dict[str, tuple[float, float, str]]]]) -> None:
+    def __init__(self, rows: Rows) -> None:
         names = sorted(set.intersection(*(set(p) for seeds in rows.values() for p in seeds.values())))
         first = next(iter(next(iter(rows.values())).values()))
         self.names = names
@@ -73,14 +70,14 @@ class Study:
 
     def groups(self) -> dict[str, np.ndarray]:
         out = {c: np.flatnonzero(self.categories == c) for c in sorted(set(self.categories.tolist()))}
-        out[CATEGORIES_ALL] = np.arange(len(self.names))
+        out["all"] = np.arange(len(self.names))
         return out
 
     def summary(self, row: str) -> dict[str, Any]:
         """Per category: mean SRCC over seeds, its standard deviation and the per-seed values."""
         out = {}
         for cat, idx in self.groups().items():
-            per_seed = _srcc(self.pred[row][:, idx], np.broadcast_to(self.true[idx], (len(self.seeds[row]), len(idx))))
+            per_seed = _srcc(self.pred[row][:, idx], self.true[idx])
             out[cat] = {"mean": round(float(per_seed.mean()), 4),
                         "sd": round(float(per_seed.std(ddof=1)), 4) if len(per_seed) > 1 else None,
                         "seeds": {s: round(float(v), 4) for s, v in zip(self.seeds[row], per_seed, strict=True)}}
@@ -95,16 +92,13 @@ class Study:
         out = {}
         for cat, idx in self.groups().items():
             pa, pb, t = self.pred[a][:, idx], self.pred[b][:, idx], self.true[idx]
-            point = float(_srcc(pa, np.broadcast_to(t, pa.shape)).mean()
-                          - _srcc(pb, np.broadcast_to(t, pb.shape)).mean())
+            point = float(_srcc(pa, t).mean() - _srcc(pb, t).mean())
             draws = np.empty(n_boot)
             for i in range(n_boot):
                 img = rng.integers(0, len(idx), len(idx))
                 sa = rng.integers(0, pa.shape[0], pa.shape[0])
                 sb = sa if paired else rng.integers(0, pb.shape[0], pb.shape[0])
-                ta = np.broadcast_to(t[img], (len(sa), len(img)))
-                tb = np.broadcast_to(t[img], (len(sb), len(img)))
-                draws[i] = _srcc(pa[sa][:, img], ta).mean() - _srcc(pb[sb][:, img], tb).mean()
+                draws[i] = _srcc(pa[sa][:, img], t[img]).mean() - _srcc(pb[sb][:, img], t[img]).mean()
             lo, hi = np.nanpercentile(draws, [2.5, 97.5])
             out[cat] = {"diff": round(point, 4), "ci95": [round(float(lo), 4), round(float(hi), 4)],
                         "excludes_zero": bool(lo > 0 or hi < 0)}
@@ -126,7 +120,7 @@ def default_pairs(rows: list[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def markdown(study: Study, pairs: list[tuple[str, str]], diffs: list[dict[str, Any]]) -> str:
+def markdown(study: Study, diffs: list[dict[str, Any]]) -> str:
     cats = list(study.groups())
     lines = ["| row | seeds | " + " | ".join(cats) + " |", "|---|---|" + "---|" * len(cats)]
     for row in study.pred:
@@ -145,7 +139,7 @@ def markdown(study: Study, pairs: list[tuple[str, str]], diffs: list[dict[str, A
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser(__doc__)
     ap.add_argument("folders", nargs="+", type=Path)
     ap.add_argument("--boot", type=int, default=2000)
     ap.add_argument("--seeds", type=int, nargs="+", default=None,
@@ -158,11 +152,11 @@ def main() -> None:
     unknown = [r for pair in args.pair for r in pair if r not in study.pred]
     if unknown:
         ap.error(f"--pair: no row {unknown[0]!r}; rows: {', '.join(study.pred)}")
-    pairs = list(dict.fromkeys(default_pairs(list(study.pred)) + [tuple(p) for p in args.pair]))  # once each
+    pairs = dict.fromkeys(default_pairs(list(study.pred)) + [tuple(p) for p in args.pair])  # once each
     diffs = [study.difference(a, b, args.boot) for a, b in pairs]
     print(f"{len(study.names)} images; mean SRCC ± sd over seeds; differences with 95% intervals over seeds and "
           "images (bold: the interval excludes zero)\n")
-    print(markdown(study, pairs, diffs))
+    print(markdown(study, diffs))
     if args.json:
         args.json.write_text(json.dumps({"rows": {r: study.summary(r) for r in study.pred}, "differences": diffs},
                                         indent=2) + "\n")
