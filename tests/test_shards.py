@@ -378,6 +378,17 @@ def test_leak_check_reads_what_the_shards_hold(shards: Path, tmp_path: Path, pho
     assert 0 <= found[0].bits <= 4
 
 
+def test_leak_check_of_shards_keeps_the_pixel_limit(shards: Path, tmp_path: Path) -> None:
+    """Shard samples are decoded under the caller's pixel limit (data.max_pixels), as files are."""
+    from clic.data.corpus import corpus_hashes
+
+    records = corpus_records([shards], tmp_path)
+    hashes = corpus_hashes(records, tmp_path / "hashes.jsonl", workers=1, max_pixels=64, progress=False)
+    assert not hashes.sha and sorted(hashes.errors) == sorted(r.name for r in records)
+    assert all("64" in err for err in hashes.errors.values())
+    assert len(corpus_hashes(records, tmp_path / "hashes.jsonl", workers=1, progress=False).sha) == 48
+
+
 def test_the_gpu_shards_profile_streams_its_corpus(shards: Path, tmp_path: Path) -> None:
     """params/gpu-shards.yaml, its corpus pointed at the test's shards: the loader it builds is
     the MosaicML stream, at the profile's per-process batch, and CLIC pairs mosaics online."""

@@ -173,9 +173,11 @@ def _hash(job: tuple[str | bytes, str, int]) -> tuple[str, str, str]:
     return content_hash(img), f"{perceptual_hash(img):016x}", ""
 
 
-def _hash_samples(job: tuple[str, dict, int]) -> dict[str, tuple[str, str, str]]:
-    """Worker: sample id -> :func:`_hash` of each sample of one shard of a local corpus."""
-    return {str(i): _hash((data, f"{job[0]}#{i}", DEFAULT_MAX_PIXELS)) for i, data in iter_samples(job)}
+def _hash_samples(job: tuple[tuple[str, dict, int], int]) -> dict[str, tuple[str, str, str]]:
+    """Worker: sample id -> :func:`_hash` of each sample of one shard of a local corpus (a
+    :func:`clic.data.shards.shard_jobs` job), under the pixel limit."""
+    shard, max_pixels = job
+    return {str(i): _hash((data, f"{shard[0]}#{i}", max_pixels)) for i, data in iter_samples(shard)}
 
 
 def _parallel(fn: Callable, jobs: list, workers: int, chunksize: int, desc: str, unit: str,
@@ -240,7 +242,8 @@ def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | N
         atomic.write_text(index, "".join(json.dumps(known[path]) + "\n" for path in sorted(known)))
     if members:  # never the writer's word: what the shards hold is what training reads
         shards = [job for folder in members for job in shard_jobs(folder)]
-        hashed_shards = _parallel(_hash_samples, shards, workers, 1, "hash shards", "shard", progress)
+        hashed_shards = _parallel(_hash_samples, [(job, max_pixels) for job in shards], workers, 1, "hash shards",
+                                  "shard", progress)
         for (folder, _, _), hashed in zip(shards, hashed_shards, strict=True):
             for key, hashes in hashed.items():
                 if key in members[folder]:  # the writer's recorded hash is not kept
