@@ -11,12 +11,14 @@ a leftover's name tells whether its writer is still running.
 from __future__ import annotations
 
 import contextlib
+import csv
 import glob
+import io
 import logging
 import os
 import re
 import shutil
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -112,6 +114,13 @@ def write_text(path: Path, text: str) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     tmp.write_text(text)
     os.replace(tmp, path)
+
+
+def write_csv(path: Path, rows: Iterable[Sequence[object]]) -> None:
+    """``rows`` (header first) as a CSV file, written whole by :func:`write_text`."""
+    buf = io.StringIO()
+    csv.writer(buf).writerows(rows)
+    write_text(path, buf.getvalue())
 
 
 @contextlib.contextmanager

@@ -295,9 +295,8 @@ def _transfer(args: argparse.Namespace, params: dict[str, Any]) -> None:
 
 def _score(args: argparse.Namespace, params: dict[str, Any]) -> None:
     import csv
-    import io
 
-    from clic.atomic import write_text
+    from clic.atomic import write_csv
     from clic.embed import expand_inputs, skip_unreadable
     from clic.scorer import load_scorer
 
@@ -305,18 +304,16 @@ def _score(args: argparse.Namespace, params: dict[str, Any]) -> None:
     paths = expand_inputs(args.inputs)
     scores, kept, errors = scorer.score_files(paths, args.batch_size, args.workers, threads=args.threads)
     skip_unreadable(len(paths), kept, errors)
-    rows = [(str(paths[i]), f"{s:.6f}") for i, s in zip(kept, scores, strict=True)]
-    table = io.StringIO()
-    csv.writer(table).writerows([("path", "score"), *rows])
+    rows = [("path", "score"), *((str(paths[i]), f"{s:.6f}") for i, s in zip(kept, scores, strict=True))]
     skipped = f" ({len(errors)} unreadable, skipped)" if errors else ""
     if not args.out:  # path,score rows on stdout, like every scoring tool; the summary on stderr
-        sys.stdout.write(table.getvalue())
+        csv.writer(sys.stdout).writerows(rows)
         sys.stdout.flush()
         print(f"scored {len(kept)} images{skipped}", file=sys.stderr)
         return
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    write_text(out, table.getvalue())
+    write_csv(out, rows)
     print(f"scored {len(kept)} images -> {out}{skipped}")
 
 

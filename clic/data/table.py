@@ -15,7 +15,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import hashlib
-import io
 import json
 import os
 from collections.abc import Iterable
@@ -63,13 +62,10 @@ def write_table(root: Path, records: Iterable[Record], meta: dict[str, Any]) -> 
     """Write ``table.csv``, then ``meta.json`` (plus fingerprint and counts), each atomically."""
     records = list(records)
     root.mkdir(parents=True, exist_ok=True)
-    table = io.StringIO()
-    writer = csv.writer(table)
-    writer.writerow(COLUMNS)
-    writer.writerows([r.name, r.path, "" if r.score is None else f"{r.score:.6f}", r.split, r.category, r.width,
-                      r.height, r.sha256, r.cache] for r in records)
     counts = {s: sum(r.split == s for r in records) for s in sorted({r.split for r in records})}
-    atomic.write_text(root / "table.csv", table.getvalue())
+    rows = ([r.name, r.path, "" if r.score is None else f"{r.score:.6f}", r.split, r.category, r.width, r.height,
+             r.sha256, r.cache] for r in records)
+    atomic.write_csv(root / "table.csv", [COLUMNS, *rows])
     meta = {**meta, "fingerprint": fingerprint(records), "counts": counts}
     atomic.write_text(root / "meta.json", json.dumps(meta, indent=2, sort_keys=True) + "\n")
 

@@ -12,9 +12,7 @@ images resized to 512 x 512 (``probe.input``, ``probe.image_size``) with ICNet's
 
 from __future__ import annotations
 
-import csv
 import hashlib
-import io
 import json
 import logging
 import time
@@ -75,18 +73,11 @@ def write_report(out_dir: Path, name: str, pred: np.ndarray, records: list[Recor
     cats = [r.category for r in records]
     report = {"name": name, **full_report(pred, true, cats, cfg.bootstrap, seed), **(extra or {})}
     atomic.write_text(out_dir / "metrics.json", json.dumps(report, indent=2, sort_keys=True) + "\n")
-    _write_csv(out_dir / "predictions.csv", ["name", "category", "human", "predicted"],
-               [[r.name, r.category, f"{r.score:.6f}", f"{p:.6f}"] for r, p in zip(records, pred, strict=True)])
+    atomic.write_csv(out_dir / "predictions.csv", [["name", "category", "human", "predicted"], *(
+        [r.name, r.category, f"{r.score:.6f}", f"{p:.6f}"] for r, p in zip(records, pred, strict=True))])
     plots.scatter(pred, true, name, report, out_dir / "scatter.png", cats)
     plots.category_errors(report, name, out_dir / "categories.png")
     return report
-
-
-def _write_csv(path: Path, header: list[str], rows: list[list[str]]) -> None:
-    """A CSV file written whole (:func:`clic.atomic.write_text`)."""
-    buf = io.StringIO()
-    csv.writer(buf).writerows([header, *rows])
-    atomic.write_text(path, buf.getvalue())
 
 
 def evaluate_encoder(encoder: str | Path, data_dir: str | Path, cfg: ProbeConfig, out_dir: str | Path,
@@ -169,8 +160,8 @@ def write_validation(x_fit: np.ndarray, fit: list[Record], x_aug: np.ndarray | N
                           folds=min(cfg.folds, len(rest)))
     pred = head.predict(x_fit[val])
     out_dir.mkdir(parents=True, exist_ok=True)
-    _write_csv(out_dir / "validation.csv", ["name", "human", "predicted"],
-               [[fit[i].name, f"{fit[i].score:.6f}", f"{p:.6f}"] for i, p in zip(val, pred, strict=True)])
+    atomic.write_csv(out_dir / "validation.csv", [["name", "human", "predicted"], *(
+        [fit[i].name, f"{fit[i].score:.6f}", f"{p:.6f}"] for i, p in zip(val, pred, strict=True))])
     return {"n": len(val), "fraction": cfg.validation_fraction, "seed": seed,
             "srcc": regression_metrics(pred, y[val])["srcc"],
             "names_sha256": hashlib.sha256("\n".join(sorted(fit[i].name for i in val)).encode()).hexdigest()}
