@@ -103,7 +103,9 @@ def _translate(exc: ValidationError, cls: type[BaseModel], where: str) -> ParamE
     if kind == "too_short":
         return ParamError(key, "{key} must not be empty")
     typ = _TYPE_NAMES.get(kind.rsplit("_", 1)[0])
-    return ParamError(key, f"{{key}}: {f'expected {typ}' if typ else err['msg']}, got {_short(value)}")
+    if typ:
+        return ParamError(key, f"{{key}}: expected {typ}, got {_short(value)}")
+    return ParamError(key, f"{{key}}: {err['msg']}, got {_short(value)}")
 
 
 def from_dict(cls: type[T], raw: Mapping[str, Any] | None, where: str = "") -> T:

@@ -25,7 +25,8 @@ from mlflow.tracking import MlflowClient  # noqa: E402
 from clic.engine.checkpoint import code_version, git_revision  # noqa: E402
 from clic.params import flatten, mlflow_config  # noqa: E402
 
-EXPERIMENT_KIND, TRAINING = "mlflow.experimentKind", "custom_model_development"  # MLflow 3's UI: not GenAI
+EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI: training runs vs GenAI traces
+TRAINING = "custom_model_development"
 KEY_METRICS = ("pcc", "srcc")  # with every ``<dataset>_top1``: copied onto the parent run
 
 

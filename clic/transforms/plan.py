@@ -103,7 +103,11 @@ def draw_shift(patch: int, cfg: ShiftConfig) -> tuple[int, int]:
     mag = random.randint(lo, hi)
     direction = random.choice(cfg.directions)
     sy, sx = random.choice((-1, 1)), random.choice((-1, 1))
-    return (0 if direction == "horizontal" else sy * mag), (0 if direction == "vertical" else sx * mag)
+    if direction == "horizontal":
+        return 0, sx * mag
+    if direction == "vertical":
+        return sy * mag, 0
+    return sy * mag, sx * mag
 
 
 def shifted_windows(canvas: torch.Tensor, size: int, dy: int, dx: int) -> tuple[torch.Tensor, torch.Tensor]:
