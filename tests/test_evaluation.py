@@ -109,6 +109,20 @@ def test_classifier_on_separable_memmapped_features(tmp_path: Path) -> None:
     assert topk_accuracy(logits, np.array([2, 2]), 2) == 1.0
 
 
+def test_classifier_is_a_function_of_its_seed() -> None:
+    """The transfer probe's head starts from its seed, not from whatever the global RNG holds: the
+    same features and seed give the same weights, and the caller's RNG is left as it was."""
+    rng = np.random.default_rng(5)
+    x, labels = rng.normal(size=(40, 8)), np.repeat(np.arange(4), 10)
+    first = fit_classifier(x, labels, 4, epochs=3, batch_size=16, seed=1)
+    torch.rand(7)  # the global RNG moves on
+    state = torch.random.get_rng_state()
+    again = fit_classifier(x, labels, 4, epochs=3, batch_size=16, seed=1)
+    assert torch.equal(torch.random.get_rng_state(), state)
+    np.testing.assert_array_equal(first.weight, again.weight)
+    assert not np.array_equal(fit_classifier(x, labels, 4, epochs=3, batch_size=16, seed=2).weight, first.weight)
+
+
 # --------------------------------------------------------------------------- icnet protocol
 def test_icnet_loss_is_ninety_score_ten_map_on_a_hand_computed_case() -> None:
     score = torch.tensor([0.5, 1.0])

@@ -175,7 +175,9 @@ def fit_classifier(x: np.ndarray, labels: np.ndarray, num_classes: int, epochs: 
                    weight_decay: float = 1e-4, batch_size: int = 1024, seed: int = 0) -> LinearHead:
     """Softmax regression on standardised features, trained in mini-batches (x may be a memmap)."""
     mean, scale = channel_moments(x, chunk=65536)
-    head = torch.nn.Linear(x.shape[1], num_classes)
+    with torch.random.fork_rng(devices=[]):  # seeded initialisation without touching the caller's RNG
+        torch.manual_seed(seed)
+        head = torch.nn.Linear(x.shape[1], num_classes)
     m, sc = torch.from_numpy(mean).float(), torch.from_numpy(scale).float()
     y = torch.from_numpy(np.asarray(labels)).long()
 
