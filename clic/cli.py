@@ -1,7 +1,9 @@
 """The ``clic`` command line: ``clic --help``, and every command with examples in docs/usage.md.
 
 Overrides use the dotted paths of ``params.yaml`` (``--set pretrain.clicv2.epochs=3``); for
-``pretrain`` a key may also be given relative to the method's section (``--set epochs=3``).
+``pretrain`` a key may also be given relative to the method's section (``--set epochs=3``). An
+override beats every value of the files, ``--set pretrain.common.K`` also the method sections' K
+(docs/usage.md, "Command line").
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def _yaml(tree: dict) -> str:
 
 def _overrides(args: argparse.Namespace) -> list[str]:
     """The ``--set`` values; for ``pretrain``, ``epochs=3`` -> ``pretrain.<method>.epochs=3`` (fully
-    dotted keys pass through)."""
+    dotted keys pass through; which of them wins: :func:`clic.params.apply_overrides`)."""
     if args.command != "pretrain":
         return args.overrides
     return [o if o.split("=", 1)[0].split(".", 1)[0].strip() in TOP_LEVEL else f"pretrain.{args.method}.{o}"

@@ -1,9 +1,15 @@
 """Reading params files into the typed sections of :mod:`clic.config`.
 
-:func:`load_params` reads a file and its ``extends`` chain as safe YAML (alias bombs and non-UTF-8
-files refused), checks every key and value type and applies ``--set`` overrides; the section
-builders (:func:`pretrain_config`, ...) check bounds and cross-field rules. Every failure is a
-:class:`ParamError` naming the dotted key, in a user's words (not pydantic's). Nothing read runs.
+:func:`load_params` reads a file and its ``extends`` chain as safe YAML (repeated keys, alias bombs
+and non-UTF-8 files refused), checks every key and value type and applies ``--set`` overrides; the
+section builders (:func:`pretrain_config`, ...) check bounds and cross-field rules. Every failure is
+a :class:`ParamError` naming the dotted key, in a user's words (not pydantic's). Nothing read runs.
+
+One precedence for a method's settings, lowest first: the files' ``pretrain.common``, the files'
+``pretrain.<method>``, ``--set pretrain.common.K``, ``--set pretrain.<method>.K`` (the top-level
+``seed`` is a level below ``pretrain.common``, in files and overrides alike). A key the user sets
+wins over every file's value of it (:func:`apply_overrides`), or is refused with the reason when
+the section is built (``--set pretrain.common.backbone=resnet50`` for CLICv2, a ViT method).
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ from clic.config import (
 )
 
 T = TypeVar("T", bound=BaseModel)
-MAX_YAML_VALUES = 100_000  # a params tree larger than this once aliases are expanded is refused
+MAX_YAML_VALUES = 100_000  # the most values YAML aliases may add to a tree (beyond those written)
 _TYPE_NAMES = {"int": "int", "float": "float", "bool": "bool (true/false)", "string": "str", "tuple": "a list",
                "list": "a list", "iterable": "a list", "model": "a mapping", "model_attributes": "a mapping",
                "dict": "a mapping"}
@@ -67,6 +73,8 @@ def _unknown(keys: Collection[str], name: object, where: str) -> ParamError:
     hint = f"did you mean {_join(where, near[0])!r}? " if near else ""
     if not near and keys is TOP_LEVEL and str(name) in PretrainConfig.model_fields:
         hint = f"did you mean 'pretrain.<method>.{name}' (or 'pretrain.common.{name}')? "
+    if not near and name == "common" and where.startswith("pretrain."):
+        hint = "did you mean 'pretrain.common'? "  # beside the methods' sections, not in one
     return ParamError(_join(where, name), "{key}: unknown key; " + hint + f"valid keys here: {', '.join(valid)}")
 
 
@@ -186,32 +194,70 @@ class _Loader(yaml.SafeLoader):
 
 _Loader.add_implicit_resolver("tag:yaml.org,2002:float", re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
                               list("-+0123456789"))
+_MERGE = "tag:yaml.org,2002:merge"
+
+
+def _written(loader: _Loader, root: yaml.Node, where: str) -> int:
+    """The values (scalars and collections; keys not counted) of the composed tree ``root`` as
+    written, each node once however many aliases name it; a mapping that repeats a key is refused
+    (PyYAML would keep the last silently). Walks nodes, not the constructed data, so that merge
+    keys (``<<``) have not yet copied other mappings' keys in."""
+    seen: set[int] = set()
+    todo = [root]
+    while todo:
+        node = todo.pop()
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            todo.extend(node.value)
+        elif isinstance(node, yaml.MappingNode):
+            first: dict[Any, int] = {}
+            for key_node, value_node in node.value:
+                todo.append(value_node)
+                if key_node.tag == _MERGE or not isinstance(key_node, yaml.ScalarNode):
+                    continue
+                key, line = loader.construct_object(key_node), key_node.start_mark.line + 1
+                if key in first:
+                    raise ValueError(f"{where}:{line}: key {_short(key)} given twice (first at line {first[key]}); "
+                                     "give it once")
+                first[key] = line
+    return len(seen)
 
 
 def parse_yaml(text: str, where: str) -> Any:
-    """``text`` as plain data; a tree that YAML aliases expand beyond :data:`MAX_YAML_VALUES`
-    values (an alias bomb) or nest too deep is refused, without expanding it."""
+    """``text`` as plain data. Refused: a mapping that gives one key twice (``FILE:LINE``), a tree
+    nested deeper than 100 levels, and aliases that add more than :data:`MAX_YAML_VALUES` values to
+    those written out (an alias bomb; measured without expanding it). A long file without aliases
+    is only as large as it is written."""
+    loader = _Loader(text)
     try:
-        value = yaml.load(text, Loader=_Loader)  # noqa: S506 - a SafeLoader subclass: plain data only
+        root = loader.get_single_node()
+        if root is None:  # no document
+            return None
+        written = _written(loader, root, where)
+        value = loader.construct_document(root)
     except yaml.YAMLError as exc:
         raise ValueError(f"{where}: not valid YAML: {_short(str(exc), 400)}") from None
     except RecursionError:
         raise ValueError(f"{where}: YAML nested too deep") from None
+    finally:
+        loader.dispose()
     sizes: dict[int, int] = {}
 
-    def size(v: Any, depth: int = 0) -> int:
+    def size(v: Any, depth: int = 0) -> int:  # each shared (aliased) collection counted once, then looked up
         if not isinstance(v, dict | list):
             return 1
         if depth > 100:
             raise ValueError(f"{where}: YAML nested deeper than 100 levels")
         if id(v) not in sizes:
             sizes[id(v)] = 1 + sum(size(x, depth + 1) for x in (v.values() if isinstance(v, dict) else v))
-            if sizes[id(v)] > MAX_YAML_VALUES:
-                raise ValueError(f"{where}: YAML aliases expand to more than {MAX_YAML_VALUES:,} values (an alias "
-                                 "bomb?); write the values out")
         return sizes[id(v)]
 
-    size(value)
+    expanded = size(value)
+    if expanded - written > MAX_YAML_VALUES:
+        raise ValueError(f"{where}: {expanded:,} values after expanding YAML aliases ({written:,} as written); "
+                         f"aliases may add at most {MAX_YAML_VALUES:,} (an alias bomb?); write the values out")
     return value
 
 
@@ -263,7 +309,10 @@ def check_override(key: str, value: Any) -> None:
 def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
     """Apply ``key.path=value`` overrides (values parsed as YAML) to a params mapping. A mapping
     value merges into its section; two overrides that set one key to different values, an unknown
-    key or a wrongly typed value are refused (:class:`ParamError` naming the override)."""
+    key or a wrongly typed value are refused (:class:`ParamError` naming the override).
+
+    A value set here beats every value of the files, also the more specific ones: the result is a
+    params tree that means, read as a file, what the user asked for (see :func:`_shadowed`)."""
     params = dict(params)
     leaves: dict[str, tuple[Any, str]] = {}
     for item in overrides:
@@ -281,13 +330,43 @@ def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, A
                                        f"--set {leaves[leaf][1]!r}; give it once")
             leaves[leaf] = (v, item)
         params = deep_merge(params, _nest(key, value))
+    for leaf in leaves:
+        for specific in _shadowed(leaf):
+            if specific not in leaves:
+                params = _drop(params, specific)
     return params
+
+
+def _shadowed(key: str) -> list[str]:
+    """The more specific keys that a file's value of ``key`` gives way to, and that an override of
+    ``key`` therefore clears. One order for a method's settings, lowest first: the top-level
+    ``seed``, ``pretrain.common``, ``pretrain.<method>``; the files merge in that order, then the
+    overrides do (``--set pretrain.common.epochs=3`` reaches every method, over the methods' own
+    ``epochs``; ``--set pretrain.clicv2.epochs=4`` beats it for CLICv2)."""
+    if key == "seed":
+        return ["pretrain.common.seed", *(f"pretrain.{m}.seed" for m in METHODS)]
+    if key.startswith("pretrain.common."):
+        return [f"pretrain.{m}.{key.removeprefix('pretrain.common.')}" for m in METHODS]
+    return []
+
+
+def _drop(tree: Mapping[str, Any], dotted: str) -> dict[str, Any]:
+    """A copy of ``tree`` without the dotted key (the same tree where it is absent)."""
+    head, _, rest = dotted.partition(".")
+    out = dict(tree)
+    if head in out and not rest:
+        del out[head]
+    elif isinstance(out.get(head), Mapping):
+        out[head] = _drop(out[head], rest)
+    return out
 
 
 # ------------------------------------------------------------------------------------ sections
 def pretrain_config(params: Mapping[str, Any], method: str) -> PretrainConfig:
-    """``pretrain.common`` deep-merged with ``pretrain.<method>``, plus the top-level seed and the
-    corpus ``pretrain.data`` (one list for every method: what the validate stage checks)."""
+    """``pretrain.common`` deep-merged with ``pretrain.<method>`` (the method's section wins: in a
+    file; overrides of ``pretrain.common`` have already cleared the method sections' values, see
+    :func:`apply_overrides`), plus the top-level seed and the corpus ``pretrain.data`` (one list for
+    every method: what the validate stage checks)."""
     if method not in METHODS:
         raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
     section = params.get("pretrain") or {}

@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 import yaml
@@ -200,17 +201,21 @@ def _alias_bomb(levels: int = 9) -> str:
     return node
 
 
-@pytest.mark.parametrize("key", ["seed", "pretrain:\n  data"])
-def test_a_yaml_alias_bomb_under_a_known_key_is_refused_at_once(tmp_path: Path, key: str) -> None:
+@pytest.mark.parametrize(("key", "measured"), [
+    ("seed", "435,848,051 values after expanding YAML aliases (19 as"),
+    ("pretrain:\n  data", "435,848,052 values after expanding YAML aliases (20 as"),
+])
+def test_a_yaml_alias_bomb_under_a_known_key_is_refused_at_once(tmp_path: Path, key: str, measured: str) -> None:
     import time
 
     p = tmp_path / "bomb.yaml"
     p.write_text(f"{key}: {_alias_bomb()}\n")
     start = time.perf_counter()
-    with pytest.raises(ValueError, match=r"bomb\.yaml: YAML aliases expand to more than 100,000 values") as err:
+    with pytest.raises(ValueError, match=re.escape(f"bomb.yaml: {measured} written); aliases may add at most "
+                                                   "100,000 (an alias bomb?)")) as err:
         load_params(p)
     assert time.perf_counter() - start < 5 and len(str(err.value)) < 300  # the value is not quoted
-    with pytest.raises(ValueError, match="YAML aliases expand"):
+    with pytest.raises(ValueError, match="after expanding YAML aliases"):
         apply_overrides({}, [f"seed={_alias_bomb()}"])
     small = tmp_path / "small.yaml"  # aliases themselves are fine
     small.write_text("seed: 1\nprobe:\n  alphas: &al [1.0, 10.0]\ntransfer:\n  epochs: 3\n")
@@ -260,3 +265,125 @@ def test_a_params_file_that_is_not_utf8_is_named(tmp_path: Path) -> None:
     child.write_text("extends: latin1.yaml\nseed: 2\n")
     with pytest.raises(ValueError, match=r"latin1\.yaml: not UTF-8"):
         load_params(child)
+
+
+# ------------------------------------------------- a key the user sets is the key the run gets
+_COMMON = [("epochs", 3, 2, lambda c: c.epochs), ("optim.base_lr", 0.5, 0.25, lambda c: c.optim.base_lr),
+           ("moco.temperature", 0.5, 0.25, lambda c: c.moco.temperature),
+           ("views.grayscale_p", 0.3, 0.25, lambda c: c.views.grayscale_p)]
+
+
+@pytest.mark.parametrize(("key", "value", "mine", "get"), _COMMON, ids=[case[0] for case in _COMMON])
+def test_a_set_common_key_beats_the_method_sections_of_the_files(key: str, value: float, mine: float,
+                                                                 get: Any) -> None:
+    """params.yaml sets each of these in some method's section too (clic's base_lr, temperature and
+    grayscale_p; every method's epochs): ``--set pretrain.common.K`` used to change only the methods
+    whose section is silent. The method's own override still beats it, in either order."""
+    nested = yaml.safe_dump(_nest_dict(key, value), default_flow_style=True).strip()
+    for item in (f"pretrain.common.{key}={value}", f"pretrain.common={nested}", f"pretrain={{common: {nested}}}"):
+        params = load_params(REPO / "params.yaml", [item])
+        assert [get(pretrain_config(params, m)) for m in METHODS] == [value] * 3, item
+    both = [f"pretrain.common.{key}={value}", f"pretrain.clic.{key}={mine}"]
+    for overrides in (both, both[::-1]):
+        params = load_params(REPO / "params.yaml", overrides)
+        assert [get(pretrain_config(params, m)) for m in METHODS] == [value, mine, value]
+
+
+def _nest_dict(key: str, value: Any) -> Any:
+    for part in reversed(key.split(".")):
+        value = {part: value}
+    return value
+
+
+def test_the_rule_holds_through_extends_seed_and_a_written_tree(tmp_path: Path) -> None:
+    """A profile's method section is a file value as well; the top-level ``seed`` is one level below
+    ``pretrain.common``; the overridden tree means the same when written out and read back as a
+    file (``clic params ... > params.yaml``, the Prefect workspaces)."""
+    profile = tmp_path / "profile.yaml"
+    profile.write_text(f"extends: {REPO / 'params' / 'gpu.yaml'}\npretrain:\n  clicv2:\n    seed: 7\n"
+                       "    optim:\n      base_lr: 0.1\n")
+    params = load_params(profile, ["pretrain.common.optim.base_lr=0.01", "pretrain.common.backbone=resnet50",
+                                   "seed=5"])
+    for m in ("moco", "clic"):
+        assert (pretrain_config(params, m).optim.base_lr, pretrain_config(params, m).backbone) == (0.01, "resnet50")
+    with pytest.raises(ValueError, match=r"clicv2 needs a ViT backbone: pretrain\.common\.backbone must be one of"):
+        pretrain_config(params, "clicv2")  # refused, with the reason, not silently kept at vit_base
+    params = load_params(profile, ["pretrain.common.optim.base_lr=0.01", "seed=5"])
+    assert pretrain_config(params, "clicv2").optim.base_lr == 0.01 and pretrain_config(params, "clicv2").seed == 5
+    assert pretrain_config(params, "clicv2").optim.name == "adamw"  # the rest of the section is the file's
+    written = tmp_path / "written.yaml"
+    written.write_text(yaml.safe_dump(params, sort_keys=False))
+    assert all(pretrain_config(load_params(written), m) == pretrain_config(params, m) for m in METHODS)
+    assert load_params(profile)["pretrain"]["clicv2"]["optim"]["base_lr"] == 0.1  # the files' tree is not changed
+
+
+def test_the_commands_resolve_a_set_common_key_as_the_library_does(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import clic.pretrain
+    from clic.cli import main
+
+    assert main(["params", str(REPO / "params.yaml"), "--method", "clic", "--set", "pretrain.common.epochs=3",
+                 "--set", "pretrain.common.moco.temperature=0.3"]) == 0
+    shown = yaml.safe_load(capsys.readouterr().out)["pretrain"]["clic"]
+    assert (shown["epochs"], shown["moco"]["temperature"]) == (3, 0.3)
+    got: list[PretrainConfig] = []
+    monkeypatch.setattr(clic.pretrain, "run", lambda cfg, *a, **k: got.append(cfg) or "encoder.pt")
+    base = ["pretrain", "--params", str(REPO / "params.yaml"), "--method", "clic", "--out", str(tmp_path / "m")]
+    assert main([*base, "--set", "pretrain.common.epochs=3"]) == 0
+    assert main([*base, "--set", "pretrain.common.epochs=3", "--set", "epochs=5"]) == 0  # relative: the method's
+    assert [c.epochs for c in got] == [3, 5]
+    assert main([*base, "--set", "common.epochs=3"]) == 2
+    assert "pretrain.clic.common: unknown key; did you mean 'pretrain.common'?" in capsys.readouterr().err
+
+
+# ------------------------------------------------------------------------ what YAML may not do
+@pytest.mark.parametrize(("text", "message"), [
+    ("seed: 1\npretrain:\n  data: [a]\n  common:\n    moco:\n      queue_size: 16\npretrain:\n  clicv2:\n"
+     "    epochs: 2\n", "p.yaml:7: key 'pretrain' given twice (first at line 2)"),
+    ("pretrain:\n  common:\n    optim:\n      base_lr: 0.1\n      momentum: 0.9\n      base_lr: 0.2\n",
+     "p.yaml:6: key 'base_lr' given twice (first at line 4)"),
+    ("probe:\n  alphas: [1.0]\n  icnet: {epochs: 3, kernel: 3, epochs: 4}\n",
+     "p.yaml:3: key 'epochs' given twice (first at line 3)"),
+    ("seed: 1\nprobe: {}\nseed: 1\n", "p.yaml:3: key 'seed' given twice (first at line 1)"),  # even the same value
+])
+def test_a_key_given_twice_is_refused_with_its_lines(tmp_path: Path, text: str, message: str) -> None:
+    (tmp_path / "p.yaml").write_text(text)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_params(tmp_path / "p.yaml")
+    child = tmp_path / "child.yaml"  # in an `extends` parent, the parent is named
+    child.write_text("extends: p.yaml\nseed: 3\n")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        load_params(child)
+
+
+def test_repeats_that_are_not_duplicates_and_tags_that_stay_refused(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=re.escape("--set 'probe.icnet={epochs: 3, epochs: 4}': the value:1: key "
+                                                   "'epochs' given twice (first at line 1)")):
+        apply_overrides({}, ["probe.icnet={epochs: 3, epochs: 4}"])
+    merged = tmp_path / "merge.yaml"  # the keys a merge key copies in are overridden, not repeated
+    merged.write_text("probe:\n  icnet: {<<: &base {epochs: 3, kernel: 3}, epochs: 4}\n")
+    assert load_params(merged)["probe"]["icnet"] == {"epochs": 4, "kernel": 3}
+    unsafe = tmp_path / "unsafe.yaml"
+    for text in ("seed: !!python/object/apply:os.system [echo hi]\n", "? !!python/name:os.system\n: 1\n"):
+        unsafe.write_text(text)
+        with pytest.raises(ValueError, match="not valid YAML"):
+            load_params(unsafe)
+
+
+def test_a_long_file_without_aliases_is_not_an_alias_bomb(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The limit is on what aliases add: a corpus list longer than the limit is as long as it is
+    written (tested at a limit of 1,000; the repo's 100,000 costs PyYAML seconds to parse)."""
+    import clic.params
+
+    monkeypatch.setattr(clic.params, "MAX_YAML_VALUES", 1_000)
+    plain = tmp_path / "plain.yaml"
+    plain.write_text("pretrain:\n  data:\n" + "".join(f"    - photos/{i}\n" for i in range(1_100)))
+    assert len(load_params(plain)["pretrain"]["data"]) == 1_100
+    aliased = tmp_path / "aliased.yaml"  # ... and a few aliases in it are fine
+    aliased.write_text(plain.read_text().replace("    - photos/0\n", "    - &p photos/0\n") + "    - *p\n" * 5)
+    assert len(load_params(aliased)["pretrain"]["data"]) == 1_105
+    many = tmp_path / "many.yaml"  # aliases that add more than the limit are refused, saying what was measured
+    many.write_text(f"probe:\n  alphas: &a [{', '.join(['1.0'] * 100)}]\ntransfer: [{', '.join(['*a'] * 11)}]\n")
+    with pytest.raises(ValueError, match=re.escape("many.yaml: 1,215 values after expanding YAML aliases (104 as "
+                                                   "written); aliases may add at most 1,000 (an alias bomb?)")):
+        load_params(many)
