@@ -35,6 +35,7 @@ from clic.models.backbones import ResNetBackbone, ViTBackbone
 from clic.params import to_dict
 
 ImageLike = str | Path | Image.Image | torch.Tensor
+BATCH_SIZE = 64  # images per forward: score_files' default, and the chunk a served request is scored in
 
 
 class Scorer:
@@ -96,7 +97,7 @@ class Scorer:
             batch = torch.stack([self._tensor(i) for i in items])
         return self._scores(batch).cpu().numpy().astype(np.float64)
 
-    def score_files(self, paths: Sequence[Path], batch_size: int = 64, workers: int = 2,
+    def score_files(self, paths: Sequence[Path], batch_size: int = BATCH_SIZE, workers: int = 2,
                     progress: bool = True, threads: int | None = None) -> tuple[np.ndarray, list[int], list[str]]:
         """Scores of the decodable files (decoding in loader workers, overlapped with compute),
         their indices in ``paths``, and one error message per unreadable file. ``threads``: of a
