@@ -6,6 +6,12 @@ deleted. At every instant either ``out`` is complete (old or new) or, after a ki
 renames, ``out`` is missing and ``<out>.old-<pid>`` holds it; :func:`recover_dir` (run first by
 every writer, under :func:`lock`) puts it back and deletes what killed runs left behind. The pid in
 a leftover's name tells whether its writer is still running.
+
+Nothing a user owns is deleted: every folder a command writes holds a marker (:data:`MARKER`), and
+:func:`check_output` refuses an output folder that is neither missing, empty, marked, nor made only
+of the names its command writes (folders written before the marker existed), and an output that
+is, contains or lies inside one of the command's inputs. :func:`replace_dir` checks it again
+before its swap, so no code path replaces a folder this project did not write.
 """
 
 from __future__ import annotations
@@ -18,7 +24,7 @@ import logging
 import os
 import re
 import shutil
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Collection, Iterable, Iterator, Sequence
 from pathlib import Path
 
 from filelock import FileLock, Timeout
@@ -89,9 +95,13 @@ def recover_dir(out: Path) -> None:
     remove_leftovers(out.parent, rf"{re.escape(out.name)}\.partial-(?P<pid>\d+)(\..*)?")
 
 
-def replace_dir(tmp: Path, out: Path) -> None:
-    """Put the complete folder ``tmp`` in place of ``out`` (see the module docstring). A failure or
-    Ctrl-C during the swap puts the old folder back before the exception propagates."""
+def replace_dir(tmp: Path, out: Path, command: str, names: Collection[str] = ()) -> None:
+    """Put the complete folder ``tmp`` in place of ``out`` (see the module docstring), marked as
+    written by ``command``; an ``out`` that :func:`check_output` (with ``names``) refuses is left
+    as it is. A failure or Ctrl-C during the swap puts the old folder back before the exception
+    propagates."""
+    check_output(out, names=names)
+    mark(tmp, command)
     aside = out.with_name(f"{out.name}.old-{os.getpid()}")
     _remove(aside)
     moved = False
@@ -106,6 +116,62 @@ def replace_dir(tmp: Path, out: Path) -> None:
         raise
     if moved:
         _remove(aside)
+
+
+MARKER = ".clic-output"  # in every folder a clic command wrote: the folder may be replaced or written into
+
+
+class OutputError(ValueError):
+    """An output that would overwrite, delete or be mixed with what the user owns."""
+
+
+def _overlap(out: Path, inputs: Iterable[str | Path]) -> None:
+    target = out.resolve()
+    for given in inputs:
+        if not str(given):
+            continue
+        source = Path(given).resolve()
+        how = ("is" if target == source else "lies inside" if source in target.parents
+               else "contains" if target in source.parents else "")
+        if how:
+            raise OutputError(f"{out}: the output {how} the input {given}; write it somewhere else (a command "
+                              "never writes into, over or around what it reads)")
+
+
+def check_output(out: str | Path, inputs: Iterable[str | Path] = (), names: Collection[str] = (),
+                 folder: bool = True) -> None:
+    """Refuse to write ``out`` when that could lose something the user owns.
+
+    ``folder``: ``out`` is a folder the command replaces or writes into; it must be missing, empty,
+    hold :data:`MARKER`, or hold only entries named in ``names`` (what the command writes there;
+    leftovers of killed writes, ``.<name>...tmp``, count as its own). Otherwise ``out`` is a file,
+    which may not be a folder. Either way ``out`` may not be, contain or lie inside one of
+    ``inputs``. Raises :class:`OutputError` naming the folder and what it holds.
+    """
+    out = Path(out)
+    _overlap(out, inputs)
+    if not folder:
+        if out.is_dir():
+            raise OutputError(f"{out}: is a folder; name a file to write")
+        return
+    if out.exists() and not out.is_dir():
+        raise OutputError(f"{out}: is a file, not a folder; name a new or empty folder")
+    if not out.is_dir() or (out / MARKER).is_file():
+        return
+    foreign = sorted(e.name for e in out.iterdir()
+                     if e.name not in names and not (e.name.startswith(".") and ".tmp" in e.name))
+    if foreign:
+        shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+        raise OutputError(f"{out}: holds {shown}, which no clic command wrote; refusing to replace or write into "
+                          "it (nothing was changed): name a new or empty folder, or move those files away")
+
+
+def mark(folder: Path, command: str) -> None:
+    """Mark ``folder`` as written by ``command`` (see :func:`check_output`)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    marker = folder / MARKER
+    if not marker.is_file():
+        write_text(marker, f"written by {command}; clic commands may replace this folder\n")
 
 
 def write_text(path: Path, text: str) -> None:

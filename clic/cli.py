@@ -176,7 +176,10 @@ def _pretrain(args: argparse.Namespace, params: dict[str, Any]) -> None:
 
 
 def _embed(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from clic.atomic import check_output
     from clic.embed import embed_to_npz
+
+    check_output(args.out, [*args.inputs, args.model], folder=False)
 
     n, errors = embed_to_npz(args.model, args.inputs, args.out, args.batch_size, args.workers, args.device,
                              args.threads)
@@ -243,7 +246,7 @@ def _corpus(args: argparse.Namespace, params: dict[str, Any]) -> int:
 
 def _shard(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from clic.data.corpus import CORPUS_DIR, corpus_records
-    from clic.data.shards import write_shards
+    from clic.data.shards import is_url, write_shards
 
     entries = args.entries or list(pretrain_config(params, METHODS[0]).data)
     if not entries:
@@ -252,17 +255,27 @@ def _shard(args: argparse.Namespace, params: dict[str, Any]) -> None:
     records = corpus_records(entries, Path(args.work_dir or CORPUS_DIR), dcfg.max_archive_bytes,
                              dcfg.max_member_bytes, dcfg.max_archive_ratio)
     summary = write_shards(records, args.out, args.per_shard, args.side, args.quality, int(params.get("seed", 0)),
-                           args.workers or None, dcfg.max_pixels, args.force, not args.no_progress)
+                           args.workers or None, dcfg.max_pixels, args.force, not args.no_progress,
+                           inputs=[e for e in entries if not is_url(e)], min_side=dcfg.min_size)
     print(f"{summary.images} images in {summary.parts} parts ({summary.written} written now, "
           f"{summary.unreadable} unreadable skipped) -> {summary.index}")
 
 
 def _probe(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    from clic.evaluation.evaluate import evaluate_encoder, evaluate_handcrafted, evaluate_random, evaluate_scorer
+    from clic.atomic import check_output
+    from clic.evaluation.evaluate import (
+        REPORT_NAMES,
+        evaluate_encoder,
+        evaluate_handcrafted,
+        evaluate_random,
+        evaluate_scorer,
+    )
     from clic.params import probe_config
 
     cfg, seed = probe_config(params), int(params.get("seed", 0))
     data_dir = args.data or data_config(params).out_dir
+    check_output(args.out, [data_dir, args.model, args.scorer if "://" not in args.scorer else "", args.cache],
+                 REPORT_NAMES)
     if args.baseline == "handcrafted":
         report = evaluate_handcrafted(data_dir, cfg, args.out, seed)
     elif args.baseline == "random":
@@ -279,29 +292,34 @@ def _probe(args: argparse.Namespace, params: dict[str, Any]) -> None:
 
 def _transfer(args: argparse.Namespace, params: dict[str, Any]) -> None:
     import json
+    import tempfile
 
+    from clic.atomic import check_output, write_text
     from clic.embed import load_encoder
     from clic.evaluation.transfer import transfer_probe
     from clic.params import transfer_config
 
     cfg = transfer_config(params)
+    out, root = Path(args.out), args.data or cfg.path
+    check_output(out, [root, args.model], folder=False)
     backbone, pcfg = load_encoder(args.model, args.device or "cpu")
-    out = Path(args.out)
-    metrics = transfer_probe(backbone, pcfg.image_size, args.data or cfg.path, args.name or cfg.name,
-                             out.with_name(out.name + ".work"), cfg.epochs, cfg.lr, cfg.batch_size, cfg.workers,
-                             args.device or "cpu", int(params.get("seed", 0)))
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    work = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".work", dir=out.parent)  # new, ours, deleted after
+    metrics = transfer_probe(backbone, pcfg.image_size, root, args.name or cfg.name, work, cfg.epochs, cfg.lr,
+                             cfg.batch_size, cfg.workers, args.device or "cpu", int(params.get("seed", 0)))
+    write_text(out, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
 def _score(args: argparse.Namespace, params: dict[str, Any]) -> None:
     import csv
 
-    from clic.atomic import write_csv
+    from clic.atomic import check_output, write_csv
     from clic.embed import expand_inputs, skip_unreadable
     from clic.scorer import load_scorer
 
+    if args.out:
+        check_output(args.out, [*args.inputs, args.model if "://" not in args.model else ""], folder=False)
     scorer = load_scorer(args.model, args.device)
     paths = expand_inputs(args.inputs)
     scores, kept, errors = scorer.score_files(paths, args.batch_size, args.workers, threads=args.threads)
@@ -309,7 +327,7 @@ def _score(args: argparse.Namespace, params: dict[str, Any]) -> None:
     rows = [("path", "score"), *((str(paths[i]), f"{s:.6f}") for i, s in zip(kept, scores, strict=True))]
     skipped = f" ({len(errors)} unreadable, skipped)" if errors else ""
     if not args.out:  # path,score rows on stdout, like every scoring tool; the summary on stderr
-        csv.writer(sys.stdout).writerows(rows)
+        csv.writer(sys.stdout, lineterminator="\n").writerows(rows)  # not CRLF: cut/awk read it as it is
         sys.stdout.flush()
         print(f"scored {len(kept)} images{skipped}", file=sys.stderr)
         return
@@ -320,9 +338,11 @@ def _score(args: argparse.Namespace, params: dict[str, Any]) -> None:
 
 
 def _map(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from clic.atomic import check_output
     from clic.data.imageio import load_rgb
     from clic.scorer import blend_heatmap, load_scorer
 
+    check_output(args.out, [args.image], folder=False)
     scorer = load_scorer(args.model, args.device)
     img = load_rgb(args.image)
     values = scorer.map(img)

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from clic.config import PretrainConfig
 from clic.cores import torch_threads
-from clic.data.imageio import ImageError, decode_opened, is_image_file, load_rgb
+from clic.data.imageio import ImageError, check_jpeg_data, decode_opened, is_image_file, load_rgb
 from clic.engine import checkpoint as ckpt
 from clic.engine.train import autocast
 from clic.models.backbones import ResNetBackbone, ViTBackbone, build_backbone
@@ -86,7 +86,11 @@ def expand_inputs(inputs: Iterable[str | Path]) -> list[Path]:
     for item in inputs:
         p = Path(item)
         if p.is_dir():
-            paths.extend(sorted(q for q in p.rglob("*") if q.is_file() and is_image_file(q)))
+            for q in sorted(p.rglob("*")):
+                if is_image_file(q) and q.is_file():
+                    paths.append(q)
+                elif is_image_file(q) and q.is_symlink():
+                    log.warning("skipped %s: a link that cannot be followed (dangling, or a loop)", q)
         elif p.exists():
             paths.append(p)
         else:
@@ -108,9 +112,11 @@ def load_for_model(source: str | Path | Image.Image, size: int) -> Image.Image:
     """Decode an image (a path, or a PIL image the caller opened) that will be resized to ``size``:
     EXIF orientation applied, any mode to 8-bit RGB, JPEG files at a reduced DCT scale keeping at
     least twice that side (scores move by ~1% of their spread, decoding is 4-5x cheaper). Paths and
-    PIL images go through the same decoding (:func:`clic.data.imageio.decode_opened`)."""
+    PIL images go through the same decoding (:func:`clic.data.imageio.decode_opened`). A JPEG file
+    corrupted mid-stream is refused as prepare refuses it (Pillow would decode it into grey)."""
     if isinstance(source, Image.Image):
         return decode_opened(source, min_size=2 * size)
+    check_jpeg_data(source)
     return load_rgb(source, min_size=2 * size)
 
 

@@ -21,11 +21,12 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
+from clic import atomic
 from clic.config import PretrainConfig
 from clic.cores import usable_cores
 from clic.data.corpus import CORPUS_DIR, corpus_records
 from clic.data.dataset import EpochBatches, ViewDataset
-from clic.data.shards import is_shard_index
+from clic.data.shards import is_shard_index, is_url
 from clic.data.table import Record, read_table, resolve
 from clic.engine import checkpoint as ckpt
 from clic.engine import distributed as dist
@@ -126,6 +127,10 @@ def encoder_payload(model: nn.Module, cfg: PretrainConfig) -> dict[str, Any]:
             "feature_dim": int(bb.feature_dim), "config": to_dict(cfg), "git": ckpt.git_revision()}
 
 
+# what a pretraining folder holds (folders written before they were marked are recognised by it)
+PRETRAIN_NAMES = ("checkpoint.pt", "checkpoint.stale.pt", "encoder.pt", "metrics.jsonl")
+
+
 def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: str | None = None,
         progress: bool = True, on_epoch: Callable[[int, dict[str, float]], None] | None = None,
         code_version: str = "", corpus_dir: str | Path = CORPUS_DIR) -> Path:
@@ -138,6 +143,9 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
     version (the pipeline passes a hash of the package source, so a changed loss retrains).
     """
     out = Path(out_dir)
+    if int(os.environ.get("RANK", "0")) == 0:  # before any work: a folder of the user's is refused whole
+        atomic.check_output(out, [data_dir, *(e for e in cfg.data if not is_url(e))], PRETRAIN_NAMES)
+        atomic.mark(out, "clic pretrain")
     dev = pick_device(device)
     if dev.type == "cuda":
         torch.cuda.set_device(dev)

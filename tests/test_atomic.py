@@ -142,5 +142,5 @@ def test_replace_dir_puts_the_old_folder_back_when_the_rename_fails(tmp_path: Pa
     out, tmp = tmp_path / "out", tmp_path / "new"
     (out / "keep").mkdir(parents=True)
     with pytest.raises(FileNotFoundError):
-        atomic.replace_dir(tmp, out)  # ``new`` does not exist: the second rename fails
+        atomic.replace_dir(tmp, out, "test", ["keep"])  # ``new`` does not exist: the second rename fails
     assert (out / "keep").is_dir() and sorted(p.name for p in tmp_path.iterdir()) == ["out"]

@@ -268,7 +268,8 @@ def test_pretrain_streams_from_shards(shards: Path, tmp_path: Path) -> None:
     run(cfg, tmp_path / "unused", tmp_path / "run", progress=False)
     metrics = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert len(metrics) == 1 and metrics[0]["steps"] == 48 // 8 and np.isfinite(metrics[0]["loss"])
-    bad = from_dict(PretrainConfig, {"method": "moco", **raw, "data": [str(shards), str(tmp_path)]})
+    (tmp_path / "plain").mkdir()
+    bad = from_dict(PretrainConfig, {"method": "moco", **raw, "data": [str(shards), str(tmp_path / "plain")]})
     with pytest.raises(ValueError, match=r"pretrain.data\[1\]: not a sharded corpus"):
         run(bad, tmp_path / "unused", tmp_path / "run2", progress=False)
 

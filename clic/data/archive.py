@@ -108,10 +108,13 @@ def extracted(archive: str | Path, dest: str | Path, max_member_bytes: int = 2**
         if force or known.get("sha256") != digest:
             log.info("extracting %s into %s (%s)", archive, dest,
                      "forced" if force else "new content" if known else "first time")
+            # ours: marked, or extracted before folders were marked (the marker beside it says so)
+            owned = [p.name for p in dest.iterdir()] if known and dest.is_dir() else ()
+            atomic.check_output(dest, (archive,), owned)
             marker.unlink(missing_ok=True)  # a kill from here on leaves no marker: extracted again next time
             tmp = atomic.staging_dir(dest)
             safe_extract(archive, tmp, max_member_bytes, max_total_bytes, max_ratio)
-            atomic.replace_dir(tmp, dest)
+            atomic.replace_dir(tmp, dest, "clic (archive extraction)", owned)
         atomic.write_text(marker, json.dumps({"stat": key, "sha256": digest}, indent=1, sort_keys=True) + "\n")
     return dest
 

@@ -105,9 +105,14 @@ def walk_images(root: Path) -> Iterator[Path]:
                 continue
             if e.is_dir(follow_symlinks=False):
                 subfolders.append(Path(e.path))
-            elif is_image_file(e.name) and e.is_file():
-                if e.is_symlink() and not Path(e.path).resolve().is_relative_to(root):
-                    log.debug("skipping %s: a link out of %s", e.path, root)
+            elif is_image_file(e.name):
+                try:
+                    if not e.is_file() or e.is_symlink() and not Path(e.path).resolve(strict=True).is_relative_to(root):
+                        log.debug("skipping %s: not a file, or a link out of %s", e.path, root)
+                        continue
+                except (OSError, RuntimeError) as exc:  # a link loop, a dangling link
+                    log.warning("skipping %s: a link that cannot be followed (%s)", e.path,
+                                getattr(exc, "strerror", None) or exc)
                     continue
                 yield Path(e.path)
         stack.extend(reversed(subfolders))
@@ -240,6 +245,7 @@ def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | N
                 journal.write(json.dumps(known[r.path]) + "\n")
                 take(r.name, digest, ph, err, r.sha256)
         atomic.write_text(index, "".join(json.dumps(known[path]) + "\n" for path in sorted(known)))
+    n_samples = sum(len(m) for m in members.values())  # shard samples are decoded every time
     if members:  # never the writer's word: what the shards hold is what training reads
         shards = [job for folder in members for job in shard_jobs(folder)]
         hashed_shards = _parallel(_hash_samples, [(job, max_pixels) for job in shards], workers, 1, "hash shards",
@@ -255,7 +261,7 @@ def corpus_hashes(records: Sequence[Record], index: str | Path, workers: int | N
         log.warning("unreadable image %s: %s", name, err)
     if len(errors) > 20:
         log.warning("... and %d more unreadable images", len(errors) - 20)
-    return CorpusHashes(sha, phash, errors, len(todo))
+    return CorpusHashes(sha, phash, errors, len(todo) + n_samples)
 
 
 def read_index(index: Path) -> dict[str, dict]:

@@ -45,7 +45,7 @@ def source_entries(cfg: DataConfig, seed: int, force: bool = False) -> tuple[lis
             if not (root / "train.txt").is_file():
                 tmp = atomic.staging_dir(root)
                 generate_ic9600(tmp, seed, s.n_train, s.n_test, s.size, s.categories)
-                atomic.replace_dir(tmp, root)
+                atomic.replace_dir(tmp, root, "clic data prepare (synthetic source)", SYNTHETIC_NAMES)
         return read_ic9600(root), {"source": "synthetic", "root": str(root)}
     path = Path(cfg.path)
     if not path.exists():
@@ -85,6 +85,11 @@ def _process(job: tuple[Entry, str, int, int, int]) -> tuple[Record | None, str 
     return Record(entry.name, str(entry.path), entry.score, entry.split, entry.category, w, h, sha, cache), None
 
 
+PREPARED_NAMES = ("table.csv", "meta.json", "cache")  # what a prepared folder holds
+SYNTHETIC_NAMES = ("images", "train.txt", "test.txt")
+TRANSFER_NAMES = ("train", "val")
+
+
 # settings that never change a prepared folder's content (where it goes, what is refused)
 NOT_SHAPING = ("out_dir", "raw_dir", "max_archive_bytes", "max_member_bytes", "max_archive_ratio")
 
@@ -114,11 +119,14 @@ def prepare(cfg: DataConfig, seed: int = 0, workers: int | None = None, force: b
     A folder already prepared from the same inputs (:func:`inputs_signature`) is kept as it is
     unless ``force``: re-running is cheap and never pulls files from under a concurrent reader.
     Concurrent prepares of one folder run one after the other (the second one usually finds the
-    folder up to date); see the module docstring for what survives a failure or a kill.
+    folder up to date); see the module docstring for what survives a failure or a kill. An
+    ``out_dir`` that is not a prepared folder (or empty), or that is, holds or lies inside the
+    source or ``raw_dir``, is refused before anything is read (:func:`clic.atomic.check_output`).
     """
     out = Path(cfg.out_dir)
     with atomic.lock(out, "preparing"):
         atomic.recover_dir(out)
+        atomic.check_output(out, (cfg.path, cfg.csv, cfg.raw_dir), PREPARED_NAMES)
         return _prepare_locked(cfg, out, seed, workers, force)
 
 
@@ -150,7 +158,7 @@ def _prepare_locked(cfg: DataConfig, out: Path, seed: int, workers: int | None, 
             raise ValueError(f"{len(errors)} of {len(entries)} images are unusable:\n  {shown}{more}")
         records = [dataclasses.replace(r, path=relative_to(out, Path(r.path))) for r in records]
         write_table(tmp, records, {**meta, "seed": seed, "cache_size": cfg.cache_size, "inputs": signature})
-        atomic.replace_dir(tmp, out)
+        atomic.replace_dir(tmp, out, "clic data prepare", PREPARED_NAMES)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -159,15 +167,17 @@ def _prepare_locked(cfg: DataConfig, out: Path, seed: int, workers: int | None, 
 
 
 def prepare_transfer(cfg: DataConfig, out_dir: str | Path, seed: int = 0) -> Path:
-    """The synthetic labelled classification set (``train/``, ``val/`` class folders)."""
+    """The synthetic labelled classification set (``train/``, ``val/`` class folders); refuses an
+    ``out_dir`` it did not write, as :func:`prepare` does."""
     out = Path(out_dir)
     s = cfg.synthetic
     with atomic.lock(out, "generating"):
         atomic.recover_dir(out)
+        atomic.check_output(out, (cfg.out_dir, cfg.raw_dir), TRANSFER_NAMES)
         tmp = atomic.staging_dir(out)
         try:
             generate_classification(tmp, seed, s.n_classes, s.n_class_train, s.n_class_val, s.size)
-            atomic.replace_dir(tmp, out)
+            atomic.replace_dir(tmp, out, "clic data prepare --transfer", TRANSFER_NAMES)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

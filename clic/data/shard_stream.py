@@ -9,12 +9,20 @@ epoch and step to start from are the checkpoint's (:meth:`ShardStream.set_epoch`
 of a resumed epoch equals the uninterrupted one's), and every sample's augmentation is seeded by
 ``(seed, epoch, sample id)`` as in :class:`clic.data.dataset.ViewDataset`. The order does not
 depend on the number of loader workers.
+
+A read that fails never shortens an epoch silently: a shard that cannot be fetched (MosaicML tries
+it ``1 + DOWNLOAD_RETRY`` times) or whose file does not match its index ends the iteration with a
+:class:`clic.data.shards.CorpusError` naming the corpus and the shard, in every worker that needs
+it (none waits for another's failed download); an unreadable sample is replaced by the next
+readable one, by name, as unreadable files are in folders.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Callable, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -22,11 +30,15 @@ from PIL import Image
 
 from clic.data.dataset import _seeded, sample_seed
 from clic.data.imageio import Encoded, ImageError, decode_bytes, read_encoded
-from clic.data.shards import _needs_streaming, remote_and_local
+from clic.data.shards import CorpusError, _needs_streaming, check_shard_file, remote_and_local
 
 log = logging.getLogger(__name__)
 _needs_streaming()
 from streaming import Stream, StreamingDataset  # noqa: E402 (after the friendly import check)
+from streaming.base.dataset import _ShardState  # noqa: E402
+
+DOWNLOAD_RETRY = 2  # MosaicML's default, stated: a shard is fetched at most three times
+SUBSTITUTE_TRIES = 32  # unreadable samples in a row before the corpus is refused
 
 
 class ShardStream(StreamingDataset):
@@ -43,7 +55,8 @@ class ShardStream(StreamingDataset):
                  batch_size: int, seed: int = 0, decode_side: int | None = None, encoded: bool = False,
                  cache_limit: str | None = None) -> None:
         places = [remote_and_local(entry, cache_root) for entry in entries]
-        streams = [Stream(remote=remote, local=str(local)) for remote, local in places]
+        streams = [Stream(remote=remote, local=str(local), download_retry=DOWNLOAD_RETRY) for remote, local in places]
+        self.names = [str(entry) for entry in entries]
         # one canonical node: the order is the same on any number of nodes, ranks and workers
         super().__init__(streams=streams, shuffle=True, shuffle_seed=seed, batch_size=batch_size,
                          num_canonical_nodes=1, allow_unsafe_types=False, cache_limit=cache_limit)
@@ -54,6 +67,8 @@ class ShardStream(StreamingDataset):
         self.transform, self.seed, self.batch, self.world, self.epoch = transform, seed, batch_size, world, 0
         self.decode_side, self.encoded = decode_side, encoded
         self._last: Image.Image | Encoded | None = None
+        self._failure = ""  # why a shard could not be prepared in this process
+        self._checked: set[int] = set()  # fetched shards whose file was checked against the index
 
     @property
     def steps_per_epoch(self) -> int:
@@ -80,19 +95,79 @@ class ShardStream(StreamingDataset):
             self.__dict__.pop(name, None)
         self._shared_barrier.__dict__.pop("lock", None)
 
+    def _where(self, shard_id: int) -> str:
+        """``<corpus entry>: shard <basename>`` for messages."""
+        stream = self.stream_per_shard[shard_id]
+        return f"{self.names[stream]}: shard {self.shards[shard_id].file_pairs[0][0].basename}"
+
+    def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
+        """MosaicML's fetch of a shard, then its file checked against the index once per process.
+        A failure marks the shard as not being fetched (so no other worker waits on it forever), stops
+        this worker's download threads; the sample loop (main thread) raises it, a download thread
+        leaves it for :meth:`__iter__`, which raises it when the samples run out."""
+        try:
+            super().prepare_shard(shard_id, blocking)
+            if shard_id not in self._checked and self._shard_states[shard_id] == _ShardState.LOCAL:
+                stream, shard = self.streams[self.stream_per_shard[shard_id]], self.shards[shard_id]
+                raw = shard.file_pairs[0][0]
+                check_shard_file(Path(stream.local) / (stream.split or "") / raw.basename, shard.samples, raw.bytes,
+                                 f"{self.names[self.stream_per_shard[shard_id]]} index.json")
+                self._checked.add(shard_id)
+        except Exception as exc:  # noqa: BLE001 - any client's failure names the shard
+            lock = getattr(self, "_cache_filelock", None)
+            with lock if lock is not None else contextlib.nullcontext():
+                # "local" with its file missing: every worker waiting for it stops waiting, and the next
+                # access of any worker fetches it again (and fails there in turn, naming it)
+                if self._shard_states[shard_id] == _ShardState.PREPARING:
+                    self._shard_states[shard_id] = _ShardState.LOCAL
+            detail = str(exc) if isinstance(exc, CorpusError) else f"{type(exc).__name__}: {str(exc)[:300]}"
+            self._failure = f"{self._where(shard_id)} cannot be read ({detail})"
+            if hasattr(self, "_event"):
+                self._event.set()  # MosaicML's threads stop; the epoch ends short
+            if threading.current_thread() is threading.main_thread():
+                raise CorpusError(self._failure) from None
+
+    def __iter__(self) -> Iterator[dict]:
+        yield from super().__iter__()
+        if self._failure:
+            raise CorpusError(self._failure)
+
+    def _read(self, sample_id: int, retry: int) -> tuple[str, Image.Image | Encoded]:
+        """Sample ``sample_id`` decoded (``name`` for messages); ImageError when it cannot be."""
+        shard_id = int(self.spanner[sample_id][0])
+        where = f"{self._where(shard_id)}, sample {sample_id}"
+        try:
+            sample = super().get_item(sample_id, retry)
+        except CorpusError:
+            raise
+        except RuntimeError as exc:  # MosaicML's "Background thread failed", or a shard still missing
+            raise CorpusError(self._failure or f"{where}: {str(exc)[:300]}") from None
+        except Exception as exc:  # noqa: BLE001 - lengths or text in the sample that lie
+            raise ImageError(f"{where}: cannot be decoded ({type(exc).__name__}: {str(exc)[:200]})") from None
+        name = f"{where} ({str(sample.get('name', ''))[:200]})"
+        data = sample["jpg"]
+        if self.encoded:
+            return name, read_encoded(data, name)
+        return name, decode_bytes(data, name, min_size=self.decode_side)
+
     def get_item(self, sample_id: int, retry: int = 7) -> dict:
         sample_id = int(sample_id)  # MosaicML passes numpy integers
-        sample = super().get_item(sample_id, retry)
-        name = sample["name"]
         try:
-            img = read_encoded(sample["jpg"], name) if self.encoded else decode_bytes(sample["jpg"], name,
-                                                                                     min_size=self.decode_side)
-            self._last = img
-        except ImageError as exc:
-            if self._last is None:
-                raise
-            log.warning("unreadable shard sample %s replaced by the previous image: %s", name, exc)
-            img = self._last
+            _, img = self._read(sample_id, retry)
+        except ImageError as first:
+            img = self._last  # type: ignore[assignment]
+            for k in range(1, SUBSTITUTE_TRIES + 1):
+                if img is not None:
+                    break
+                try:
+                    _, img = self._read((sample_id + k) % self.num_samples, retry)
+                except ImageError:
+                    continue
+            if img is None:
+                raise CorpusError(f"{first}; and the {SUBSTITUTE_TRIES} samples after it cannot be read either: "
+                                  "write the corpus again (clic data shard)") from None
+            log.warning("unreadable shard sample replaced by another image: %s", first)
+        self._last = img
         with _seeded(sample_seed(self.seed, self.epoch, sample_id)):
             out = self.transform(img)
         out["index"] = out["image_id"] = sample_id

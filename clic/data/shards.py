@@ -36,6 +36,7 @@ from concurrent.futures import Future, ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from PIL import Image
 from tqdm import tqdm
 
@@ -51,8 +52,29 @@ PLAN_NAME = "clic.json"
 COLUMNS = {"jpg": "bytes", "name": "str", "source": "str", "sha256": "str", "width": "int", "height": "int"}
 CHUNK = 32  # images per worker task
 MAX_INDEX_BYTES = 64 * 2**20
-MAX_SAMPLES = 10**9  # MosaicML holds a few int64 arrays of the corpus's sample count per process
+# MosaicML holds ~75 bytes per sample of the corpus in every process (the spanner, the epoch's
+# order, its shared arrays): 10**8 samples took 7.5 GB. 2 * 10**7 (ImageNet-21k is 1.4 * 10**7)
+# bounds it at ~1.5 GB, checked before MosaicML allocates anything.
+MAX_SAMPLES = 2 * 10**7
 SHARD_BYTES = 1 << 26  # MDSWriter's default size limit of one .mds file
+MAX_SAMPLE_BYTES = 1 << 26  # one stored image; a larger one is skipped as unreadable by the writer
+MAX_SHARD_BYTES = SHARD_BYTES + MAX_SAMPLE_BYTES  # a shard the writer can write: what a reader accepts
+# one sample of COLUMNS holds at least its offset, four variable-size lengths, two ints and a sha256
+MIN_SAMPLE_BYTES = 4 + 4 * 4 + 2 * 8 + 64
+SHARD_KEYS = {"column_encodings", "column_names", "column_sizes", "compression", "format", "hashes", "raw_data",
+              "samples", "size_limit", "version", "zip_data"}
+
+
+class CorpusError(ValueError):
+    """A sharded corpus that cannot be read as planned, naming the corpus, the shard and the
+    sample. Raised in a DataLoader worker, it reaches the caller with its own one-line message
+    (torch re-raises a worker's exception with the worker's traceback as its text)."""
+
+    def __init__(self, message: str) -> None:
+        if message.startswith("Caught ") and "Original Traceback" in message:
+            tail = message.rstrip().rsplit("\n", 1)[-1]  # "clic.data.shards.CorpusError: <the message>"
+            message = tail.partition(f"{type(self).__name__}: ")[2] or message
+        super().__init__(message)
 
 
 def is_url(entry: str) -> bool:
@@ -60,8 +82,23 @@ def is_url(entry: str) -> bool:
 
 
 def is_shard_index(entry: str | Path) -> bool:
-    """``entry`` names a sharded corpus: a URL, or a folder holding an ``index.json``."""
-    return is_url(str(entry)) or (Path(entry) / INDEX_NAME).is_file()
+    """``entry`` names a sharded corpus: a URL, or a folder holding a MosaicML ``index.json`` (a
+    JSON object of version 2 with a ``shards`` list). Another file of that name in an image folder
+    is said, and the folder read as images."""
+    if is_url(str(entry)):
+        return True
+    index = Path(entry) / INDEX_NAME
+    if not index.is_file():
+        return False
+    try:
+        with index.open("rb") as fh:
+            raw = json.loads(fh.read(MAX_INDEX_BYTES + 1))
+        mosaic = isinstance(raw, dict) and raw.get("version") == 2 and isinstance(raw.get("shards"), list)
+    except (OSError, ValueError, RecursionError):
+        mosaic = False
+    if not mosaic:
+        log.warning("%s is no MosaicML shard index: %s read as an image folder", index, entry)
+    return mosaic
 
 
 def _needs_streaming() -> Any:
@@ -94,26 +131,55 @@ def check_index(path: Path, where: str, local: bool = True) -> dict[str, Any]:
             columns = dict(zip(shard["column_names"], shard["column_encodings"], strict=True))
             sizes = dict(zip(shard["column_names"], shard["column_sizes"], strict=True))
             name, size, n = shard["raw_data"]["basename"], shard["raw_data"]["bytes"], shard["samples"]
-            ok = (shard["format"] == "mds" and columns == COLUMNS and not shard["zip_data"]
+            ok = (shard.keys() >= SHARD_KEYS and shard["format"] == "mds" and shard["version"] == 2
+                  and columns == COLUMNS and not shard["zip_data"] and not shard["compression"]
+                  and isinstance(shard["hashes"], list) and isinstance(shard["raw_data"].get("hashes", {}), dict)
                   and sizes == {k: 8 if v == "int" else None for k, v in COLUMNS.items()} and isinstance(name, str)
-                  and type(size) is int and type(n) is int and 0 <= 4 * (n + 2) <= size)
-        except (KeyError, TypeError, ValueError):
+                  and type(size) is int and type(n) is int and n >= 0 and 4 * (n + 2) + (MIN_SAMPLE_BYTES - 4) * n
+                  <= size <= MAX_SHARD_BYTES)
+        except (KeyError, TypeError, ValueError, AttributeError):
             ok, name, size, n = False, "", 0, 0
         if not ok:
-            raise ValueError(f"{where}: shards[{i}] must be an uncompressed MDS shard with the columns {COLUMNS}, "
-                             "an int 'samples' its 'raw_data' 'bytes' can hold (as clic data shard writes)")
+            raise CorpusError(f"{where}: shards[{i}] must be an uncompressed MDS shard with the columns {COLUMNS} "
+                              f"and the keys {', '.join(sorted(SHARD_KEYS))}, an int 'samples' its 'raw_data' 'bytes' "
+                              f"(at most {MAX_SHARD_BYTES:,}) can hold (as clic data shard writes)")
         if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
-            raise ValueError(f"{where}: shards[{i}]: {name[:80]!r} must be a path inside the index's folder "
-                             "(no absolute paths, no '..')")
-        file = path.parent / name
-        if local and (not file.is_file() or file.stat().st_size != size):
-            found = f"{file.stat().st_size:,} bytes" if file.is_file() else "missing"
-            raise ValueError(f"{file}: {found}, its index ({where}) lists {size:,} bytes; write the corpus "
-                             "again (clic data shard)")
+            raise CorpusError(f"{where}: shards[{i}]: {name[:80]!r} must be a path inside the index's folder "
+                              "(no absolute paths, no '..')")
+        if local:
+            check_shard_file(path.parent / name, n, size, where)
         total += n
+    if not total:
+        raise CorpusError(f"{where}: lists no samples; write the corpus with clic data shard")
     if total > MAX_SAMPLES:
-        raise ValueError(f"{where}: lists {total:,} samples, over the {MAX_SAMPLES:,} a corpus may hold here")
+        raise CorpusError(f"{where}: lists {total:,} samples, over the {MAX_SAMPLES:,} a corpus may hold here "
+                          f"(MosaicML keeps ~75 bytes per sample in every process: {total * 75 / 1e9:.1f} GB each)")
     return raw
+
+
+def check_shard_file(file: Path, samples: int, size: int, where: str) -> None:
+    """Refuse an MDS shard file whose size or sample table differs from what its index (``where``)
+    lists: ``samples``, then ``samples + 1`` increasing offsets from past that table (MDSWriter puts
+    its column settings between) to the file's end, ``size`` bytes in all. Reads the table only."""
+    try:
+        with file.open("rb") as fh:
+            found = os.fstat(fh.fileno()).st_size
+            head = fh.read(4 * (samples + 2)) if found == size else b""
+    except FileNotFoundError:
+        raise CorpusError(f"{file}: missing, its index ({where}) lists it; write the corpus again (clic data shard)"
+                          ) from None
+    except OSError as exc:
+        raise CorpusError(f"{file}: cannot be read ({exc.strerror or exc})") from None
+    if found != size:
+        raise CorpusError(f"{file}: {found:,} bytes, its index ({where}) lists {size:,} bytes; write the corpus "
+                          "again (clic data shard)")
+    table = np.frombuffer(head, np.uint32) if len(head) == 4 * (samples + 2) else np.zeros(0, np.uint32)
+    if (len(table) != samples + 2 or int(table[0]) != samples or int(table[1]) < 4 * (samples + 2)
+            or int(table[-1]) != size or bool(np.any(np.diff(table[1:].astype(np.int64)) <= 0))):
+        held = int(table[0]) if len(table) else -1
+        raise CorpusError(f"{file}: holds {held if held >= 0 else 'an unreadable number of'} samples with offsets "
+                          f"that do not match its index ({where}: {samples} samples in {size:,} bytes); write the "
+                          "corpus again (clic data shard)")
 
 
 def cache_dir(entry: str, cache_root: str | Path) -> Path:
@@ -138,9 +204,9 @@ def remote_and_local(entry: str | Path, cache_root: str | Path) -> tuple[str | N
         tmp = local / f".{INDEX_NAME}.{os.getpid()}.tmp"
         try:
             streaming.base.storage.CloudDownloader.direct_download(f"{remote}/{INDEX_NAME}", str(tmp), timeout=120)
-        except (OSError, ValueError, RuntimeError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any client's failure (botocore, gcs, ...) is a bad remote
             tmp.unlink(missing_ok=True)
-            raise ValueError(f"{entry}: cannot read {INDEX_NAME} ({type(exc).__name__}: {str(exc)[:200]}); the "
+            raise CorpusError(f"{entry}: cannot read {INDEX_NAME} ({type(exc).__name__}: {str(exc)[:200]}); the "
                              "URL must be a folder written by clic data shard on a remote MosaicML streaming reads "
                              "(s3, gs, oci, azure, hf, sftp, dbfs) or file://") from None
         try:
@@ -165,13 +231,32 @@ def local_corpus(entry: str | Path, cache_root: str | Path) -> Any:
     remote, local = remote_and_local(entry, cache_root)
     if remote is not None:
         for shard in json.loads((local / INDEX_NAME).read_text())["shards"]:
-            name = shard["raw_data"]["basename"]
-            streaming.base.storage.CloudDownloader.direct_download(f"{remote}/{name}", str(local / name), 600)
+            fetch_shard(remote, local, shard["raw_data"]["basename"], str(entry))
         check_index(local / INDEX_NAME, f"{entry}/{INDEX_NAME}")
     dataset = streaming.LocalDataset(str(local))
     for shard in dataset.shards:
         shard.validate(allow_unsafe_types=False)
     return dataset
+
+
+def fetch_shard(remote: str, local: Path, name: str, entry: str, tries: int = 3) -> None:
+    """Copy the shard ``name`` of the remote corpus ``entry`` into ``local`` (the whole file, renamed
+    when complete), trying ``tries`` times; then a :class:`CorpusError` naming it."""
+    streaming = _needs_streaming()
+    target = local / name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.with_name(f".{target.name}.{os.getpid()}.tmp")
+    for attempt in range(1, tries + 1):
+        try:
+            streaming.base.storage.CloudDownloader.direct_download(f"{remote}/{name}", str(tmp), 600)
+            os.replace(tmp, target)
+            return
+        except Exception as exc:  # noqa: BLE001 - any client's failure (botocore, gcs, ...) names the shard
+            tmp.unlink(missing_ok=True)
+            if attempt == tries:
+                raise CorpusError(f"{entry}: shard {name} cannot be fetched after {tries} tries "
+                                  f"({type(exc).__name__}: {str(exc)[:200]})") from None
+            log.warning("%s: fetching shard %s failed (%s), trying again", entry, name, type(exc).__name__)
 
 
 def shard_records(entry: str | Path, label: str, cache_root: str | Path) -> list[Record]:
@@ -207,7 +292,12 @@ def iter_samples(job: tuple[str, dict[str, Any], int]) -> Iterator[tuple[int, by
     folder, info, first = job
     reader = reader_from_json(folder, None, info)
     for j in range(reader.samples):
-        yield first + j, reader[j]["jpg"]
+        try:
+            data = reader[j]["jpg"]
+        except Exception as exc:  # noqa: BLE001 - lengths in the sample that lie
+            raise CorpusError(f"{folder}: shard {info['raw_data']['basename']}, sample {first + j}: cannot be read "
+                              f"({type(exc).__name__}: {str(exc)[:200]}); write the corpus again") from None
+        yield first + j, data
 
 
 # ------------------------------------------------------------------------------------ writing
@@ -233,12 +323,14 @@ def _encode(job: tuple[list[tuple[str, str, str]], int, int, int]) -> list[tuple
             digest, (w, h) = content_hash(img), img.size
             if side and min(w, h) > side:
                 img = resize_short(img, side)
-            elif _is_plain_jpeg(path):  # stored as is: no second lossy encoding
-                out.append((name, source, Path(path).read_bytes(), digest, w, h))
-                continue
             buf = io.BytesIO()
-            img.save(buf, format="JPEG", quality=quality)
-            out.append((name, source, buf.getvalue(), digest, w, h))
+            if side and min(w, h) > side or not _is_plain_jpeg(path):  # else stored as is: no second lossy encoding
+                img.save(buf, format="JPEG", quality=quality)
+            data = buf.getvalue() or Path(path).read_bytes()
+            if len(data) > MAX_SAMPLE_BYTES:
+                raise ImageError(f"{path}: {len(data):,} bytes as JPEG, over the {MAX_SAMPLE_BYTES:,} a sample "
+                                 "may hold (--side downsizes it)")
+            out.append((name, source, data, digest, w, h))
         except (ImageError, OSError) as exc:
             out.append((name, source, b"", str(exc), 0, 0))
     return out
@@ -251,29 +343,41 @@ def _is_plain_jpeg(path: str) -> bool:
 
 
 def shard_plan(records: Sequence[Record], seed: int) -> list[tuple[str, str, str]]:
-    """``(name, path, source)`` in the written order: a seeded permutation of the listing."""
-    items = [(r.name, r.path, r.category) for r in records]
+    """``(name, path, source)`` in the written order: a seeded permutation of the listing. Names
+    that are not UTF-8 (a latin-1 file name) are stored with backslash escapes (``caf\\xe9.jpg``)."""
+    items = [(_utf8(r.name), r.path, _utf8(r.category)) for r in records]
     random.Random(seed).shuffle(items)
     return items
 
 
 def write_shards(records: Sequence[Record], out: str | Path, per_shard: int = 1000, side: int = 0,
                  quality: int = 90, seed: int = 0, workers: int | None = None,
-                 max_pixels: int = DEFAULT_MAX_PIXELS, force: bool = False, progress: bool = True) -> ShardSummary:
+                 max_pixels: int = DEFAULT_MAX_PIXELS, force: bool = False, progress: bool = True,
+                 inputs: Sequence[str | Path] = (), min_side: int = 1) -> ShardSummary:
     """Write ``records`` (from :func:`clic.data.corpus.corpus_records`) as MDS shards into ``out``.
 
     ``side``: images with a longer short side are downsized to it (0: keep; JPEGs are then stored
-    byte for byte, other formats encoded at ``quality``). A folder holding shards of a different
-    listing or settings is refused unless ``force`` (which deletes its shards first).
+    byte for byte, other formats encoded at ``quality``; else at least ``min_side``). ``out`` must
+    be new, empty or a corpus folder this command wrote, and not be, hold or lie inside one of
+    ``inputs`` (:func:`clic.atomic.check_output`). A corpus folder holding shards of a different
+    listing or settings is refused unless ``force`` (which deletes its shards first). A listing in
+    which no image is readable writes no index and fails.
     """
     if per_shard < 1:
-        raise ValueError(f"per_shard must be >= 1, got {per_shard}")
+        raise ValueError(f"--per-shard must be >= 1, got {per_shard}")
     if not 1 <= quality <= 100:
-        raise ValueError(f"quality must be in [1, 100], got {quality}")
+        raise ValueError(f"--quality must be in [1, 100], got {quality}")
+    if side < 0 or 0 < side < min_side:
+        raise ValueError(f"--side must be 0 (keep the size) or at least {min_side} pixels (data.min_size), got {side}")
+    if not records:
+        raise ValueError(f"{out}: nothing to shard: the entries list no images")
     streaming = _needs_streaming()
     out = Path(out)
     items = shard_plan(records, seed)
-    out.mkdir(parents=True, exist_ok=True)
+    # a corpus folder written before folders were marked holds clic.json: all of it is ours
+    legacy = [e.name for e in out.iterdir()] if (out / PLAN_NAME).is_file() else ()
+    atomic.check_output(out, inputs, legacy)
+    atomic.mark(out, "clic data shard")
     with atomic.lock(out / ".writer", "writing shards into"):  # one writer per folder (out/.writer.lock)
         n_parts = -(-len(items) // per_shard)
         _claim(out, _plan_signature(items, per_shard, side, quality, seed), force)
@@ -316,8 +420,11 @@ def _write_index(out: Path, n_parts: int, per_shard: int, side: int, seed: int, 
             shard["raw_data"]["basename"] = f"{_part(i)}/{shard['raw_data']['basename']}"
             shards.append(shard)
         skipped += json.loads((out / _part(i) / "unreadable.json").read_text())
-    atomic.write_text(out / INDEX_NAME, json.dumps({"version": 2, "shards": shards}, indent=1) + "\n")
     total = sum(s["samples"] for s in shards)
+    if not total:
+        shown = "; ".join(f"{name}: {err}" for name, err in skipped[:3])
+        raise ValueError(f"{out}: none of the {len(skipped)} images is readable, no index written ({shown})")
+    atomic.write_text(out / INDEX_NAME, json.dumps({"version": 2, "shards": shards}, indent=1) + "\n")
     plan = json.loads((out / PLAN_NAME).read_text())
     plan.update(total=total, per_shard=per_shard, side=side, seed=seed, unreadable=skipped)
     atomic.write_text(out / PLAN_NAME, json.dumps(plan, indent=1) + "\n")
@@ -343,6 +450,11 @@ def _encoded_chunks(items: Sequence[tuple[str, str, str]], parts: Sequence[int],
         yield pending.popleft()
 
 
+def _utf8(text: str) -> str:
+    """``text`` as valid UTF-8: bytes a file name held that are not (surrogate escapes) as ``\\xNN``."""
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "backslashreplace")
+
+
 def _part(i: int) -> str:
     return f"part-{i:06d}"
 
@@ -351,7 +463,7 @@ def _plan_signature(items: Sequence[tuple[str, str, str]], per_shard: int, side:
                     seed: int) -> str:
     digest = hashlib.sha256(f"mds:1:{per_shard}:{side}:{quality}:{seed}\n".encode())
     for name, path, source in items:
-        digest.update(f"{name}\t{path}\t{source}\n".encode())
+        digest.update(f"{name}\t{path}\t{source}\n".encode("utf-8", "surrogateescape"))
     return digest.hexdigest()
 
 

@@ -22,6 +22,11 @@ class NonFiniteLossError(RuntimeError):
     """Raised before the optimiser step, so the last checkpoint stays the last good state."""
 
 
+class ShortEpochError(ValueError):
+    """The loader ran out before the planned steps: the epoch read less than it planned, so
+    nothing of it is kept (no checkpoint, no encoder)."""
+
+
 def autocast(device: torch.device, amp: str) -> contextlib.AbstractContextManager:
     """bf16 autocast on CUDA unless ``amp == "off"``; on CPU only when ``amp == "bf16"``."""
     if amp == "off" or (device.type != "cuda" and amp != "bf16"):
@@ -61,6 +66,9 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
 
     ``augment(batch, generator)`` finishes the views on the device (``augment_on: device``); its
     generator is seeded from (``augment_seed``, epoch, step), so a resumed run draws the same.
+
+    A loader that ends before ``steps_per_epoch`` raises :class:`ShortEpochError` (no partial
+    epoch is ever taken for a whole one).
     """
     model.train()
     sums: dict[str, float] = {}
@@ -121,6 +129,10 @@ def train_one_epoch(model: nn.Module, loader: Iterable[dict[str, Any]], optimize
         if checkpoint:
             on_checkpoint(epoch, done)  # type: ignore[misc]
     flush()
+    if n_steps < steps_per_epoch - start_step:
+        raise ShortEpochError(f"epoch {epoch}: the loader gave {n_steps} of the {steps_per_epoch - start_step} "
+                              f"planned steps ({n_images} images); a run that reads less than it planned stops, "
+                              "and the last checkpoint holds the last complete state")
     elapsed = time.perf_counter() - start
     metrics = {k: v / max(n_steps, 1) for k, v in sums.items()}
     metrics["images_per_s"] = n_images / elapsed if elapsed > 0 else math.nan

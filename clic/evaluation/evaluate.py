@@ -66,9 +66,13 @@ def probe(x_fit: np.ndarray, fit: list[Record], x_eval: np.ndarray, evaluate: li
                                        device), head
 
 
+# what a report folder holds (``clic probe --out`` refuses a folder holding anything else, unless marked)
+REPORT_NAMES = ("metrics.json", "predictions.csv", "scatter.png", "categories.png", "scorer.pt", "validation.csv")
+
+
 def write_report(out_dir: Path, name: str, pred: np.ndarray, records: list[Record], cfg: ProbeConfig,
                  seed: int, extra: dict[str, Any] | None = None) -> dict[str, Any]:
-    out_dir.mkdir(parents=True, exist_ok=True)
+    atomic.mark(out_dir, "clic probe")
     true = np.array([r.score for r in records], np.float64)
     cats = [r.category for r in records]
     report = {"name": name, **full_report(pred, true, cats, cfg.bootstrap, seed), **(extra or {})}
