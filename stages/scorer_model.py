@@ -46,7 +46,7 @@ from mlflow.exceptions import MlflowException
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 from PIL import Image
 
-from clic.data.imageio import ImageError, decode_bytes
+from clic.data.imageio import ImageError, check_jpeg_data, decode_bytes
 from clic.scorer import BATCH_SIZE, Scorer, load_scorer
 
 ENV = {"allowed_dirs": "CLIC_SERVE_ALLOWED_DIRS", "max_rows": "CLIC_SERVE_MAX_ROWS",
@@ -113,11 +113,17 @@ def row_image(value: Any, limits: ServeLimits, size: int | None = None) -> Image
     if not limits.allowed_dirs:
         if data is None:
             raise ValueError(NO_PATHS)
-        return decode_bytes(data, "image bytes", min_size=min_size)
+        return _decode(data, "image bytes", min_size)
     if data is not None:  # a path can also be valid base64 ("/srv/img/0001"): bytes first, then the path
         with contextlib.suppress(ImageError):
-            return decode_bytes(data, "image bytes", min_size=min_size)
-    return decode_bytes(_allowed_file(value, limits), value, min_size=min_size)
+            return _decode(data, "image bytes", min_size)
+    return _decode(_allowed_file(value, limits), value, min_size)
+
+
+def _decode(data: bytes, name: str, min_size: int | None) -> Image.Image:
+    """``data`` decoded as ``clic score`` decodes a file: a JPEG corrupted mid-stream refused."""
+    check_jpeg_data(name, data)
+    return decode_bytes(data, name, min_size=min_size)
 
 
 def _allowed_file(value: str, limits: ServeLimits) -> bytes:

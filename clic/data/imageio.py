@@ -48,13 +48,14 @@ def check_pixels(name: str, w: int, h: int, max_pixels: int) -> None:
                          "(possible decompression bomb); raise data.max_pixels if it is genuine")
 
 
-def check_jpeg_data(path: str | Path) -> None:
+def check_jpeg_data(path: str | Path, data: bytes | None = None) -> None:
     """Decode a JPEG's whole entropy-coded data strictly (libjpeg-turbo through simplejpeg, at the
     smallest scale): data corrupted mid-stream, which Pillow decodes into garbage without a word,
-    is an :class:`ImageError` naming the file. Other formats pass (Pillow refuses their damage)."""
+    is an :class:`ImageError` naming the file (``path``; or the name of the bytes ``data``). Other
+    formats pass (Pillow refuses their damage)."""
     import simplejpeg
 
-    data = Path(path).read_bytes()
+    data = Path(path).read_bytes() if data is None else data
     if data[:2] != b"\xff\xd8":
         return
     try:

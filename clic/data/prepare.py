@@ -124,9 +124,10 @@ def prepare(cfg: DataConfig, seed: int = 0, workers: int | None = None, force: b
     source or ``raw_dir``, is refused before anything is read (:func:`clic.atomic.check_output`).
     """
     out = Path(cfg.out_dir)
+    atomic.check_output(out, (cfg.path, cfg.csv, cfg.raw_dir), PREPARED_NAMES)  # before even its lock is made
     with atomic.lock(out, "preparing"):
         atomic.recover_dir(out)
-        atomic.check_output(out, (cfg.path, cfg.csv, cfg.raw_dir), PREPARED_NAMES)
+        atomic.check_output(out, (), PREPARED_NAMES)  # as it is now that this process holds it
         return _prepare_locked(cfg, out, seed, workers, force)
 
 
@@ -171,9 +172,9 @@ def prepare_transfer(cfg: DataConfig, out_dir: str | Path, seed: int = 0) -> Pat
     ``out_dir`` it did not write, as :func:`prepare` does."""
     out = Path(out_dir)
     s = cfg.synthetic
+    atomic.check_output(out, (cfg.out_dir, cfg.raw_dir), TRANSFER_NAMES)
     with atomic.lock(out, "generating"):
         atomic.recover_dir(out)
-        atomic.check_output(out, (cfg.out_dir, cfg.raw_dir), TRANSFER_NAMES)
         tmp = atomic.staging_dir(out)
         try:
             generate_classification(tmp, seed, s.n_classes, s.n_class_train, s.n_class_val, s.size)
