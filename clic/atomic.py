@@ -101,7 +101,8 @@ def replace_dir(tmp: Path, out: Path, command: str, names: Collection[str] = ())
     as it is. A failure or Ctrl-C during the swap puts the old folder back before the exception
     propagates."""
     check_output(out, names=names)
-    mark(tmp, command)
+    if tmp.is_dir():  # (a missing one fails the rename below)
+        mark(tmp, command)
     aside = out.with_name(f"{out.name}.old-{os.getpid()}")
     _remove(aside)
     moved = False

@@ -127,8 +127,9 @@ def encoder_payload(model: nn.Module, cfg: PretrainConfig) -> dict[str, Any]:
             "feature_dim": int(bb.feature_dim), "config": to_dict(cfg), "git": ckpt.git_revision()}
 
 
-# what a pretraining folder holds (folders written before they were marked are recognised by it)
-PRETRAIN_NAMES = ("checkpoint.pt", "checkpoint.stale.pt", "encoder.pt", "metrics.jsonl")
+# what a pretraining folder holds (folders written before they were marked are recognised by it;
+# DVC writes a .gitignore beside the outputs of a stage in a git repository: models/<method>/)
+PRETRAIN_NAMES = ("checkpoint.pt", "checkpoint.stale.pt", "encoder.pt", "metrics.jsonl", ".gitignore")
 
 
 def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: str | None = None,

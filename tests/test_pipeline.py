@@ -7,7 +7,6 @@ import contextlib
 import json
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -19,7 +18,7 @@ import numpy as np
 import pytest
 import yaml
 
-from .conftest import REPO
+from .conftest import REPO, free_port, wait_http
 
 pytestmark = pytest.mark.slow
 BIN = Path(sys.executable).parent
@@ -148,16 +147,10 @@ def test_champion_stays_when_the_same_model_is_probed_again(project: Path) -> No
     assert "pretrain" not in dvc(project, "status").stdout  # probing again did not retrain
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @contextlib.contextmanager
 def _mlflow_server(project: Path) -> Iterator[int]:
     """A real MLflow server on the project's store at 127.0.0.1:<port>, stopped by its process id."""
-    port = _free_port()
+    port = free_port()
     proc = subprocess.Popen([BIN / "mlflow", "server", "--backend-store-uri", f"sqlite:///{project / 'mlflow.db'}",
                              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env=_env())
@@ -277,7 +270,7 @@ def test_bad_params_and_unreachable_server_fail_clearly(tmp_path: Path) -> None:
     assert res.returncode == 2 and "patch_size=7 must divide image_size=32" in res.stderr
     res = run("stages.pretrain", "simclr")
     assert res.returncode != 0 and "usage" in res.stderr
-    port = _free_port()  # nothing listens there
+    port = free_port()  # nothing listens there
     res = run("stages.fetch", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
     assert res.returncode == 2 and "unreachable" in res.stderr and f"127.0.0.1:{port}" in res.stderr
     assert not (root / "data" / "prepared").exists()
@@ -397,19 +390,13 @@ print(repr(float(out["score"][0])))
     block = re.search(r"```bash\n(mlflow models serve .*?)```", usage, re.S)
     assert block, "docs/usage.md: no `mlflow models serve` example"
     serve_cmd, curl_cmd = (c.strip() for c in block.group(1).split("\n\n", 1))
-    port = _free_port()
+    port = free_port()
     serve_cmd = serve_cmd.replace("5001", str(port)).rstrip("&").strip()
     curl_cmd = curl_cmd.replace("5001", str(port)).replace("photo.jpg", str(img))
     server = subprocess.Popen(["bash", "-c", f"exec {serve_cmd}"], cwd=tmp_path, env=env,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, "mlflow models serve exited"
-                time.sleep(0.5)
+        wait_http(f"http://127.0.0.1:{port}/ping", server)
         res = subprocess.run(["bash", "-c", curl_cmd], capture_output=True, text=True, timeout=120)
         answer = json.loads(res.stdout)["predictions"]
         assert answer[0]["score"] == pytest.approx(direct, abs=1e-5) and not answer[0]["error"]

@@ -13,13 +13,13 @@ import signal
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .test_pipeline import BIN, _free_port, _runs, make_project
+from .conftest import free_port, wait_http
+from .test_pipeline import BIN, _runs, make_project
 
 pytestmark = pytest.mark.slow
 REPO = Path(__file__).resolve().parents[1]
@@ -55,7 +55,7 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
     for item in ("flows", "prefect.yaml"):
         src = REPO / item
         shutil.copytree(src, root / item) if src.is_dir() else shutil.copy(src, root / item)
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
     env.update(CLIC_BIN=str(BIN), PREFECT_PORT=str(port), PREFECT_HOME=str(tmp_path / "prefect"),
                PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PATH=f"{BIN}:{env['PATH']}")
@@ -70,17 +70,13 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
         for item in ("Makefile", "pyproject.toml", "requirements/lock.txt"):
             (root / item).parent.mkdir(parents=True, exist_ok=True)
             shutil.copy2(REPO / item, root / item)  # mtimes kept: make sees the venv as up to date
-        ui_port = _free_port()
+        ui_port = free_port()
         # -o: never (re)install into the venv the tests run from, even when pyproject.toml is newer
         mlflow_ui = subprocess.Popen(["make", "-s", "-o", f"{BIN.parent}/.installed", "mlflow-ui",
                                       f"VENV={BIN.parent}", f"MLFLOW_PORT={ui_port}"],
                                      cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                      start_new_session=True)
-        for _ in range(240):
-            with contextlib.suppress(OSError):
-                urllib.request.urlopen(f"http://127.0.0.1:{ui_port}/health", timeout=2)
-                break
-            time.sleep(0.5)
+        wait_http(f"http://127.0.0.1:{ui_port}/health", mlflow_ui)
         url, ui_pid = (root / ".mlflow-ui").read_text().split()
         assert url == f"http://127.0.0.1:{ui_port}" and _alive(int(ui_pid))
         pids = [int((tmp_path / "prefect" / f"{n}.pid").read_text()) for n in ("server", "worker")]

@@ -4,7 +4,6 @@ small cases of bad input each get a clear answer (docs/operations.md, "Guarantee
 from __future__ import annotations
 
 import io
-import json
 import logging
 import os
 import shutil
@@ -29,6 +28,7 @@ from clic.params import from_dict
 from clic.pretrain import run
 
 from .conftest import tiny_overrides
+from .test_shards import _tampered
 
 
 def _tree(folder: Path) -> dict[str, bytes]:
@@ -176,14 +176,6 @@ def test_a_short_epoch_is_an_error_not_an_epoch() -> None:
                         lambda t: 0.99, torch.device("cpu"), progress=False)
 
 
-def _edit_index(shards: Path, folder: Path, edit) -> Path:  # type: ignore[no-untyped-def]
-    shutil.copytree(shards, folder)
-    index = json.loads((folder / INDEX_NAME).read_text())
-    edit(index["shards"])
-    (folder / INDEX_NAME).write_text(json.dumps(index))
-    return folder
-
-
 def test_index_counts_and_sizes_are_checked_against_the_shards_before_reading(shards: Path, tmp_path: Path) -> None:
     def more(s: list) -> None:
         s[2]["samples"] += 1
@@ -198,7 +190,7 @@ def test_index_counts_and_sizes_are_checked_against_the_shards_before_reading(sh
             ("more", more, r"part-000002/shard.00000.mds: holds 4 samples with offsets that do not match its index"),
             ("fewer", fewer, r"part-000002/shard.00000.mds: holds 4 samples"),
             ("huge", huge, r"shards\[0\] must be .* an int 'samples' its 'raw_data' 'bytes' \(at most")):
-        folder = _edit_index(shards, tmp_path / name, edit)
+        folder = _tampered(shards, tmp_path / name, edit)
         with pytest.raises(CorpusError, match=message):
             run(_moco(tmp_path, [str(folder)]), tmp_path / "unused", tmp_path / f"run-{name}", progress=False)
         assert not (tmp_path / f"run-{name}" / "encoder.pt").exists()
@@ -206,12 +198,12 @@ def test_index_counts_and_sizes_are_checked_against_the_shards_before_reading(sh
     def many(s: list) -> None:  # within every shard's bytes, too many for one process in all
         s[:] = [{**s[0], "samples": 1_300_000, "raw_data": {**s[0]["raw_data"], "bytes": 2**27}}] * 16
     with pytest.raises(CorpusError, match=r"lists 20,800,000 samples, over the 20,000,000 .* 1.6 GB each"):
-        check_index(_edit_index(shards, tmp_path / "many", many) / INDEX_NAME, "many", local=False)
+        check_index(_tampered(shards, tmp_path / "many", many) / INDEX_NAME, "many", local=False)
 
     def hashes(s: list) -> None:
         del s[1]["hashes"]
     with pytest.raises(CorpusError, match=r"shards\[1\] must be an uncompressed MDS shard"):
-        check_index(_edit_index(shards, tmp_path / "hashes", hashes) / INDEX_NAME, "hashes")
+        check_index(_tampered(shards, tmp_path / "hashes", hashes) / INDEX_NAME, "hashes")
 
 
 def test_unreadable_samples_are_replaced_by_name_even_the_first(shards: Path, tmp_path: Path,

@@ -10,10 +10,8 @@ import io
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -29,6 +27,7 @@ from clic.config import PretrainConfig
 from clic.scorer import BATCH_SIZE, Scorer, load_scorer
 from stages.scorer_model import NO_PATHS, REFUSED, ScorerModel, ServeLimits
 
+from .conftest import free_port, wait_http
 from .test_scorer import _gradient, _save_scorer
 
 BIN = Path(sys.executable).parent
@@ -175,12 +174,6 @@ def _strict(text: str) -> dict:
     return json.loads(text, parse_constant=refuse)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def _post(port: int, rows: list[str]) -> tuple[int, str]:
     body = {"dataframe_split": {"columns": ["image"], "data": [[r] for r in rows]}}
     req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
@@ -213,18 +206,12 @@ def test_rest_answers_strict_json_with_null_and_400_beyond_the_row_limit(
     image.write_bytes(_png(48, 40))
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "CLIC_SERVE_"))}
     env.update(PATH=f"{BIN}:{env.get('PATH', '')}", MLFLOW_TRACKING_URI=store, CLIC_SERVE_MAX_ROWS="4")
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen([BIN / "mlflow", "models", "serve", "-m", f"models:/clic-serve/{version}",
                                "--env-manager", "local", "-h", "127.0.0.1", "-p", str(port)],
                               env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     try:
-        for _ in range(240):
-            try:
-                urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2)
-                break
-            except OSError:
-                assert server.poll() is None, "mlflow models serve exited"
-                time.sleep(0.5)
+        wait_http(f"http://127.0.0.1:{port}/ping", server)
         status, text = _post(port, [_b64(image.read_bytes()), "not an image", str(image), str(tmp_path / "nope.png")])
         assert status == 200, text
         answer = _strict(text)["predictions"]
