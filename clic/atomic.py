@@ -20,6 +20,7 @@ import contextlib
 import csv
 import glob
 import io
+import json
 import logging
 import os
 import re
@@ -95,12 +96,13 @@ def recover_dir(out: Path) -> None:
     remove_leftovers(out.parent, rf"{re.escape(out.name)}\.partial-(?P<pid>\d+)(\..*)?")
 
 
-def replace_dir(tmp: Path, out: Path, command: str, names: Collection[str] = ()) -> None:
+def replace_dir(tmp: Path, out: Path, command: str, names: Collection[str] = (),
+                proof: tuple[str, str] | None = None) -> None:
     """Put the complete folder ``tmp`` in place of ``out`` (see the module docstring), marked as
-    written by ``command``; an ``out`` that :func:`check_output` (with ``names``) refuses is left
+    written by ``command``; an ``out`` that :func:`check_output` (``names``, ``proof``) refuses is left
     as it is. A failure or Ctrl-C during the swap puts the old folder back before the exception
     propagates."""
-    check_output(out, names=names)
+    check_output(out, names=names, proof=proof)
     if tmp.is_dir():  # (a missing one fails the rename below)
         mark(tmp, command)
     aside = out.with_name(f"{out.name}.old-{os.getpid()}")
@@ -126,12 +128,19 @@ class OutputError(ValueError):
     """An output that would overwrite, delete or be mixed with what the user owns."""
 
 
-def _overlap(out: Path, inputs: Iterable[str | Path]) -> None:
+LEFTOVER = re.compile(r"\..+\.\d+\.tmp")  # ``.<name>.<pid>.tmp``: what a killed write of this project leaves
+
+
+def check_inputs(out: str | Path, inputs: Iterable[str | Path]) -> None:
+    """Refuse an ``out`` that is, contains or lies inside one of ``inputs`` (resolved paths;
+    ``file://`` URLs are their paths, other URLs and empty strings are skipped)."""
+    out = Path(out)
     target = out.resolve()
     for given in inputs:
-        if not str(given):
+        text = str(given).removeprefix("file://")
+        if not text or "://" in text or text.startswith("dbfs:"):
             continue
-        source = Path(given).resolve()
+        source = Path(text).resolve()
         how = ("is" if target == source else "lies inside" if source in target.parents
                else "contains" if target in source.parents else "")
         if how:
@@ -140,17 +149,20 @@ def _overlap(out: Path, inputs: Iterable[str | Path]) -> None:
 
 
 def check_output(out: str | Path, inputs: Iterable[str | Path] = (), names: Collection[str] = (),
-                 folder: bool = True) -> None:
+                 folder: bool = True, proof: tuple[str, str] | None = None) -> None:
     """Refuse to write ``out`` when that could lose something the user owns.
 
     ``folder``: ``out`` is a folder the command replaces or writes into; it must be missing, empty,
-    hold :data:`MARKER`, or hold only entries named in ``names`` (what the command writes there;
-    leftovers of killed writes, ``.<name>...tmp``, count as its own). Otherwise ``out`` is a file,
-    which may not be a folder. Either way ``out`` may not be, contain or lie inside one of
-    ``inputs``. Raises :class:`OutputError` naming the folder and what it holds.
+    hold :data:`MARKER`, or be an output of the command written before the marker existed: only
+    entries named in ``names`` (leftovers of killed writes, ``.<name>.<pid>.tmp``, count as its
+    own) and, with ``proof = (file, key)``, that file in it holding a JSON object (a JSON-lines
+    file: its first line) with that key, which no user's folder of those names would. Otherwise
+    ``out`` is a file, which may not be a folder. Either way ``out`` may not be, contain or lie
+    inside one of ``inputs`` (:func:`check_inputs`). Raises :class:`OutputError` naming the
+    folder and what it holds.
     """
     out = Path(out)
-    _overlap(out, inputs)
+    check_inputs(out, inputs)
     if not folder:
         if out.is_dir():
             raise OutputError(f"{out}: is a folder; name a file to write")
@@ -159,12 +171,26 @@ def check_output(out: str | Path, inputs: Iterable[str | Path] = (), names: Coll
         raise OutputError(f"{out}: is a file, not a folder; name a new or empty folder")
     if not out.is_dir() or (out / MARKER).is_file():
         return
-    foreign = sorted(e.name for e in out.iterdir()
-                     if e.name not in names and not (e.name.startswith(".") and ".tmp" in e.name))
+    entries = [e.name for e in out.iterdir() if not LEFTOVER.fullmatch(e.name)]
+    foreign = sorted(e for e in entries if e not in names)
+    if entries and not foreign and proof is not None and not _proves(out / proof[0], proof[1]):
+        foreign = sorted(entries)
     if foreign:
         shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
         raise OutputError(f"{out}: holds {shown}, which no clic command wrote; refusing to replace or write into "
                           "it (nothing was changed): name a new or empty folder, or move those files away")
+
+
+def _proves(file: Path, key: str) -> bool:
+    """``file`` is a JSON object (or JSON lines, the first one) with ``key``: an output of ours."""
+    try:
+        with file.open("rb") as fh:
+            head = fh.read(1 << 20)
+        first = head.split(b"\n", 1)[0] if file.suffix == ".jsonl" else head
+        value = json.loads(first)
+    except (OSError, ValueError):
+        return False
+    return isinstance(value, dict) and key in value
 
 
 def mark(folder: Path, command: str) -> None:

@@ -158,9 +158,12 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _prepare(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    from clic.atomic import check_output
     from clic.data.prepare import prepare, prepare_transfer
 
     dcfg, seed = data_config(params), int(params.get("seed", 0))
+    if args.transfer:  # refused before any work, as the prepared folder is
+        check_output(args.transfer, (dcfg.out_dir, dcfg.raw_dir))
     print(f"prepared dataset: {prepare(dcfg, seed=seed, force=args.force)}")
     if args.transfer:
         print(f"transfer dataset: {prepare_transfer(dcfg, args.transfer, seed)}")
@@ -188,7 +191,7 @@ def _embed(args: argparse.Namespace, params: dict[str, Any]) -> None:
 
 def _params(args: argparse.Namespace, params: dict[str, Any]) -> None:
     data_config(params)  # validate what can be validated without a method
-    configs = {m: pretrain_config(params, m) for m in METHODS}
+    configs = {m: pretrain_config(params, m) for m in ([args.method] if args.method else METHODS)}
     if not args.method:
         print(yaml.safe_dump(params, sort_keys=False), end="")
         return
@@ -246,17 +249,20 @@ def _corpus(args: argparse.Namespace, params: dict[str, Any]) -> int:
 
 def _shard(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from clic.data.corpus import CORPUS_DIR, corpus_records
-    from clic.data.shards import is_url, write_shards
+    from clic.data.shards import is_shard_index, write_shards
 
     entries = args.entries or list(pretrain_config(params, METHODS[0]).data)
     if not entries:
         raise ValueError("nothing to shard: name image folders, archives or prepared datasets, or set pretrain.data")
+    if sharded := [e for e in entries if is_shard_index(e)]:
+        raise ValueError(f"{sharded[0]}: already a sharded corpus (name it in pretrain.data as it is); clic data "
+                         "shard reads image folders, archives and prepared datasets")
     dcfg = data_config(params)
     records = corpus_records(entries, Path(args.work_dir or CORPUS_DIR), dcfg.max_archive_bytes,
                              dcfg.max_member_bytes, dcfg.max_archive_ratio)
     summary = write_shards(records, args.out, args.per_shard, args.side, args.quality, int(params.get("seed", 0)),
                            args.workers or None, dcfg.max_pixels, args.force, not args.no_progress,
-                           inputs=[e for e in entries if not is_url(e)], min_side=dcfg.min_size)
+                           inputs=entries, min_side=dcfg.min_size)
     print(f"{summary.images} images in {summary.parts} parts ({summary.written} written now, "
           f"{summary.unreadable} unreadable skipped) -> {summary.index}")
 
@@ -274,8 +280,8 @@ def _probe(args: argparse.Namespace, params: dict[str, Any]) -> None:
 
     cfg, seed = probe_config(params), int(params.get("seed", 0))
     data_dir = args.data or data_config(params).out_dir
-    check_output(args.out, [data_dir, args.model, args.scorer if "://" not in args.scorer else "", args.cache],
-                 REPORT_NAMES)
+    check_output(args.out, [data_dir, args.model, args.scorer, args.cache], REPORT_NAMES,
+                 proof=("metrics.json", "srcc"))
     if args.baseline == "handcrafted":
         report = evaluate_handcrafted(data_dir, cfg, args.out, seed)
     elif args.baseline == "random":
@@ -319,7 +325,7 @@ def _score(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from clic.scorer import load_scorer
 
     if args.out:
-        check_output(args.out, [*args.inputs, args.model if "://" not in args.model else ""], folder=False)
+        check_output(args.out, [*args.inputs, args.model], folder=False)
     scorer = load_scorer(args.model, args.device)
     paths = expand_inputs(args.inputs)
     scores, kept, errors = scorer.score_files(paths, args.batch_size, args.workers, threads=args.threads)
@@ -342,7 +348,7 @@ def _map(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from clic.data.imageio import load_rgb
     from clic.scorer import blend_heatmap, load_scorer
 
-    check_output(args.out, [args.image], folder=False)
+    check_output(args.out, [args.image, args.model], folder=False)
     scorer = load_scorer(args.model, args.device)
     img = load_rgb(args.image)
     values = scorer.map(img)

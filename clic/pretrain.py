@@ -26,7 +26,7 @@ from clic.config import PretrainConfig
 from clic.cores import usable_cores
 from clic.data.corpus import CORPUS_DIR, corpus_records
 from clic.data.dataset import EpochBatches, ViewDataset
-from clic.data.shards import is_shard_index, is_url
+from clic.data.shards import is_shard_index
 from clic.data.table import Record, read_table, resolve
 from clic.engine import checkpoint as ckpt
 from clic.engine import distributed as dist
@@ -127,8 +127,8 @@ def encoder_payload(model: nn.Module, cfg: PretrainConfig) -> dict[str, Any]:
             "feature_dim": int(bb.feature_dim), "config": to_dict(cfg), "git": ckpt.git_revision()}
 
 
-# what a pretraining folder holds (folders written before they were marked are recognised by it;
-# DVC writes a .gitignore beside the outputs of a stage in a git repository: models/<method>/)
+# what a pretraining folder holds (one written before folders were marked is recognised by these names
+# and its metrics.jsonl; DVC writes a .gitignore beside the outputs of a stage in a git repository)
 PRETRAIN_NAMES = ("checkpoint.pt", "checkpoint.stale.pt", "encoder.pt", "metrics.jsonl", ".gitignore")
 
 
@@ -145,7 +145,7 @@ def run(cfg: PretrainConfig, data_dir: str | Path, out_dir: str | Path, device: 
     """
     out = Path(out_dir)
     if int(os.environ.get("RANK", "0")) == 0:  # before any work: a folder of the user's is refused whole
-        atomic.check_output(out, [data_dir, *(e for e in cfg.data if not is_url(e))], PRETRAIN_NAMES)
+        atomic.check_output(out, [data_dir, *cfg.data], PRETRAIN_NAMES, proof=("metrics.jsonl", "epoch"))
         atomic.mark(out, "clic pretrain")
     dev = pick_device(device)
     if dev.type == "cuda":

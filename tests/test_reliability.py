@@ -120,14 +120,48 @@ def test_every_command_that_writes_refuses_what_the_user_owns(tmp_path: Path, co
         ["score", "--model", "unused.pt", "--out", str(photo), str(photo)],
         ["embed", "--model", "unused.pt", "--out", str(users / "sub" / "f.npz"), str(users)],
         ["map", "--model", "unused.pt", "--out", str(photo), str(photo)],
+        ["map", "--model", str(photo), "--out", str(photo), str(corpus / "a" / "001.jpg")],
+        ["data", "shard", "--params", str(params), "--out", str(tmp_path / "again"), str(shards)],
     ]
     for argv in commands:
         assert main(argv) == 2, argv
         assert _tree(users) == before, argv
     assert not (corpus / "a" / "shards").exists() and not (tiny_prepared / "run").exists()
+    assert not (tmp_path / "again").exists()
     # shards: a folder it wrote is its own (a re-run resumes; --force starts over in it)
     assert main(["data", "shard", "--params", str(params), "--out", str(shards), "--per-shard", "4",
                  "--workers", "1", str(corpus)]) == 0
+
+
+def test_only_proof_makes_an_unmarked_folder_ours(tmp_path: Path, shards: Path, tiny_prepared: Path) -> None:
+    """Names alone do not make a folder a command's own: a user's ``cache/`` or ``encoder.pt``, or a
+    hidden file that merely contains ``.tmp``, is refused; an unmarked folder holding the signature
+    only that command writes is replaced."""
+    for name, files in (("cache", {"cache/mine.txt": "precious"}), ("hidden", {".notes.tmp.md": "precious"})):
+        folder = tmp_path / name
+        for rel, text in files.items():
+            (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+            (folder / rel).write_text(text)
+        with pytest.raises(atomic.OutputError, match="which no clic command wrote"):
+            prepare(_data(tmp_path, out_dir=str(folder)), workers=1)
+        assert all((folder / rel).read_text() == text for rel, text in files.items())
+    weights = tmp_path / "weights"
+    weights.mkdir()
+    (weights / "encoder.pt").write_bytes(b"my own weights")
+    with pytest.raises(atomic.OutputError, match=r"weights: holds encoder.pt, which no clic command wrote"):
+        run(_moco(tmp_path, [str(shards)]), tmp_path / "unused", weights, progress=False)
+    with pytest.raises(atomic.OutputError, match="the output lies inside the input file://"):  # a URL is its path
+        run(_moco(tmp_path, [f"file://{shards}"]), tmp_path / "unused", shards / "run", progress=False)
+    assert (weights / "encoder.pt").read_bytes() == b"my own weights"
+    here = tmp_path / "here"  # out_dir "." names the working folder: its lock goes beside it, not in it
+    here.mkdir()
+    cwd = Path.cwd()
+    os.chdir(here)
+    try:
+        prepare(_data(tmp_path, out_dir="."), workers=1)
+    finally:
+        os.chdir(cwd)
+    assert sorted(p.name for p in here.iterdir()) == [atomic.MARKER, "meta.json", "table.csv"]
 
 
 def test_a_killed_prepare_never_costs_the_users_folder(tmp_path: Path) -> None:
@@ -161,6 +195,14 @@ def test_a_remote_shard_that_cannot_be_fetched_fails_the_run_by_name(shards: Pat
     assert not (tmp_path / "run" / "encoder.pt").exists()
     with pytest.raises(CorpusError, match=r"shard part-000007/shard.00000.mds cannot be fetched after 3 tries"):
         local_corpus(f"file://{remote}", tmp_path / "work2")  # the leak check's read
+    if workers:
+        return
+    # the remote mended, a copy cut short in the cache (a kill mid-copy) is fetched again, not trusted
+    shutil.copy2(shards / "part-000007" / "shard.00000.mds", remote / "part-000007" / "shard.00000.mds")
+    cached = sorted((tmp_path / "work" / "mds").rglob("*.mds"))[0]
+    cached.write_bytes(cached.read_bytes()[:500])
+    run(cfg, tmp_path / "unused", tmp_path / "run", progress=False, corpus_dir=tmp_path / "work")
+    assert (tmp_path / "run" / "encoder.pt").is_file()
 
 
 def test_a_short_epoch_is_an_error_not_an_epoch() -> None:
@@ -196,9 +238,18 @@ def test_index_counts_and_sizes_are_checked_against_the_shards_before_reading(sh
         assert not (tmp_path / f"run-{name}" / "encoder.pt").exists()
 
     def many(s: list) -> None:  # within every shard's bytes, too many for one process in all
-        s[:] = [{**s[0], "samples": 1_300_000, "raw_data": {**s[0]["raw_data"], "bytes": 2**27}}] * 16
+        s[:] = [{**s[0], "samples": 1_300_000, "raw_data": {"basename": f"{i}.mds", "bytes": 2**27, "hashes": {}}}
+                for i in range(16)]
     with pytest.raises(CorpusError, match=r"lists 20,800,000 samples, over the 20,000,000 .* 1.6 GB each"):
         check_index(_tampered(shards, tmp_path / "many", many) / INDEX_NAME, "many", local=False)
+
+    def twice(s: list) -> None:
+        s.append(s[0])
+    with pytest.raises(CorpusError, match=r"shards\[10\]: 'part-000000/shard.00000.mds' is listed twice"):
+        check_index(_tampered(shards, tmp_path / "twice", twice) / INDEX_NAME, "twice")
+    with pytest.raises(CorpusError, match="names one corpus twice"):
+        run(_moco(tmp_path, [str(shards), f"file://{shards}/"]), tmp_path / "unused", tmp_path / "run-2x",
+            progress=False, corpus_dir=tmp_path / "work")
 
     def hashes(s: list) -> None:
         del s[1]["hashes"]

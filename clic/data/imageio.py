@@ -87,8 +87,9 @@ def _decode(source: Path | io.BytesIO, name: str, max_pixels: int, min_size: int
     except FileNotFoundError as exc:
         raise ImageError(f"{name}: image file is missing") from exc
     except (OSError, SyntaxError, ValueError, Image.DecompressionBombWarning,
-            Image.DecompressionBombError) as exc:  # Pillow names bytes by their object's repr: say "the data"
-        raise ImageError(f"{name}: cannot decode image ({str(exc).replace(repr(source), 'the data')})") from exc
+            Image.DecompressionBombError) as exc:  # Pillow names bytes by their object's repr: drop it
+        detail = str(exc).replace(f" {source!r}", "").replace(repr(source), "")
+        raise ImageError(f"{name}: cannot decode image ({detail})") from exc
 
 
 @dataclass

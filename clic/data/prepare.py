@@ -86,8 +86,13 @@ def _process(job: tuple[Entry, str, int, int, int]) -> tuple[Record | None, str 
 
 
 PREPARED_NAMES = ("table.csv", "meta.json", "cache")  # what a prepared folder holds
+PREPARED_PROOF = ("meta.json", "inputs")  # and the signature only prepare writes (an unmarked one is ours)
 SYNTHETIC_NAMES = ("images", "train.txt", "test.txt")
-TRANSFER_NAMES = ("train", "val")
+
+
+def _named(out: Path) -> Path:
+    """``out`` with a name (``.`` and ``..`` made absolute): its lock and leftovers go beside it."""
+    return Path(os.path.abspath(out)) if out.name in ("", "..") else out
 
 
 # settings that never change a prepared folder's content (where it goes, what is refused)
@@ -123,11 +128,11 @@ def prepare(cfg: DataConfig, seed: int = 0, workers: int | None = None, force: b
     ``out_dir`` that is not a prepared folder (or empty), or that is, holds or lies inside the
     source or ``raw_dir``, is refused before anything is read (:func:`clic.atomic.check_output`).
     """
-    out = Path(cfg.out_dir)
-    atomic.check_output(out, (cfg.path, cfg.csv, cfg.raw_dir), PREPARED_NAMES)  # before even its lock is made
+    out = _named(Path(cfg.out_dir))
+    atomic.check_output(out, (cfg.path, cfg.csv, cfg.raw_dir), PREPARED_NAMES, proof=PREPARED_PROOF)  # before its lock
     with atomic.lock(out, "preparing"):
         atomic.recover_dir(out)
-        atomic.check_output(out, (), PREPARED_NAMES)  # as it is now that this process holds it
+        atomic.check_output(out, (), PREPARED_NAMES, proof=PREPARED_PROOF)  # as it is now that this process holds it
         return _prepare_locked(cfg, out, seed, workers, force)
 
 
@@ -159,7 +164,7 @@ def _prepare_locked(cfg: DataConfig, out: Path, seed: int, workers: int | None, 
             raise ValueError(f"{len(errors)} of {len(entries)} images are unusable:\n  {shown}{more}")
         records = [dataclasses.replace(r, path=relative_to(out, Path(r.path))) for r in records]
         write_table(tmp, records, {**meta, "seed": seed, "cache_size": cfg.cache_size, "inputs": signature})
-        atomic.replace_dir(tmp, out, "clic data prepare", PREPARED_NAMES)
+        atomic.replace_dir(tmp, out, "clic data prepare", PREPARED_NAMES, PREPARED_PROOF)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -170,15 +175,15 @@ def _prepare_locked(cfg: DataConfig, out: Path, seed: int, workers: int | None, 
 def prepare_transfer(cfg: DataConfig, out_dir: str | Path, seed: int = 0) -> Path:
     """The synthetic labelled classification set (``train/``, ``val/`` class folders); refuses an
     ``out_dir`` it did not write, as :func:`prepare` does."""
-    out = Path(out_dir)
+    out = _named(Path(out_dir))
     s = cfg.synthetic
-    atomic.check_output(out, (cfg.out_dir, cfg.raw_dir), TRANSFER_NAMES)
+    atomic.check_output(out, (cfg.out_dir, cfg.raw_dir))
     with atomic.lock(out, "generating"):
         atomic.recover_dir(out)
         tmp = atomic.staging_dir(out)
         try:
             generate_classification(tmp, seed, s.n_classes, s.n_class_train, s.n_class_val, s.size)
-            atomic.replace_dir(tmp, out, "clic data prepare --transfer", TRANSFER_NAMES)
+            atomic.replace_dir(tmp, out, "clic data prepare --transfer")
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise

@@ -55,6 +55,12 @@ class ShardStream(StreamingDataset):
                  batch_size: int, seed: int = 0, decode_side: int | None = None, encoded: bool = False,
                  cache_limit: str | None = None) -> None:
         places = [remote_and_local(entry, cache_root) for entry in entries]
+        folders = [remote if remote and ("://" in remote or remote.startswith("dbfs:"))
+                   else str(Path(remote or local).resolve()) for remote, local in places]
+        if len(set(folders)) < len(folders):  # one corpus named twice (a folder and its file:// URL, a slash)
+            twice = [str(e) for e, f in zip(entries, folders, strict=True) if folders.count(f) > 1]
+            raise CorpusError(f"pretrain.data names one corpus twice ({', '.join(twice)}): its images would be "
+                              "trained twice as often; name it once")
         streams = [Stream(remote=remote, local=str(local), download_retry=DOWNLOAD_RETRY) for remote, local in places]
         self.names = [str(entry) for entry in entries]
         # one canonical node: the order is the same on any number of nodes, ranks and workers

@@ -125,7 +125,7 @@ def check_index(path: Path, where: str, local: bool = True) -> dict[str, Any]:
     except (OSError, ValueError, KeyError, RecursionError) as exc:
         raise ValueError(f"{where}: not a readable shard index ({str(exc)[:200]}); write one with clic data "
                          "shard") from None
-    total = 0
+    total, seen = 0, set()
     for i, shard in enumerate(shards):
         try:
             columns = dict(zip(shard["column_names"], shard["column_encodings"], strict=True))
@@ -146,6 +146,9 @@ def check_index(path: Path, where: str, local: bool = True) -> dict[str, Any]:
         if os.path.isabs(name) or ".." in Path(name).parts or "\\" in name:
             raise CorpusError(f"{where}: shards[{i}]: {name[:80]!r} must be a path inside the index's folder "
                               "(no absolute paths, no '..')")
+        if name in seen:  # its samples would be trained twice
+            raise CorpusError(f"{where}: shards[{i}]: {name[:80]!r} is listed twice")
+        seen.add(name)
         if local:
             check_shard_file(path.parent / name, n, size, where)
         total += n
@@ -221,6 +224,15 @@ def remote_and_local(entry: str | Path, cache_root: str | Path) -> tuple[str | N
                 if p != tmp:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         os.replace(tmp, index)
+        for shard in json.loads(index.read_text())["shards"]:  # a cached copy cut short or damaged: fetched again
+            raw = shard["raw_data"]
+            cached = local / raw["basename"]
+            try:
+                if cached.is_file():
+                    check_shard_file(cached, shard["samples"], raw["bytes"], f"{entry}/{INDEX_NAME}")
+            except CorpusError as exc:
+                log.warning("%s; deleting the cached copy, to be fetched again", exc)
+                cached.unlink()
     return remote, local
 
 
