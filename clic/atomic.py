@@ -210,9 +210,10 @@ def write_text(path: Path, text: str) -> None:
 
 
 def write_csv(path: Path, rows: Iterable[Sequence[object]]) -> None:
-    """``rows`` (header first) as a CSV file, written whole by :func:`write_text`."""
+    """``rows`` (header first) as a CSV file, written whole by :func:`write_text`; lines end in
+    ``\n`` as on standard output (the csv module's default CRLF leaves a ``\r`` in cut/awk)."""
     buf = io.StringIO()
-    csv.writer(buf).writerows(rows)
+    csv.writer(buf, lineterminator="\n").writerows(rows)
     write_text(path, buf.getvalue())
 
 

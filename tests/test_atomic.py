@@ -118,6 +118,7 @@ def test_leftovers_of_killed_runs_are_removed_on_the_next_start(tmp_path: Path, 
     alive = [tmp_path / f"prep.partial-{live_pid}", tmp_path / "prep.partial-notapid", tmp_path / "prep-other"]
     for d in dead + alive:
         (d / "cache").mkdir(parents=True)
+        (d / atomic.MARKER).write_text("")  # what prepare wrote (the old one is restored first, then replaced)
     prepare(cfg, workers=1)
     assert not any(d.exists() for d in dead)
     assert all(d.exists() for d in alive)  # a running writer's folder and other names are not touched

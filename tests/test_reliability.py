@@ -333,3 +333,4 @@ def test_score_refuses_corrupt_jpegs_and_prints_plain_newlines(tmp_path: Path, t
     assert b"\r" not in res.stdout and res.stdout.decode().splitlines()[0] == "path,score"
     assert [line.split(",")[0] for line in res.stdout.decode().splitlines()[1:]] == [str(good)]
     assert b"bad.jpg: corrupt JPEG data" in res.stderr
+    assert b"\r" not in (tmp_path / "report" / "predictions.csv").read_bytes()  # files as stdout: \n
