@@ -8,9 +8,9 @@ every writer, under :func:`lock`) puts it back and deletes what killed runs left
 a leftover's name tells whether its writer is still running.
 
 Nothing a user owns is deleted: every folder a command writes holds a marker (:data:`MARKER`), and
-:func:`check_output` refuses an output folder that is neither missing, empty, marked, nor made only
-of the names its command writes (folders written before the marker existed), and an output that
-is, contains or lies inside one of the command's inputs. :func:`replace_dir` checks it again
+:func:`check_output` refuses an output folder that is neither missing, empty, marked, nor shown to
+be that command's output from before the marker existed (its names and a file only it writes), and
+an output that is, contains or lies inside one of the command's inputs. :func:`replace_dir` checks it again
 before its swap, so no code path replaces a folder this project did not write.
 """
 

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from clic.config import PretrainConfig
 from clic.cores import torch_threads
-from clic.data.imageio import ImageError, check_jpeg_data, decode_opened, is_image_file, load_rgb
+from clic.data.imageio import ImageError, decode_opened, is_image_file, load_rgb
 from clic.engine import checkpoint as ckpt
 from clic.engine.train import autocast
 from clic.models.backbones import ResNetBackbone, ViTBackbone, build_backbone
@@ -116,8 +116,7 @@ def load_for_model(source: str | Path | Image.Image, size: int) -> Image.Image:
     corrupted mid-stream is refused as prepare refuses it (Pillow would decode it into grey)."""
     if isinstance(source, Image.Image):
         return decode_opened(source, min_size=2 * size)
-    check_jpeg_data(source)
-    return load_rgb(source, min_size=2 * size)
+    return load_rgb(source, min_size=2 * size, strict=True)
 
 
 class _Images(Dataset):

@@ -30,15 +30,27 @@ def is_image_file(path: str | Path) -> bool:
     return Path(path).suffix.lower() in IMAGE_SUFFIXES
 
 
-def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int | None = None) -> Image.Image:
+def load_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, min_size: int | None = None,
+             strict: bool = False) -> Image.Image:
     """Decode ``path`` into an 8-bit RGB image with EXIF orientation applied.
 
     ``min_size``: the caller will downsample to this short side anyway, so JPEGs are decoded at the
     smallest DCT scale (1/2, 1/4 or 1/8) that keeps both sides >= ``min_size`` (Pillow's ``draft``):
-    4-30x less decoding work for camera-sized photos. Other formats decode in full.
+    4-30x less decoding work for camera-sized photos. Other formats decode in full. ``strict``: the
+    file is read once and a JPEG's data corrupted mid-stream is refused (:func:`check_jpeg_data`).
     """
     path = Path(path)
-    return _decode(path, str(path), max_pixels, min_size)
+    if not strict:
+        return _decode(path, str(path), max_pixels, min_size)
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise ImageError(f"{path}: image file is missing") from None
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot decode image ({exc})") from None
+    img = _decode(io.BytesIO(data), str(path), max_pixels, min_size)
+    check_jpeg_data(path, data)  # Pillow decodes mid-stream corruption into garbage silently
+    return img
 
 
 def check_pixels(name: str, w: int, h: int, max_pixels: int) -> None:

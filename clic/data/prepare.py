@@ -24,7 +24,7 @@ from clic import atomic
 from clic.config import DataConfig
 from clic.cores import die_with_parent, usable_cores
 from clic.data.archive import extracted, find_root, is_archive
-from clic.data.imageio import ImageError, check_jpeg_data, content_hash, load_rgb, resize_short
+from clic.data.imageio import ImageError, content_hash, load_rgb, resize_short
 from clic.data.sources import Entry, read_folder, read_ic9600, read_savoias
 from clic.data.synthetic import generate_classification, generate_ic9600
 from clic.data.table import Record, relative_to, write_table
@@ -67,8 +67,7 @@ def source_entries(cfg: DataConfig, seed: int, force: bool = False) -> tuple[lis
 def _process(job: tuple[Entry, str, int, int, int]) -> tuple[Record | None, str | None]:
     entry, out_dir, cache_size, min_size, max_pixels = job
     try:
-        img = load_rgb(entry.path, max_pixels)
-        check_jpeg_data(entry.path)  # Pillow decodes mid-stream corruption into garbage silently
+        img = load_rgb(entry.path, max_pixels, strict=True)
     except ImageError as exc:
         return None, str(exc)
     w, h = img.size

@@ -30,7 +30,7 @@ from PIL import Image
 
 from clic.data.dataset import _seeded, sample_seed
 from clic.data.imageio import Encoded, ImageError, decode_bytes, read_encoded
-from clic.data.shards import CorpusError, _needs_streaming, check_shard_file, remote_and_local
+from clic.data.shards import CorpusError, _needs_streaming, check_shard_file, is_url, remote_and_local
 
 log = logging.getLogger(__name__)
 _needs_streaming()
@@ -55,8 +55,8 @@ class ShardStream(StreamingDataset):
                  batch_size: int, seed: int = 0, decode_side: int | None = None, encoded: bool = False,
                  cache_limit: str | None = None) -> None:
         places = [remote_and_local(entry, cache_root) for entry in entries]
-        folders = [remote if remote and ("://" in remote or remote.startswith("dbfs:"))
-                   else str(Path(remote or local).resolve()) for remote, local in places]
+        folders = [remote if remote and is_url(remote) else str(Path(remote or local).resolve())
+                   for remote, local in places]
         if len(set(folders)) < len(folders):  # one corpus named twice (a folder and its file:// URL, a slash)
             twice = [str(e) for e, f in zip(entries, folders, strict=True) if folders.count(f) > 1]
             raise CorpusError(f"pretrain.data names one corpus twice ({', '.join(twice)}): its images would be "
@@ -107,14 +107,16 @@ class ShardStream(StreamingDataset):
         return f"{self.names[stream]}: shard {self.shards[shard_id].file_pairs[0][0].basename}"
 
     def prepare_shard(self, shard_id: int, blocking: bool = True) -> None:
-        """MosaicML's fetch of a shard, then its file checked against the index once per process.
+        """MosaicML's fetch of a shard, then a fetched (remote) shard's file checked against the index
+        once per process (local corpora were checked whole at the start: :func:`check_index`).
         A failure marks the shard as not being fetched (so no other worker waits on it forever), stops
         this worker's download threads; the sample loop (main thread) raises it, a download thread
         leaves it for :meth:`__iter__`, which raises it when the samples run out."""
         try:
             super().prepare_shard(shard_id, blocking)
-            if shard_id not in self._checked and self._shard_states[shard_id] == _ShardState.LOCAL:
-                stream, shard = self.streams[self.stream_per_shard[shard_id]], self.shards[shard_id]
+            stream = self.streams[self.stream_per_shard[shard_id]]
+            if stream.remote and shard_id not in self._checked and self._shard_states[shard_id] == _ShardState.LOCAL:
+                shard = self.shards[shard_id]
                 raw = shard.file_pairs[0][0]
                 check_shard_file(Path(stream.local) / (stream.split or "") / raw.basename, shard.samples, raw.bytes,
                                  f"{self.names[self.stream_per_shard[shard_id]]} index.json")

@@ -213,7 +213,7 @@ def remote_and_local(entry: str | Path, cache_root: str | Path) -> tuple[str | N
                              "URL must be a folder written by clic data shard on a remote MosaicML streaming reads "
                              "(s3, gs, oci, azure, hf, sftp, dbfs) or file://") from None
         try:
-            check_index(tmp, f"{entry}/{INDEX_NAME}", local=False)
+            checked = check_index(tmp, f"{entry}/{INDEX_NAME}", local=False)
         except ValueError:
             tmp.unlink()
             raise
@@ -224,7 +224,7 @@ def remote_and_local(entry: str | Path, cache_root: str | Path) -> tuple[str | N
                 if p != tmp:
                     shutil.rmtree(p) if p.is_dir() else p.unlink()
         os.replace(tmp, index)
-        for shard in json.loads(index.read_text())["shards"]:  # a cached copy cut short or damaged: fetched again
+        for shard in checked["shards"]:  # a cached copy cut short or damaged: fetched again
             raw = shard["raw_data"]
             cached = local / raw["basename"]
             try:
@@ -333,10 +333,11 @@ def _encode(job: tuple[list[tuple[str, str, str]], int, int, int]) -> list[tuple
         try:
             img = load_rgb(path, max_pixels)
             digest, (w, h) = content_hash(img), img.size
-            if side and min(w, h) > side:
+            shrink = bool(side) and min(w, h) > side
+            if shrink:
                 img = resize_short(img, side)
             buf = io.BytesIO()
-            if side and min(w, h) > side or not _is_plain_jpeg(path):  # else stored as is: no second lossy encoding
+            if shrink or not _is_plain_jpeg(path):  # else stored as is: no second lossy encoding
                 img.save(buf, format="JPEG", quality=quality)
             data = buf.getvalue() or Path(path).read_bytes()
             if len(data) > MAX_SAMPLE_BYTES:
