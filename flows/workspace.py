@@ -36,9 +36,12 @@ def workspace_key(flow: str, method: str, dataset: str, overrides: dict[str, Any
 
 @contextlib.contextmanager
 def workspace(flow: str, method: str = "", dataset: str = "", overrides: dict[str, Any] | None = None,
-              root: Path = ROOT) -> Iterator[Path]:
-    """Create or refresh the workspace and hold its lock for the duration of the block."""
-    base = load_params(root / "params.yaml")
+              root: Path = ROOT, profile: str = "params.yaml", path: Path | None = None) -> Iterator[Path]:
+    """Create or refresh the workspace and hold its lock for the duration of the block.
+    ``profile``: the params file the workspace starts from (``params/real-photos.yaml``; relative
+    to ``root``); ``path``: the workspace's folder (a study cell's), else one keyed by the settings
+    among the flow's others, the oldest of which are pruned."""
+    base = load_params(root / profile)
     overrides = resolve_overrides(overrides or {}, method, base)
     if dataset:
         overrides.setdefault("data.source", dataset)
@@ -46,12 +49,14 @@ def workspace(flow: str, method: str = "", dataset: str = "", overrides: dict[st
                                     for k, v in overrides.items()])
     load_check(params, method)
     _anchor_paths(params, root)
-    ws = root / "workspaces" / workspace_key(flow, method, dataset, overrides)
+    key = workspace_key(flow, method, dataset, overrides if profile == "params.yaml" else {**overrides, "": profile})
+    ws = path or root / "workspaces" / key
     ws.mkdir(parents=True, exist_ok=True)
     with (ws / ".lock").open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         os.utime(ws)  # newest first when pruning
-        prune_workspaces(root / "workspaces", flow, keep_count(), keep=ws)
+        if path is None:
+            prune_workspaces(root / "workspaces", flow, keep_count(), keep=ws)
         for item in CODE:
             src, dst = root / item, ws / item
             if src.is_dir():
@@ -70,12 +75,19 @@ def workspace(flow: str, method: str = "", dataset: str = "", overrides: dict[st
 
 
 def _anchor_paths(params: dict[str, Any], root: Path) -> None:
-    """Make relative ``pretrain.data`` entries absolute: they are written relative to the project
-    root, and the stages run inside ``workspaces/<key>``, where they would point elsewhere."""
+    """Make the relative paths of inputs absolute (``pretrain.data`` entries, ``data.path``,
+    ``data.csv``): they are written relative to the project root, and the
+    stages run inside ``workspaces/<key>``, where they would point elsewhere. Outputs stay inside
+    the workspace."""
+    def anchor(p: Any) -> str:
+        return str(p) if not p or is_url(str(p)) or Path(p).is_absolute() else str((root / p).resolve())
+
     data = (params.get("pretrain") or {}).get("data")
     if data:
-        params["pretrain"]["data"] = [str(p) if is_url(str(p)) or Path(p).is_absolute() else str((root / p).resolve())
-                                      for p in ([data] if isinstance(data, str) else data)]
+        params["pretrain"]["data"] = [anchor(p) for p in ([data] if isinstance(data, str) else data)]
+    for key in ("path", "csv"):
+        if (params.get("data") or {}).get(key):
+            params["data"][key] = anchor(params["data"][key])
 
 
 def resolve_overrides(overrides: Any, method: str, params: dict[str, Any]) -> dict[str, Any]:

@@ -26,13 +26,14 @@ def baselines(p: dict[str, Any]) -> None:
             for name, arch in archs.items():
                 report = evaluate_random(arch, data_dir, cfg, ROOT / "reports" / "baselines" / name, seed)
                 results[name] = key_metrics(report)
-                log_report(report, f"reports/baselines/{name}", prefix=f"{name}_")
+                log_report(report, f"reports/baselines/{name}", prefix=f"{name}_", artifact_path=f"report/{name}")
                 print(f"{name}: PCC {report['pcc']:.4f} SRCC {report['srcc']:.4f}")
         if "handcrafted" in cfg.baselines:
             report = evaluate_handcrafted(data_dir, cfg, ROOT / "reports" / "baselines" / "handcrafted", seed)
             zero_shot = {m: v["srcc"] for m, v in report["zero_shot"].items()}
             results["handcrafted"] = {**key_metrics(report), "zero_shot_srcc": zero_shot}
-            log_report(report, "reports/baselines/handcrafted", prefix="handcrafted_")
+            log_report(report, "reports/baselines/handcrafted", prefix="handcrafted_",
+                       artifact_path="report/handcrafted")
             tracking.mlflow.log_metrics({f"zero_shot_{m}_srcc": v for m, v in zero_shot.items()})
             print(f"handcrafted probe: SRCC {report['srcc']:.4f}; best zero-shot {report['best_zero_shot']} "
                   f"SRCC {report['best_zero_shot_srcc']:.4f}")

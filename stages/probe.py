@@ -37,13 +37,15 @@ def key_metrics(report: dict) -> dict:
     return {k: report[k] for k in KEYS if k in report}
 
 
-def log_report(report: dict, folder: str, prefix: str = "") -> None:
+def log_report(report: dict, folder: str, prefix: str = "", artifact_path: str = "report") -> None:
+    """The report's metrics (``<prefix>srcc``, ``<prefix>srcc_<category>``, ...) and files (under
+    ``artifact_path``) into the active MLflow run."""
     tracking.mlflow.log_metrics({f"{prefix}{k}": float(report[k]) for k in METRICS})
     for c, m in (report.get("per_category") or {}).items():
         tracking.mlflow.log_metrics({f"{prefix}srcc_{c}": float(m["srcc"]), f"{prefix}rmse_{c}": float(m["rmse"])})
     for f in ("metrics.json", "predictions.csv", "validation.csv", "scatter.png", "categories.png"):
         if (ROOT / folder / f).exists():
-            tracking.mlflow.log_artifact(str(ROOT / folder / f), "report")
+            tracking.mlflow.log_artifact(str(ROOT / folder / f), artifact_path)
 
 
 def input_example() -> pd.DataFrame:

@@ -8,6 +8,7 @@ user sees of it: docs/usage.md, "MLflow".
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import traceback
 from collections.abc import Iterator
@@ -112,8 +113,18 @@ def parent_run(experiment_id: str) -> str:
         return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=os.environ.get("CLIC_RUN_NAME") or "pipeline",
                             tags={"clic.invocation": inv, "clic.kind": "pipeline", "git.commit": git_revision(ROOT),
-                                  **_prefect_tag()})
+                                  **_prefect_tag(), **_study_tags()})
     return run.info.run_id
+
+
+def _study_tags() -> dict[str, str]:
+    """A study cell's invocation run sits under the study's run (``CLIC_PARENT_RUN_ID``) with the
+    cell's tags (``CLIC_RUN_TAGS``, a JSON object: study, method, seed, variant), set by
+    flows/study.py."""
+    tags = json.loads(os.environ.get("CLIC_RUN_TAGS") or "{}")
+    if os.environ.get("CLIC_PARENT_RUN_ID"):
+        tags["mlflow.parentRunId"] = os.environ["CLIC_PARENT_RUN_ID"]
+    return {str(k): str(v) for k, v in tags.items()}
 
 
 def _prefect_tag() -> dict[str, str]:

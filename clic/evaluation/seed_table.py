@@ -1,12 +1,7 @@
 """Seeds and images into one table: per category the mean SRCC over seeds with its spread, and
-paired differences with 95% intervals over seeds and images (a hierarchical bootstrap).
-
-    python bench/seed_table.py runs/seeds/main [runs/seeds/clicv2-nomem ...] [--json OUT.json]
-
-Each argument is a ``bench/real_data.py --seeds ...`` output folder (``seed-<s>/reports/<row>/
-predictions.csv``); a row of a folder other than the first is named ``<folder>/<row>``
-(``clicv2-nomem/clicv2``). Rows: every method, ``handcrafted`` (ridge on the six measures) and
-``random_<method>`` (its architecture at random init).
+paired differences with 95% intervals over seeds and images (a hierarchical bootstrap). The rows
+come from prediction files (``name, category, human, predicted``), read from a study's MLflow runs
+(``clic study table``, stages/study_table.py) or from folders (:func:`read_folder`).
 
 Interval of a difference A - B: each bootstrap draw resamples the images (the same draw for A and
 B) and the seeds (the same seed indices for A and B where both ran them: the seed sets the probe's
@@ -17,33 +12,28 @@ made only where the 95% interval excludes zero.
 from __future__ import annotations
 
 import csv
-import json
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from common import parser  # this folder's shared helpers (on sys.path)
 from scipy.stats import rankdata
 
-Rows = dict[str, dict[int, dict[str, tuple[float, float, str]]]]
+Predictions = dict[str, tuple[float, float, str]]  # image name -> (predicted, human, category)
+Rows = dict[str, dict[int, Predictions]]  # row -> seed -> predictions
 
 
-def read_rows(folders: list[Path], only: set[int] | None = None) -> Rows:
-    """row -> seed -> image name -> (predicted, human, category); ``only``: these seeds alone."""
+def read_predictions(lines: Iterable[str]) -> Predictions:
+    """A ``predictions.csv`` (its lines) as image name -> (predicted, human, category)."""
+    return {r["name"]: (float(r["predicted"]), float(r["human"]), r["category"]) for r in csv.DictReader(lines)}
+
+
+def read_folder(files: dict[tuple[str, int], Path]) -> Rows:
+    """(row, seed) -> ``predictions.csv`` path, as rows."""
     rows: Rows = {}
-    for i, folder in enumerate(folders):
-        for seed_dir in sorted(folder.glob("seed-*")):
-            seed = int(seed_dir.name.split("-", 1)[1])
-            if only is not None and seed not in only:
-                continue
-            for report in sorted((seed_dir / "reports").glob("*/predictions.csv")):
-                name = report.parent.name if i == 0 else f"{folder.name}/{report.parent.name}"
-                with report.open(newline="") as fh:
-                    preds = {r["name"]: (float(r["predicted"]), float(r["human"]), r["category"])
-                             for r in csv.DictReader(fh)}
-                rows.setdefault(name, {})[seed] = preds
-    if not rows:
-        raise SystemExit(f"no seed-*/reports/*/predictions.csv under {', '.join(map(str, folders))}")
+    for (row, seed), path in sorted(files.items()):
+        with path.open(newline="") as fh:
+            rows.setdefault(row, {})[seed] = read_predictions(fh)
     return rows
 
 
@@ -106,16 +96,15 @@ class Study:
                 "by_category": out}
 
 
-def default_pairs(rows: list[str]) -> list[tuple[str, str]]:
-    """CLIC - MoCo, CLICv2 - CLIC, each method - its random init and - the hand-crafted ridge, and
-    each ablation folder's row - the main row of its method."""
+def default_pairs(rows: list[str], methods: list[str], random_of: dict[str, str]) -> list[tuple[str, str]]:
+    """Each method minus the one before it (``methods`` in order: CLIC - MoCo v2, CLICv2 - CLIC),
+    each method minus its architecture's random init (``random_of[method]``) and minus the
+    hand-crafted ridge, and each variant's row ``<variant>/<method>`` minus the method's row."""
     have = set(rows)
-    pairs = [(a, b) for a, b in (("clic", "moco"), ("clicv2", "clic")) if a in have and b in have]
-    for m in ("moco", "clic", "clicv2"):
-        # real_data.py probes a random init once per architecture: CLIC's ResNet is MoCo's
-        rand = f"random_{m}" if f"random_{m}" in have or m != "clic" else "random_moco"
-        if m in have:
-            pairs += [(m, r) for r in (rand, "handcrafted") if r in have]
+    present = [m for m in methods if m in have]
+    pairs = list(zip(present[1:], present[:-1], strict=True))
+    for m in present:
+        pairs += [(m, r) for r in (random_of.get(m, ""), "handcrafted") if r in have]
     pairs += [(r, r.split("/", 1)[1]) for r in rows if "/" in r and r.split("/", 1)[1] in have]
     return pairs
 
@@ -136,31 +125,3 @@ def markdown(study: Study, diffs: list[dict[str, Any]]) -> str:
             cells.append(f"**{cell}**" if x["excludes_zero"] else cell)
         lines.append(f"| {d['a']} - {d['b']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
-
-
-def main() -> None:
-    ap = parser(__doc__)
-    ap.add_argument("folders", nargs="+", type=Path)
-    ap.add_argument("--boot", type=int, default=2000)
-    ap.add_argument("--seeds", type=int, nargs="+", default=None,
-                    help="these seeds only (to pair a one-seed variant with the same seed of its base row)")
-    ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
-    ap.add_argument("--pair", nargs=2, action="append", default=[], metavar=("A", "B"),
-                    help="also the difference A - B of two rows (e.g. clicv2-nomem/clicv2 clicv2-maskonly/clicv2)")
-    args = ap.parse_args()
-    study = Study(read_rows(args.folders, set(args.seeds) if args.seeds else None))
-    unknown = [r for pair in args.pair for r in pair if r not in study.pred]
-    if unknown:
-        ap.error(f"--pair: no row {unknown[0]!r}; rows: {', '.join(study.pred)}")
-    pairs = dict.fromkeys(default_pairs(list(study.pred)) + [tuple(p) for p in args.pair])  # once each
-    diffs = [study.difference(a, b, args.boot) for a, b in pairs]
-    print(f"{len(study.names)} images; mean SRCC ± sd over seeds; differences with 95% intervals over seeds and "
-          "images (bold: the interval excludes zero)\n")
-    print(markdown(study, diffs))
-    if args.json:
-        args.json.write_text(json.dumps({"rows": {r: study.summary(r) for r in study.pred}, "differences": diffs},
-                                        indent=2) + "\n")
-
-
-if __name__ == "__main__":
-    main()

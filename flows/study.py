@@ -1,0 +1,231 @@
+"""The study flow: a grid of cells (method x seed x variant, each variant a set of params
+overrides) run as the pipeline's own DVC stages, one workspace per cell, every number in MLflow.
+
+    prefect deployment run study/real-photos                       # params/real-photos.yaml, 3 methods x 3 seeds
+    prefect deployment run study/real-photos --param seeds='[0]' --param variants='{"nomem": {"pretrain.clicv2.clicv2.mem": false}}'
+
+A cell runs ``fetch, validate, pretrain@<method>, probe@<method>`` (the baselines cell of a seed:
+``fetch, validate, baselines``) in ``workspaces/study-<name>/<variant>-<method>-seed<seed>``,
+holding one slot of the ``gpu`` concurrency limit, so at most as many cells run at once as the
+limit allows. Its stages log MLflow runs under the cell's run (tags ``clic.study``,
+``clic.method``, ``clic.seed``, ``clic.variant``; the probe's SRCC per category copied onto it),
+and the cells' runs sit under the study's run. A cell whose stages are up to date (same code, same
+params: DVC's lock in its workspace) is not redone, so an interrupted study resumes by running the
+same command; a failed cell is retried once, then reported, and the others finish. The table
+(``clic study table <name>``, stages/study_table.py) is read from MLflow alone and published as the
+study's artifacts and as a Prefect artifact. docs/usage.md, "Studies", tells the rest.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact
+from prefect.futures import wait
+from prefect.runtime import flow_run
+from prefect.task_runners import ThreadPoolTaskRunner
+
+from clic.config import METHODS
+from flows.pipeline import gpu_slot, stream
+from flows.workspace import ROOT, stage_env, workspace
+
+BASE = "recipe"  # the variant with no overrides: the profile as it is
+NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One cell of the grid: ``method`` ("" for the seed's baselines) at ``seed`` under ``variant``."""
+
+    method: str
+    seed: int
+    variant: str = BASE
+    overrides: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def key(self) -> str:
+        return f"{self.variant}-{self.method or 'baselines'}-seed{self.seed}"
+
+    @property
+    def title(self) -> str:
+        what = self.method or "baselines"
+        return f"{what} seed {self.seed}" + (f" ({self.variant})" if self.variant != BASE else "")
+
+    @property
+    def stages(self) -> list[str]:
+        return ["fetch", "validate", *([f"pretrain@{self.method}", f"probe@{self.method}"] if self.method
+                                       else ["baselines"])]
+
+    def tags(self, study: str) -> dict[str, str]:
+        return {"clic.study": study, "clic.cell": self.key, "clic.method": self.method or "baselines",
+                "clic.seed": str(self.seed), "clic.variant": self.variant}
+
+
+def plan(methods: list[str], seeds: list[int], variants: dict[str, dict[str, Any]], baselines: bool) -> list[Cell]:
+    """The cells, seed by seed (so a study cut short has whole seeds): the seed's baselines, then
+    each variant's methods. ``ValueError`` naming a bad method, seed or variant."""
+    unknown = [m for m in methods if m not in METHODS]
+    if unknown or not methods:
+        raise ValueError(f"methods: expected some of {', '.join(METHODS)}, got {methods!r}")
+    if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds) \
+            or len(set(seeds)) != len(seeds):
+        raise ValueError(f"seeds: expected distinct whole numbers >= 0, got {seeds!r}")
+    for name, over in variants.items():
+        if not NAME.match(name):
+            raise ValueError(f"variants: name {name!r}: expected letters, digits, '_', '.', '-' (at most 64)")
+        if not isinstance(over, dict):
+            raise ValueError(f"variants: {name!r}: expected a mapping of params keys to values, got {over!r}")
+    cells = []
+    for seed in seeds:
+        if baselines:
+            cells.append(Cell("", seed))
+        cells += [Cell(m, seed, v, over) for v, over in variants.items() for m in variant_methods(over, methods)]
+    return cells
+
+
+def variant_methods(overrides: dict[str, Any], methods: list[str]) -> list[str]:
+    """The methods a variant changes: those whose ``pretrain.<method>`` sections its keys name, when
+    it names no other key (``{"pretrain.clicv2.clicv2.mem": false}`` runs CLICv2 only); else all."""
+    named = [k.split(".")[1] if k.startswith("pretrain.") and k.count(".") >= 2 else "" for k in overrides]
+    if named and all(n in METHODS for n in named):
+        return [m for m in methods if m in named]
+    return methods
+
+
+def cell_env(study: str, cell: Cell, parent_run: str, threads: int) -> dict[str, str]:
+    """The stages' environment: the cell's own invocation (stable across resumes, so a resumed cell
+    logs into the same MLflow run), under the study's run, with the cell's tags."""
+    env = stage_env(ROOT, str(flow_run.id or "local"), f"{study}: {cell.title}")
+    env["CLIC_PIPELINE_ID"] = f"study-{study}-{cell.key}"
+    env["CLIC_PARENT_RUN_ID"] = parent_run
+    env["CLIC_RUN_TAGS"] = json.dumps(cell.tags(study))
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
+    return env
+
+
+def _client(uri: str) -> Any:
+    import mlflow
+
+    mlflow.set_tracking_uri(uri)
+    return mlflow.MlflowClient()
+
+
+def study_run(name: str, profile: str, uri: str) -> str:
+    """The study's MLflow run (one per study name, reused when the study is run again)."""
+    from stages.tracking import EXPERIMENT_KIND, TRAINING
+
+    client = _client(uri)
+    exp = client.get_experiment_by_name("clic")
+    if exp is None:
+        artifacts = Path(os.environ.get("CLIC_ARTIFACT_ROOT") or ROOT / "mlartifacts")
+        exp_id = client.create_experiment("clic", artifact_location=artifacts.as_uri() if uri.startswith("sqlite:")
+                                          else None, tags={EXPERIMENT_KIND: TRAINING})
+    else:
+        exp_id = exp.experiment_id
+    found = client.search_runs([exp_id], f"tags.`clic.kind` = 'study' and tags.`clic.study` = '{name}'",
+                               max_results=1, order_by=["attributes.start_time DESC"])
+    tags = {"clic.kind": "study", "clic.study": name, "clic.profile": profile,
+            "prefect.flow_run_id": str(flow_run.id or "local")}
+    if found:
+        run_id = found[0].info.run_id
+        client.update_run(run_id, status="RUNNING")
+        for k, v in tags.items():
+            client.set_tag(run_id, k, v)
+        return run_id
+    return client.create_run(exp_id, run_name=f"study {name}", tags=tags).info.run_id
+
+
+def close_cell(uri: str, study: str, cell: Cell) -> str:
+    """Mark the cell's run FINISHED and copy its probe's metrics onto it (``srcc``,
+    ``srcc_<category>``, ...: the study's columns in the MLflow UI); returns the run id."""
+    from stages.study_table import cell_runs, result_run
+
+    client = _client(uri)
+    run = cell_runs(client, study, cell.key)[0]
+    result = result_run(client, run.info.run_id)
+    if result is None:
+        raise RuntimeError(f"cell {cell.key}: no finished probe/baselines run under MLflow run {run.info.run_id}")
+    metrics = {k: v for k, v in result.data.metrics.items() if not k.startswith("system/")}
+    if metrics:
+        import mlflow
+
+        mlflow.log_metrics(metrics, run_id=run.info.run_id)
+    client.set_terminated(run.info.run_id, "FINISHED")
+    return run.info.run_id
+
+
+@task(task_run_name="{cell.title}", retries=1, retry_delay_seconds=5)
+def run_cell(study: str, profile: str, cell: Cell, parent_run: str, register: bool, threads: int) -> str:
+    """The cell's stages in its workspace (up-to-date ones skipped by DVC); returns its MLflow run id."""
+    logger = get_run_logger()
+    overrides = {**cell.overrides, "seed": cell.seed, "mlflow.register": register}
+    path = ROOT / "workspaces" / f"study-{study}" / cell.key
+    with workspace("study", cell.method, "", overrides, profile=profile, path=path) as ws:
+        env = cell_env(study, cell, parent_run, threads)
+        with gpu_slot():
+            for name in cell.stages:
+                rc, tail = stream(["dvc", "repro", "--single-item", name], ws, env)
+                if rc != 0:
+                    errors = [x for x in tail if "error" in x.lower() or "failed" in x.lower()]
+                    raise RuntimeError(f"cell {cell.key}: stage {name} failed: "
+                                       f"{' | '.join(errors[-4:]) or chr(10).join(tail[-20:])}")
+                if name == cell.stages[-1] and "didn't change, skipping" in "\n".join(tail):
+                    from stages.study_table import cell_runs, result_run
+
+                    runs = cell_runs(_client(env["MLFLOW_TRACKING_URI"]), study, cell.key)
+                    if not runs or result_run(_client(env["MLFLOW_TRACKING_URI"]), runs[0].info.run_id) is None:
+                        # done before, but its numbers are not in this MLflow store: evaluate again
+                        logger.info("%s: up to date but not in MLflow; running %s again", cell.key, name)
+                        rc, tail = stream(["dvc", "repro", "--force", "--single-item", name], ws, env)
+                        if rc != 0:
+                            raise RuntimeError(f"cell {cell.key}: stage {name} failed: {' | '.join(tail[-4:])}")
+        run_id = close_cell(env["MLFLOW_TRACKING_URI"], study, cell)
+    logger.info("cell %s done (MLflow run %s)", cell.key, run_id)
+    return run_id
+
+
+@flow(name="study", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=64))
+def study(name: str = "real-photos", profile: str = "params/real-photos.yaml", methods: list[str] | None = None,
+          seeds: list[int] | None = None, variants: dict[str, dict[str, Any]] | None = None,
+          baselines: bool = True, register: bool = False, threads: int = 0) -> dict[str, Any]:
+    """Run the grid and publish its table. ``variants``: name -> params overrides (full keys, or
+    relative to the method: ``{"nomem": {"clicv2.mem": false}}``); default one variant, ``recipe``,
+    the profile as it is. ``register``: register each cell's scorer (default off: a study's
+    encoders are evidence, not releases). ``threads``: the stages' ``OMP_NUM_THREADS`` (0: as the
+    worker has it); a seed is bit-identical only at the same thread count."""
+    from stages.study_table import publish_table
+
+    if not NAME.match(name):
+        raise ValueError(f"name {name!r}: expected letters, digits, '_', '.', '-' (at most 64)")
+    if not (ROOT / profile).is_file():
+        raise ValueError(f"profile {profile!r}: no such params file under {ROOT}")
+    cells = plan(list(methods or METHODS), list(seeds if seeds is not None else [0, 1, 2]),
+                 dict(variants if variants is not None else {BASE: {}}), baselines)
+    logger = get_run_logger()
+    uri = stage_env(ROOT, "")["MLFLOW_TRACKING_URI"]
+    parent = study_run(name, profile, uri)
+    logger.info("study %s: %d cells (%s), MLflow run %s", name, len(cells), ", ".join(c.key for c in cells), parent)
+    futures = [run_cell.submit(name, profile, c, parent, register, threads) for c in cells]
+    wait(futures)
+    failed = {}
+    for c, f in zip(cells, futures, strict=True):
+        try:
+            f.result()
+        except Exception as exc:  # noqa: BLE001 - reported below, the others' results still published
+            failed[c.key] = f"{type(exc).__name__}: {exc}"
+    client = _client(uri)
+    result = publish_table(client, name, parent, failed)
+    create_markdown_artifact(markdown=result["markdown"], key=f"study-{name.lower().replace('_', '-')}"[:60],
+                             description=f"study {name}")
+    client.set_terminated(parent, "FAILED" if failed else "FINISHED")
+    if failed:
+        raise RuntimeError(f"study {name}: {len(failed)} of {len(cells)} cells failed: "
+                           + "; ".join(f"{k}: {v}" for k, v in failed.items()))
+    return result["table"]
