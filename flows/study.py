@@ -2,7 +2,8 @@
 overrides) run as the pipeline's own DVC stages, one workspace per cell, every number in MLflow.
 
     prefect deployment run study/real-photos                       # params/real-photos.yaml, 3 methods x 3 seeds
-    prefect deployment run study/real-photos --param seeds='[0]' --param variants='{"nomem": {"pretrain.clicv2.clicv2.mem": false}}'
+    prefect deployment run study/real-photos --param seeds='[0]' \
+        --param variants='{"nomem": {"pretrain.clicv2.clicv2.mem": false}}'
 
 A cell runs ``fetch, validate, pretrain@<method>, probe@<method>`` (the baselines cell of a seed:
 ``fetch, validate, baselines``) in ``workspaces/study-<name>/<variant>-<method>-seed<seed>``,
@@ -18,9 +19,12 @@ study's artifacts and as a Prefect artifact. docs/usage.md, "Studies", tells the
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
+import threading
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,15 +165,41 @@ def close_cell(uri: str, study: str, cell: Cell) -> str:
     return run.info.run_id
 
 
+class Turns:
+    """Cells take their ``gpu`` slots in plan order (so a study cut short has whole seeds): cell
+    ``i`` waits until cells ``0..i-1`` have taken theirs (or failed before). The limit's own
+    hand-out follows whoever polls first."""
+
+    def __init__(self) -> None:
+        self.next, self.cond = 0, threading.Condition()
+
+    @contextlib.contextmanager
+    def turn(self, index: int) -> Iterator[None]:
+        with self.cond:
+            self.cond.wait_for(lambda: self.next >= index)
+        try:
+            yield
+        finally:
+            with self.cond:
+                self.next = max(self.next, index + 1)
+                self.cond.notify_all()
+
+
+_TURNS: dict[str, Turns] = {}
+
+
 @task(task_run_name="{cell.title}", retries=1, retry_delay_seconds=5)
-def run_cell(study: str, profile: str, cell: Cell, parent_run: str, register: bool, threads: int) -> str:
+def run_cell(study: str, profile: str, cell: Cell, parent_run: str, register: bool, threads: int,
+             index: int = 0) -> str:
     """The cell's stages in its workspace (up-to-date ones skipped by DVC); returns its MLflow run id."""
     logger = get_run_logger()
     overrides = {**cell.overrides, "seed": cell.seed, "mlflow.register": register}
     path = ROOT / "workspaces" / f"study-{study}" / cell.key
     with workspace("study", cell.method, "", overrides, profile=profile, path=path) as ws:
         env = cell_env(study, cell, parent_run, threads)
-        with gpu_slot():
+        with contextlib.ExitStack() as slot:
+            with _TURNS.setdefault(str(flow_run.id or "local"), Turns()).turn(index):
+                slot.enter_context(gpu_slot())
             for name in cell.stages:
                 rc, tail = stream(["dvc", "repro", "--single-item", name], ws, env)
                 if rc != 0:
@@ -212,7 +242,7 @@ def study(name: str = "real-photos", profile: str = "params/real-photos.yaml", m
     uri = stage_env(ROOT, "")["MLFLOW_TRACKING_URI"]
     parent = study_run(name, profile, uri)
     logger.info("study %s: %d cells (%s), MLflow run %s", name, len(cells), ", ".join(c.key for c in cells), parent)
-    futures = [run_cell.submit(name, profile, c, parent, register, threads) for c in cells]
+    futures = [run_cell.submit(name, profile, c, parent, register, threads, i) for i, c in enumerate(cells)]
     wait(futures)
     failed = {}
     for c, f in zip(cells, futures, strict=True):
