@@ -123,6 +123,14 @@ def parser() -> argparse.ArgumentParser:
     par.add_argument("--method", choices=METHODS, default=None,
                      help="print pretrain.common merged into pretrain.<method> with every default filled in "
                           "(the names of params.yaml, under pretrain.<method>)")
+    study_sub = sub.add_parser("study", help="studies run by the study flow (flows/study.py)") \
+        .add_subparsers(dest="study_command", required=True)
+    tab = _sub(study_sub, "table", "a study's seed table, read from MLflow alone: SRCC per category (mean, sd over "
+               "seeds) and paired differences with 95%% intervals over seeds and images")
+    tab.add_argument("name", help="the study's name (prefect deployment run study/<name>)")
+    tab.add_argument("--json", default="", metavar="FILE", help="also write the table as JSON")
+    tab.add_argument("--markdown", default="", metavar="FILE", help="also write the markdown")
+    tab.add_argument("--bootstrap", type=int, default=2000, help="resamples for the intervals (default 2000)")
     return ap
 
 
@@ -148,7 +156,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    command = COMMANDS[args.data_command if args.command == "data" else args.command]
+    command = COMMANDS[{"data": getattr(args, "data_command", ""),
+                        "study": f"study {getattr(args, 'study_command', '')}"}.get(args.command, args.command)]
     try:
         params = load_params(args.params, _overrides(args)) if "params" in args else {}  # profile: `clic params`
         return command(args, params) or 0
@@ -362,9 +371,32 @@ def _map(args: argparse.Namespace, params: dict[str, Any]) -> None:
           f"(image score {float(scorer(img)[0]):.4f}) -> {out}")
 
 
+def _study_table(args: argparse.Namespace, params: dict[str, Any]) -> None:
+    """MLflow is read by the pipeline's tracking side (stages/), not by the core."""
+    import json
+
+    import mlflow
+
+    from clic.atomic import check_output, write_text
+    from stages.study_table import study_table
+    from stages.tracking import tracking_uri
+
+    for out in (args.json, args.markdown):
+        if out:
+            check_output(out, folder=False)
+    mlflow.set_tracking_uri(tracking_uri(params))
+    result = study_table(mlflow.MlflowClient(), args.name, args.bootstrap)
+    if args.json:
+        write_text(Path(args.json), json.dumps(result["json"], indent=2) + "\n")
+    if args.markdown:
+        write_text(Path(args.markdown), result["markdown"] + "\n")
+    print(result["markdown"])
+
+
 COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], int | None]] = {
     "prepare": _prepare, "corpus": _corpus, "shard": _shard, "pretrain": _pretrain, "embed": _embed, "probe": _probe,
-    "transfer": _transfer, "score": _score, "map": _map, "params": _params}
+    "transfer": _transfer, "score": _score, "map": _map, "params": _params,
+    "study table": _study_table}
 
 
 if __name__ == "__main__":

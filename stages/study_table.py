@@ -76,7 +76,8 @@ def study_rows(client: Any, study: str) -> tuple[Rows, dict[str, Any]]:
                                                               scratch)
                 sources.setdefault(row, {})[seed] = run.info.run_id
     if not rows:
-        raise ValueError(f"study {study!r}: no finished cell in the MLflow store {os.environ.get('MLFLOW_TRACKING_URI', '')}"
+        store = os.environ.get("MLFLOW_TRACKING_URI", "")
+        raise ValueError(f"study {study!r}: no finished cell in the MLflow store {store}"
                          " (run it: prefect deployment run study/<name>)")
     order = [m for m in METHODS if m in rows] + sorted(r for r in rows if "/" in r) + \
         sorted(r for r in rows if r not in METHODS and "/" not in r)
@@ -130,8 +131,8 @@ def publish_table(client: Any, study: str, parent: str, failed: dict[str, str]) 
     exp = client.get_run(parent).info.experiment_id
     links = [f"- {row} seed {seed}: [{rid}]({ui_link(f'experiments/{exp}/runs/{rid}')})"
              for row, seeds in table["rows"].items() for seed, rid in sorted(seeds["runs"].items())]
-    md = [f"# study {study}", "", result["markdown"], "", f"Study run: [{parent}]({ui_link(f'experiments/{exp}/runs/{parent}')})",
-          "", "Cells:", *links]
+    study_link = ui_link(f"experiments/{exp}/runs/{parent}")
+    md = [f"# study {study}", "", result["markdown"], "", f"Study run: [{parent}]({study_link})", "", "Cells:", *links]
     if failed:
         md += ["", "Failed cells:", *(f"- {k}: {v}" for k, v in failed.items())]
     return {"markdown": "\n".join(md) + "\n", "table": table}
