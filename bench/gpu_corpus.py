@@ -10,7 +10,9 @@ cache serves the main run) measures the steady images/s; the main run's ``epochs
 warm-up, 1/15 of the run as the recipe's 20 of 300) fit the method's share of ``--seconds``; it is
 stopped at 1.5x its share plus two minutes, its last checkpoint then the encoder. Writes
 ``OUT/<method>/`` and ``OUT/gpu.json`` (rates, epochs, seconds, whether a run was cut). ``probe``:
-``bench/real_data.py`` on those encoders (no pretraining), into ``OUT/probe/table.json``.
+the product's own commands on those encoders (no pretraining): ``clic data prepare`` of the
+profile's scored photos into ``OUT/probe/prepared``, then ``clic probe --model`` per method into
+``OUT/probe/<method>/`` (metrics.json, predictions.csv).
 """
 
 from __future__ import annotations
@@ -91,12 +93,12 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 
 def probe(args: argparse.Namespace) -> None:
     summary = json.loads((args.out / "gpu.json").read_text())
-    encoders = [f"{m}={r['encoder']}" for m, r in summary["methods"].items()]
-    cmd = [sys.executable, str(REPO / "bench" / "real_data.py"), "--params", str(args.params),
-           "--out", str(args.out / "probe"), "--methods", *summary["methods"], "--encoders", *encoders,
-           "--select", args.select,
-           *[x for o in args.overrides for x in ("--set", o)]]
-    subprocess.run(cmd, cwd=REPO, check=True)
+    clic = [sys.executable, "-m", "clic.cli"]
+    sets = [x for o in [f"data.out_dir={args.out / 'probe' / 'prepared'}", *args.overrides] for x in ("--set", o)]
+    subprocess.run([*clic, "data", "prepare", "--params", str(args.params), *sets], cwd=REPO, check=True)
+    for method, run in summary["methods"].items():
+        subprocess.run([*clic, "probe", "--params", str(args.params), *sets, "--model", run["encoder"],
+                        "--out", str(args.out / "probe" / method)], cwd=REPO, check=True)
 
 
 def main() -> None:
@@ -109,7 +111,6 @@ def main() -> None:
     ap.add_argument("--calibration-steps", type=int, default=24)
     ap.add_argument("--fill", type=float, default=0.85, help="fraction of the measured rate planned for")
     ap.add_argument("--phase", choices=("train", "probe", "both"), default="both")
-    ap.add_argument("--select", default="Scenes", help="the category anything is chosen on (bench/real_data.py)")
     args = ap.parse_args()
     args.out = args.out.resolve()
     args.out.mkdir(parents=True, exist_ok=True)

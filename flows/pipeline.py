@@ -106,7 +106,9 @@ def gpu_slot(poll_s: float = 1.0) -> Iterator[None]:
     with contextlib.ExitStack() as stack:
         while True:
             try:
-                stack.enter_context(concurrency("gpu", occupy=1, max_retries=0))
+                # a 60 s lease (renewed while held): a slot of a killed or cancelled run is back
+                # within about a minute, not Prefect's default five
+                stack.enter_context(concurrency("gpu", occupy=1, max_retries=0, lease_duration=60))
                 break
             except ConcurrencySlotAcquisitionError as exc:
                 if not _locked(exc):

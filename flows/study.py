@@ -38,6 +38,7 @@ from prefect.task_runners import ThreadPoolTaskRunner
 from clic.config import METHODS
 from flows.pipeline import gpu_slot, stream
 from flows.workspace import ROOT, stage_env, workspace
+from stages.study_table import cell_runs, result_run
 
 BASE = "recipe"  # the variant with no overrides: the profile as it is
 NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -149,8 +150,6 @@ def study_run(name: str, profile: str, uri: str) -> str:
 def close_cell(uri: str, study: str, cell: Cell) -> str:
     """Mark the cell's run FINISHED and copy its probe's metrics onto it (``srcc``,
     ``srcc_<category>``, ...: the study's columns in the MLflow UI); returns the run id."""
-    from stages.study_table import cell_runs, result_run
-
     client = _client(uri)
     run = cell_runs(client, study, cell.key)[0]
     result = result_run(client, run.info.run_id)
@@ -163,6 +162,14 @@ def close_cell(uri: str, study: str, cell: Cell) -> str:
         mlflow.log_metrics(metrics, run_id=run.info.run_id)
     client.set_terminated(run.info.run_id, "FINISHED")
     return run.info.run_id
+
+
+def _stage(cell: Cell, ws: Path, env: dict[str, str], name: str, force: bool = False) -> None:
+    rc, tail = stream(["dvc", "repro", *(["--force"] if force else []), "--single-item", name], ws, env)
+    if rc != 0:
+        errors = [x for x in tail if "error" in x.lower() or "failed" in x.lower()]
+        raise RuntimeError(f"cell {cell.key}: stage {name} failed: "
+                           f"{' | '.join(errors[-4:]) or chr(10).join(tail[-20:])}")
 
 
 class Turns:
@@ -201,21 +208,14 @@ def run_cell(study: str, profile: str, cell: Cell, parent_run: str, register: bo
             with _TURNS.setdefault(str(flow_run.id or "local"), Turns()).turn(index):
                 slot.enter_context(gpu_slot())
             for name in cell.stages:
-                rc, tail = stream(["dvc", "repro", "--single-item", name], ws, env)
-                if rc != 0:
-                    errors = [x for x in tail if "error" in x.lower() or "failed" in x.lower()]
-                    raise RuntimeError(f"cell {cell.key}: stage {name} failed: "
-                                       f"{' | '.join(errors[-4:]) or chr(10).join(tail[-20:])}")
-                if name == cell.stages[-1] and "didn't change, skipping" in "\n".join(tail):
-                    from stages.study_table import cell_runs, result_run
-
-                    runs = cell_runs(_client(env["MLFLOW_TRACKING_URI"]), study, cell.key)
-                    if not runs or result_run(_client(env["MLFLOW_TRACKING_URI"]), runs[0].info.run_id) is None:
-                        # done before, but its numbers are not in this MLflow store: evaluate again
-                        logger.info("%s: up to date but not in MLflow; running %s again", cell.key, name)
-                        rc, tail = stream(["dvc", "repro", "--force", "--single-item", name], ws, env)
-                        if rc != 0:
-                            raise RuntimeError(f"cell {cell.key}: stage {name} failed: {' | '.join(tail[-4:])}")
+                _stage(cell, ws, env, name)
+            client = _client(env["MLFLOW_TRACKING_URI"])
+            runs = cell_runs(client, study, cell.key)
+            if not runs or result_run(client, runs[0].info.run_id) is None:
+                # its outputs came from DVC (this workspace's lock, or the run cache of another
+                # study's identical cell) but its numbers are not in this MLflow store: evaluate again
+                logger.info("%s: %s up to date but not in MLflow; running it again", cell.key, cell.stages[-1])
+                _stage(cell, ws, env, cell.stages[-1], force=True)
         run_id = close_cell(env["MLFLOW_TRACKING_URI"], study, cell)
     logger.info("cell %s done (MLflow run %s)", cell.key, run_id)
     return run_id
@@ -224,10 +224,10 @@ def run_cell(study: str, profile: str, cell: Cell, parent_run: str, register: bo
 @flow(name="study", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=64))
 def study(name: str = "real-photos", profile: str = "params/real-photos.yaml", methods: list[str] | None = None,
           seeds: list[int] | None = None, variants: dict[str, dict[str, Any]] | None = None,
-          baselines: bool = True, register: bool = False, threads: int = 0) -> dict[str, Any]:
+          baselines: bool = True, register_scorers: bool = False, threads: int = 0) -> dict[str, Any]:
     """Run the grid and publish its table. ``variants``: name -> params overrides (full keys, or
     relative to the method: ``{"nomem": {"clicv2.mem": false}}``); default one variant, ``recipe``,
-    the profile as it is. ``register``: register each cell's scorer (default off: a study's
+    the profile as it is. ``register_scorers``: register each cell's scorer (default off: a study's
     encoders are evidence, not releases). ``threads``: the stages' ``OMP_NUM_THREADS`` (0: as the
     worker has it); a seed is bit-identical only at the same thread count."""
     from stages.study_table import publish_table
@@ -242,7 +242,7 @@ def study(name: str = "real-photos", profile: str = "params/real-photos.yaml", m
     uri = stage_env(ROOT, "")["MLFLOW_TRACKING_URI"]
     parent = study_run(name, profile, uri)
     logger.info("study %s: %d cells (%s), MLflow run %s", name, len(cells), ", ".join(c.key for c in cells), parent)
-    futures = [run_cell.submit(name, profile, c, parent, register, threads, i) for i, c in enumerate(cells)]
+    futures = [run_cell.submit(name, profile, c, parent, register_scorers, threads, i) for i, c in enumerate(cells)]
     wait(futures)
     failed = {}
     for c, f in zip(cells, futures, strict=True):

@@ -8,10 +8,14 @@ import math
 from typing import Any
 
 from clic.config import METHODS
+from clic.params import data_config
 from stages import tracking
 from stages.common import ROOT, main, read_json, write_json
 
 COLS = ("pcc", "srcc", "krcc", "rmse")
+SMOKE = ("Smoke run on synthetic shapes (tiny budget): it checks the pipeline, not the methods; learned encoders "
+         "below random init here mean nothing. The real study: docs/results.md (`prefect deployment run "
+         "study/real-photos`).")
 
 
 def _load(path: str) -> dict:
@@ -38,6 +42,8 @@ def compare(p: dict[str, Any]) -> None:
                  *(_fmt(r.get(t)) for t in top)]
         lines.append("| " + " | ".join(cells) + " |")
     table = "\n".join(lines) + "\n"
+    if data_config(p).source == "synthetic":
+        table = SMOKE + "\n\n" + table
     (ROOT / "metrics" / "comparison.md").write_text(table)
     summary = {name: {k: r[k] for k in (*COLS, *top) if k in r} for name, r in rows.items()}
     write_json("metrics/summary.json", summary, sort_keys=True)

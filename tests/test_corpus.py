@@ -184,7 +184,7 @@ def test_perceptual_hash_is_the_dct_hash_of_its_definition(photos: list[Path]) -
 
 def test_resized_reencoded_copy_of_an_evaluation_photo_is_caught(labelled: Path, photos: list[Path],
                                                                  tmp_path: Path) -> None:
-    """The calibration case (bench/calibrate_leaks.py): an evaluation photo shrunk and saved as a
+    """The calibration case (research/calibrate_leaks.py): an evaluation photo shrunk and saved as a
     low-quality JPEG has other pixels, so only the perceptual hash finds it; resized, re-encoded
     copies of the other (distinct) photos are not taken for it."""
     import io

@@ -79,7 +79,8 @@ def test_repro_writes_metrics_runs_and_models(project: Path) -> None:
         assert -1 <= metrics["srcc"] <= 1 and 0 <= metrics["synthetic_top1"] <= 1 and metrics["n"] == 24
         assert (project / "reports" / m / "scatter.png").exists() and (project / "models" / m / "encoder.pt").exists()
     table = (project / "metrics" / "comparison.md").read_text().splitlines()
-    assert len(table) == 2 + 6  # header, rule, 3 methods, 2 random encoders, hand-crafted
+    assert table[0].startswith("Smoke run on synthetic shapes") and "docs/results.md" in table[0] and not table[1]
+    assert len(table) == 2 + 2 + 6  # the smoke line, a blank, header, rule, 3 methods, 2 random encoders, hand-crafted
     assert json.loads((project / "metrics" / "validation.json").read_text())["success"] is True
     runs = _runs(project)
     parents = [r for r in runs if r.data.tags.get("clic.kind") == "pipeline"]

@@ -1,7 +1,7 @@
 """Calibrate the near-duplicate leak check (``validate.near_duplicate_bits``): how far a resized,
 re-encoded copy of an evaluation photo lies from it, against how near distinct photos come.
 
-    python bench/calibrate_leaks.py --eval ../shared/data/savoias-dev/Images --corpus ../shared/data/unlabeled
+    python research/calibrate_leaks.py --eval ../shared/data/savoias-dev/Images --corpus ../shared/data/unlabeled
 
 Copies: each evaluation image resized to a short side of 256 / 128 px and saved as JPEG at
 quality 90 / 75 / 50 (the way a web corpus holds a photo), plus a 5% border crop. Distinct: every
@@ -11,12 +11,13 @@ distances' quantiles for both, and how many pairs each threshold would flag.
 
 from __future__ import annotations
 
+import argparse
 import io
+import json
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from common import emit, parser  # this folder's shared helpers (on sys.path)
 from PIL import Image
 
 from clic.data.corpus import walk_images
@@ -51,7 +52,7 @@ def plain(path: Path) -> int:
 
 
 def main() -> None:
-    ap = parser(__doc__)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--eval", type=Path, required=True)
     ap.add_argument("--corpus", type=Path, required=True)
     ap.add_argument("--workers", type=int, default=2)
@@ -77,7 +78,7 @@ def main() -> None:
         "flagged_distinct_pairs_at": {t: int((distinct <= t).sum()) for t in range(0, 17, 2)},
         "missed_copies_at": {t: int(sum((v > t).sum() for v in copy_d.values())) for t in range(0, 17, 2)},
     }
-    emit(report, indent=2)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
