@@ -186,8 +186,9 @@ def log_evaluation(params: dict[str, Any], method: str, alias: str, metrics: dic
     mv = MlflowClient().get_model_version_by_alias(name, alias)
     # the logged model behind the version: its id, or the source ``models:/<model id>`` of a version
     # registered from a logged model (the sqlite store leaves ``model_id`` empty)
-    model_id = getattr(mv, "model_id", None) or (mv.source[len("models:/"):] if (mv.source or "").startswith(
-        "models:/m-") else None)
+    source = mv.source or ""
+    model_id = getattr(mv, "model_id", None) or (
+        source[len("models:/"):] if source.startswith("models:/m-") else None)
     tags = {"clic.model": name, "clic.model_version": str(mv.version), "clic.alias": alias,
             "clic.model_run_id": mv.run_id or "", "clic.model_id": model_id or ""}
     with stage_run(params, "evaluate", method, tags=tags) as run:
