@@ -17,7 +17,7 @@ from typing import Any
 
 import yaml
 
-from clic.config import METHODS
+from clic import methods
 from clic.params import TOP_LEVEL, data_config, load_params, method_settings, pretrain_config, to_dict, validate_config
 
 log = logging.getLogger("clic")
@@ -78,7 +78,7 @@ def parser() -> argparse.ArgumentParser:
                      help="image folders, archives or prepared datasets (default: pretrain.data)")
 
     pre = _sub(sub, "pretrain", "self-supervised pretraining (resumes from DIR/checkpoint.pt)", device=True)
-    pre.add_argument("--method", required=True, choices=METHODS)
+    pre.add_argument("--method", required=True, choices=methods.names())
     pre.add_argument("--out", required=True, help="output folder (checkpoint.pt, encoder.pt, metrics.jsonl)")
     pre.add_argument("--data", default="", help="prepared dataset folder (default: data.out_dir)")
     pre.add_argument("--no-progress", action="store_true")
@@ -93,7 +93,7 @@ def parser() -> argparse.ArgumentParser:
     prb.add_argument("--scorer", default="", help="cross-dataset: evaluate a fitted scorer.pt (or models:/ URI) "
                      "on every labelled image of --data, without refitting")
     prb.add_argument("--baseline", choices=("random", "handcrafted"), default=None)
-    prb.add_argument("--method", choices=METHODS, default="clicv2",
+    prb.add_argument("--method", choices=methods.names(), default="clicv2",
                      help="with --baseline random: whose architecture to copy")
     prb.add_argument("--data", default="", help="prepared dataset folder (default: data.out_dir)")
     prb.add_argument("--out", required=True, help="report folder (metrics.json, predictions.csv, plots, scorer.pt)")
@@ -120,7 +120,7 @@ def parser() -> argparse.ArgumentParser:
                "--method one method's resolved pretraining settings", params=False)
     par.add_argument("params", metavar="profile", help="e.g. params/gpu.yaml")
     par.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
-    par.add_argument("--method", choices=METHODS, default=None,
+    par.add_argument("--method", choices=methods.names(), default=None,
                      help="print pretrain.common merged into pretrain.<method> with every default filled in "
                           "(the names of params.yaml, under pretrain.<method>)")
     study_sub = sub.add_parser("study", help="studies run by the study flow (flows/study.py)") \
@@ -200,7 +200,7 @@ def _embed(args: argparse.Namespace, params: dict[str, Any]) -> None:
 
 def _params(args: argparse.Namespace, params: dict[str, Any]) -> None:
     data_config(params)  # validate what can be validated without a method
-    configs = {m: pretrain_config(params, m) for m in ([args.method] if args.method else METHODS)}
+    configs = {m: pretrain_config(params, m) for m in ([args.method] if args.method else methods.names())}
     if not args.method:
         print(yaml.safe_dump(params, sort_keys=False), end="")
         return
@@ -219,7 +219,7 @@ def _corpus(args: argparse.Namespace, params: dict[str, Any]) -> int:
     from clic.data.table import read_table
     from clic.params import probe_config
 
-    pcfg, dcfg, mode = pretrain_config(params, METHODS[0]), data_config(params), probe_config(params).mode
+    pcfg, dcfg, mode = pretrain_config(params, methods.names()[0]), data_config(params), probe_config(params).mode
     if not pcfg.data:
         raise ValueError("pretrain.data is empty: pretraining uses the prepared dataset's "
                          f"{'/'.join(pcfg.splits)} split(s); set pretrain.data to a list of image folders or archives")
@@ -260,7 +260,7 @@ def _shard(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from clic.data.corpus import CORPUS_DIR, corpus_records
     from clic.data.shards import is_shard_index, write_shards
 
-    entries = args.entries or list(pretrain_config(params, METHODS[0]).data)
+    entries = args.entries or list(pretrain_config(params, methods.names()[0]).data)
     if not entries:
         raise ValueError("nothing to shard: name image folders, archives or prepared datasets, or set pretrain.data")
     if sharded := [e for e in entries if is_shard_index(e)]:

@@ -10,13 +10,14 @@ and the corpus ``pretrain.data``) is a :class:`PretrainConfig`; ``data``, ``prob
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field
 from pydantic import model_validator as _after
 
-METHODS = ("moco", "clic", "clicv2")
-Method = Literal["moco", "clic", "clicv2"]
+# each registered method's cross-field rules, by name (:mod:`clic.methods` registers them on import)
+METHOD_RULES: dict[str, Callable[[Any], None]] = {}
 
 
 class ParamError(ValueError):
@@ -197,7 +198,7 @@ class CLICv2Config(Section):
 class PretrainConfig(Section):
     """Everything one pretraining run needs; built from ``pretrain.common`` + ``pretrain.<method>``."""
 
-    method: Method = "moco"
+    method: str = "moco"  # a name registered in clic.methods
     backbone: str = "resnet18"
     image_size: Pos = 64
     patch_size: Pos = 16
@@ -229,23 +230,14 @@ class PretrainConfig(Section):
 
     @_after(mode="after")
     def _rules(self) -> PretrainConfig:
-        vit, dev = self.backbone.startswith("vit"), self.decode_on == "device"
-        _rule("decode_on", not dev or self.augment_on == "device",
+        _rule("method", self.method in METHOD_RULES, f"{{key}}: expected one of {', '.join(METHOD_RULES)}, got "
+              f"{self.method!r}" + ("" if METHOD_RULES else " (no method is registered: import clic.methods)"))
+        vit = self.backbone.startswith("vit")
+        _rule("decode_on", self.decode_on == "loader" or self.augment_on == "device",
               "{key}=device needs augment_on: device (the loader then hands on undecoded images)")
-        _rule("decode_on", not dev or self.method != "clic", "{key}=device cuts crops and flips only; CLIC's "
-              "Random-Crop-and-Mix mosaics are built in the loader: use decode_on: loader for clic")
-        _rule("decode_on", not (dev and self.method == "moco" and self.views.key_rotation_deg > 0
-                                and self.views.key_rotation_p > 0),
-              "{key}=device cuts crops and flips only; set views.key_rotation_deg to 0 or use decode_on: loader")
         _rule("patch_size", not vit or self.image_size % self.patch_size == 0,
               f"{{key}}={self.patch_size} must divide image_size={self.image_size}")
-        splits = self.moco.bn_splits
-        _rule("moco.bn_splits", self.method == "clicv2" or vit or not self.moco.shuffle_bn
-              or (self.batch_size % splits == 0 and self.batch_size // splits >= 2),
-              f"{{key}}={splits} must divide batch_size={self.batch_size} into sub-batches of at least 2 images "
-              "(or set moco.shuffle_bn: false)")
-        _rule("backbone", self.method != "clicv2" or vit, "method clicv2 needs a ViT backbone: {key} must be one "
-              f"of vit_tiny, vit_small, vit_base, vit_large, got {self.backbone!r}")
+        METHOD_RULES[self.method](self)
         return self
 
     def lr(self, world_size: int = 1) -> float:

@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms as T
 from tqdm import tqdm
 
+from clic import methods
 from clic.config import PretrainConfig
 from clic.cores import torch_threads
 from clic.data.imageio import ImageError, decode_opened, is_image_file, load_rgb
@@ -49,7 +50,7 @@ def rebuild_backbone(state: Mapping[str, Any], path: str | Path) -> tuple[ResNet
     if "backbone" in state:
         weights = state["backbone"]
     elif "model" in state:  # training checkpoint: take the online backbone
-        prefix = "backbone." if cfg.method == "clicv2" else "encoder_q.backbone."
+        prefix = methods.get(cfg.method).weights_prefix
         weights = {k[len(prefix):]: v for k, v in state["model"].items() if k.startswith(prefix)}
     else:
         raise ValueError(f"{path}: holds neither 'backbone' nor 'model' weights")

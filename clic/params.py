@@ -24,8 +24,8 @@ from typing import Annotated, Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from clic import methods
 from clic.config import (
-    METHODS,
     DataConfig,
     MlflowConfig,
     ParamError,
@@ -169,11 +169,11 @@ def check_params(params: Mapping[str, Any]) -> None:
             for part, sub in value.items():
                 if part == "data":
                     _corpus(sub)
-                elif part in ("common", *METHODS):
+                elif part in ("common", *methods.names()):
                     if sub is not None:
                         check_tree(PretrainConfig, sub, f"pretrain.{part}")
                 else:
-                    raise _unknown(("data", "common", *METHODS), part, "pretrain")
+                    raise _unknown(("data", "common", *methods.names()), part, "pretrain")
 
 
 def _corpus(data: Any) -> list[str]:
@@ -344,9 +344,9 @@ def _shadowed(key: str) -> list[str]:
     overrides do (``--set pretrain.common.epochs=3`` reaches every method, over the methods' own
     ``epochs``; ``--set pretrain.clicv2.epochs=4`` beats it for CLICv2)."""
     if key == "seed":
-        return ["pretrain.common.seed", *(f"pretrain.{m}.seed" for m in METHODS)]
+        return ["pretrain.common.seed", *(f"pretrain.{m}.seed" for m in methods.names())]
     if key.startswith("pretrain.common."):
-        return [f"pretrain.{m}.{key.removeprefix('pretrain.common.')}" for m in METHODS]
+        return [f"pretrain.{m}.{key.removeprefix('pretrain.common.')}" for m in methods.names()]
     return []
 
 
@@ -367,8 +367,7 @@ def pretrain_config(params: Mapping[str, Any], method: str) -> PretrainConfig:
     file; overrides of ``pretrain.common`` have already cleared the method sections' values, see
     :func:`apply_overrides`), plus the top-level seed and the corpus ``pretrain.data`` (one list for
     every method: what the validate stage checks)."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    methods.get(method)  # an unknown name is refused with the registered ones
     section = params.get("pretrain") or {}
     for part in ("common", method):
         for key, why in (("data", "the pretraining corpus is set once, as pretrain.data (it applies to every "
@@ -406,10 +405,8 @@ validate_config = _section(ValidateConfig, "validate")
 mlflow_config = _section(MlflowConfig, "mlflow")
 
 
-# the sections each method reads; and the settings that change how fast a run goes, not what it
-# learns (docs/recipes.md lists every other one with its source)
-METHOD_SECTIONS = {"moco": ("optim", "moco", "views"), "clic": ("optim", "moco", "views", "rcm"),
-                   "clicv2": ("optim", "clicv2", "shift")}
+# the settings that change how fast a run goes, not what it learns (docs/recipes.md lists every
+# other one with its source; each method names the sections it reads)
 ENGINEERING = ("num_workers", "checkpoint_every", "sync_every", "compile", "threads", "augment_on", "decode_on",
                "nprocs", "amp", "channels_last", "shard_cache")
 
@@ -422,7 +419,7 @@ def method_settings(cfg: PretrainConfig) -> dict[str, Any]:
     if not cfg.backbone.startswith("vit"):
         for k in ("patch_size", "depth", "pool"):
             out.pop(k)
-    for section in METHOD_SECTIONS[cfg.method]:
+    for section in methods.get(cfg.method).sections:
         out[section] = dict(full[section])
     out["optim"].pop("betas" if cfg.optim.name == "sgd" else "momentum")
     return out

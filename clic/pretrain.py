@@ -21,29 +21,21 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
-from clic import atomic
+from clic import atomic, methods
 from clic.config import PretrainConfig
 from clic.cores import usable_cores
 from clic.data.corpus import CORPUS_DIR, corpus_records
 from clic.data.dataset import EpochBatches, ViewDataset
 from clic.data.shards import is_shard_index
-from clic.data.table import Record, read_table, resolve
+from clic.data.table import Record, read_table
 from clic.engine import checkpoint as ckpt
 from clic.engine import distributed as dist
 from clic.engine.schedule import cosine_lr, cosine_momentum
 from clic.engine.train import NonFiniteLossError, train_one_epoch
 from clic.models.backbones import ResNetBackbone, ViTBackbone, build_backbone
-from clic.models.clicv2 import CLICv2
-from clic.models.moco import MoCo
 from clic.params import to_dict
 from clic.transforms.batch import DeviceViews
 from clic.transforms.decode import DecodeThenViews, DeviceDecode, PlanBoxes, collate_encoded
-from clic.transforms.moco import MocoViews
-from clic.transforms.moco import device_views as moco_device_views
-from clic.transforms.plan import MocoPlan, ShiftPlan
-from clic.transforms.rcm import extra_mosaics
-from clic.transforms.shifted import ShiftedPatchViews
-from clic.transforms.shifted import device_views as shifted_device_views
 
 log = logging.getLogger(__name__)
 
@@ -51,20 +43,14 @@ log = logging.getLogger(__name__)
 def build_views(cfg: PretrainConfig) -> Callable:
     """The loader's half of the method's views: all of them, or geometry only when
     ``augment_on: device`` (then :func:`build_device_views` finishes them)."""
-    photo = cfg.augment_on == "loader"
     if cfg.decode_on == "device":  # crop boxes only: the device decodes and cuts (DeviceDecode)
         return build_boxes(cfg)
-    if cfg.method == "clicv2":
-        return ShiftedPatchViews(cfg.image_size, cfg.patch_size, cfg.shift, photometric_ops=photo)
-    use_rcm_key = cfg.method == "clic" and cfg.rcm.pairing in ("key", "both")
-    return MocoViews(cfg.image_size, cfg.views, cfg.rcm if use_rcm_key else None, photometric_ops=photo)
+    return methods.get(cfg.method).views(cfg, photometric=cfg.augment_on == "loader")
 
 
 def build_boxes(cfg: PretrainConfig) -> PlanBoxes:
     """The loader's half with ``decode_on: device``: the plan of the method's views."""
-    if cfg.method == "clicv2":
-        return PlanBoxes(ShiftPlan(cfg.image_size, cfg.patch_size, cfg.shift))
-    return PlanBoxes(MocoPlan(cfg.image_size, cfg.views))
+    return PlanBoxes(methods.get(cfg.method).plan(cfg))
 
 
 def build_device_views(cfg: PretrainConfig, device: torch.device | None = None) -> DeviceViews | DecodeThenViews | None:
@@ -72,7 +58,7 @@ def build_device_views(cfg: PretrainConfig, device: torch.device | None = None) 
     and cutting the views on ``device`` with ``decode_on: device``; else None."""
     if cfg.augment_on == "loader":
         return None
-    views = shifted_device_views(cfg.shift) if cfg.method == "clicv2" else moco_device_views(cfg.image_size, cfg.views)
+    views = methods.get(cfg.method).device_views(cfg)
     if cfg.decode_on == "loader":
         return views
     return DecodeThenViews(DeviceDecode.of(build_boxes(cfg)), views, device or torch.device("cpu"))
@@ -80,9 +66,7 @@ def build_device_views(cfg: PretrainConfig, device: torch.device | None = None) 
 
 def build_model(cfg: PretrainConfig) -> nn.Module:
     backbone = build_backbone(cfg.backbone, cfg.image_size, cfg.patch_size, cfg.depth, cfg.pool)
-    if cfg.method == "clicv2":
-        return CLICv2(backbone, cfg.clicv2)  # type: ignore[arg-type]
-    return MoCo(backbone, cfg.moco)
+    return methods.get(cfg.method).model(cfg, backbone)
 
 
 def build_optimizer(model: nn.Module, cfg: PretrainConfig, lr: float) -> torch.optim.Optimizer:
@@ -253,22 +237,15 @@ def build_loader(cfg: PretrainConfig, data_dir: str | Path, corpus_dir: str | Pa
                               "generator": torch.Generator().manual_seed(cfg.seed)}
     if any(is_shard_index(entry) for entry in cfg.data):
         stream = shard_stream(cfg, corpus_dir)
-        check_queue(cfg, stream.num_samples)
+        methods.get(cfg.method).check_images(cfg, stream.num_samples, sharded=True)
         # workers start afresh each epoch and copy the stream's epoch and skip
         return DataLoader(stream, batch_size=cfg.batch_size, drop_last=True, **common), stream, stream.num_samples
     records = pretraining_records(cfg, data_dir, corpus_dir)
-    extra = None
-    if cfg.method == "clic" and cfg.rcm.pairing in ("extra", "both"):
-        extra = extra_mosaics(cfg.rcm, cfg.image_size)
-        missing = 0
-        if cfg.rcm.source_resolution:
-            missing = sum(not resolve(Path(data_dir), r.path).is_file() for r in records)
-        if missing and dist.is_main():
-            log.warning("rcm.source_resolution: %d of %d source images are not at their table path; their extra "
-                        "mosaics are cut from the resized cache", missing, len(records))
-    dataset = ViewDataset(records, data_dir, build_views(cfg), cfg.seed, extra, cfg.rcm.extra_per_image,
+    method = methods.get(cfg.method)
+    extra, per_image = method.extra_images(cfg, records, data_dir)
+    dataset = ViewDataset(records, data_dir, build_views(cfg), cfg.seed, extra, per_image,
                           decode_side=2 * cfg.image_size, encoded=cfg.decode_on == "device")
-    check_queue(cfg, len(records))
+    method.check_images(cfg, len(records), sharded=False)
     batches = EpochBatches(len(dataset), cfg.batch_size, cfg.seed, rank, world)
     # workers persist across epochs (the sampler hands out (epoch, index) keys)
     loader = DataLoader(dataset, batch_sampler=batches, persistent_workers=cfg.num_workers > 0, **common)
@@ -282,9 +259,6 @@ def shard_stream(cfg: PretrainConfig, corpus_dir: str | Path) -> Any:
     if mixed:
         raise ValueError(f"{', '.join(mixed)}: not a sharded corpus, and shards cannot be mixed with folders, "
                          "archives or prepared datasets; shard those too (clic data shard) and list every folder")
-    if cfg.method == "clic" and cfg.rcm.pairing in ("extra", "both"):
-        raise ValueError(f"pretrain.clic.rcm.pairing={cfg.rcm.pairing}: extra mosaics need the image files; with "
-                         "shards (pretrain.data) use pairing 'key'")
     if cfg.max_images:
         raise ValueError(f"pretrain.max_images={cfg.max_images} does not apply to shards (pretrain.data); set it to "
                          "0, or shard fewer images")
@@ -292,17 +266,6 @@ def shard_stream(cfg: PretrainConfig, corpus_dir: str | Path) -> Any:
     return ShardStream(cfg.data, corpus_dir, build_views(cfg), cfg.batch_size, cfg.seed,
                        decode_side=2 * cfg.image_size, encoded=cfg.decode_on == "device",
                        cache_limit=cfg.shard_cache or None)
-
-
-def check_queue(cfg: PretrainConfig, n_images: int) -> None:
-    """Refuse a MoCo queue longer than ``max_queue_fraction`` of the pretraining images: it would
-    hold several stale keys of most images. (A query's own image is excluded from its negatives
-    anyway; what remains is a queue of mostly stale keys, which MoCo's K << N assumption avoids.)"""
-    moco, limit = cfg.moco, int(cfg.moco.max_queue_fraction * n_images)
-    if cfg.method != "clicv2" and moco.queue_size > limit:
-        raise ValueError(f"moco.queue_size={moco.queue_size} exceeds moco.max_queue_fraction="
-                         f"{moco.max_queue_fraction} of the {n_images} pretraining images (at most {limit}); "
-                         "lower the queue or pretrain on more images (pretrain.data)")
 
 
 def pretraining_records(cfg: PretrainConfig, data_dir: str | Path, corpus_dir: str | Path = CORPUS_DIR) -> list[Record]:
@@ -321,7 +284,7 @@ def pretraining_records(cfg: PretrainConfig, data_dir: str | Path, corpus_dir: s
 def momentum_schedule(cfg: PretrainConfig) -> Callable[[float], float]:
     """The key encoder's momentum at fractional epoch ``t``: constant (MoCo v2, CLIC) or rising to
     1 on a cosine (MoCo v3; ``momentum_schedule`` of the method's moco/clicv2 section)."""
-    sec = cfg.clicv2 if cfg.method == "clicv2" else cfg.moco
+    sec = methods.get(cfg.method).momentum(cfg)
     if sec.momentum_schedule == "constant":
         return lambda t: sec.momentum
     return lambda t: cosine_momentum(t, sec.momentum, cfg.epochs)

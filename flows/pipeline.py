@@ -24,7 +24,7 @@ from prefect.concurrency._asyncio import ConcurrencySlotAcquisitionError
 from prefect.concurrency.sync import concurrency
 from prefect.runtime import flow_run
 
-from clic.config import METHODS
+from clic.methods import names as method_names
 from clic.params import load_params
 from flows.workspace import ROOT, stage_env, workspace
 
@@ -192,7 +192,7 @@ def publish(ws: Path, title: str, metric_files: dict[str, Path], extra: str = ""
           f"[{ui_url(tracking)}]({ui_link(f'experiments/{exp}', tracking)})", "",
           "| MLflow run | kind | id | status |", "|---|---|---|---|", *links, "",
           "Registered scorers: " + ", ".join(f"[clic-{m}]({ui_link(f'models/clic-{m}', tracking)})"
-                                               for m in metric_files if m in METHODS), "", extra]
+                                               for m in metric_files if m in method_names()), "", extra]
     create_markdown_artifact(markdown="\n".join(md), key=title.lower().replace(" ", "-").replace("/", "-")[:60],
                              description=title)
     return results
@@ -204,8 +204,8 @@ def pretrain(method: str = "clicv2", dataset: str = "", overrides: dict[str, Any
 
     ``overrides``: params.yaml keys, e.g. ``{"pretrain.clicv2.epochs": 1}`` or, relative to the
     method, ``{"epochs": 1}``."""
-    if method not in METHODS:
-        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(METHODS)}")
+    if method not in method_names():
+        raise ValueError(f"unknown method {method!r}; expected one of {', '.join(method_names())}")
     with workspace("pretrain", method, dataset, overrides) as ws:
         with mlflow_parent(f"flow pretrain/{method}"):
             repro(ws, ["fetch", "validate", f"pretrain@{method}", f"probe@{method}"])
@@ -244,10 +244,10 @@ def reprobe(ws: Path, method: str, alias: str) -> Path:
 def evaluate(dataset: str = "", methods: list[str] | None = None, alias: str = "champion",
              overrides: dict[str, Any] | None = None) -> dict:
     """Re-probe the registered scorers ``clic-<method>@<alias>`` on a dataset."""
-    methods = list(methods or METHODS)
-    unknown = sorted(set(methods) - set(METHODS))
+    methods = list(methods or method_names())
+    unknown = sorted(set(methods) - set(method_names()))
     if unknown:
-        raise ValueError(f"methods: unknown {', '.join(unknown)}; expected some of {', '.join(METHODS)}")
+        raise ValueError(f"methods: unknown {', '.join(unknown)}; expected some of {', '.join(method_names())}")
     with workspace("evaluate", "", dataset, overrides) as ws:
         files = {}
         with mlflow_parent("flow evaluate"):
@@ -267,5 +267,5 @@ def pipeline(dataset: str = "", overrides: dict[str, Any] | None = None) -> dict
                                    capture_output=True, text=True).stdout.split()
             repro(ws, names)
         table = (ws / "metrics" / "comparison.md").read_text()
-        return publish(ws, "pipeline", {m: ws / "metrics" / f"{m}.json" for m in METHODS},
+        return publish(ws, "pipeline", {m: ws / "metrics" / f"{m}.json" for m in method_names()},
                        extra="## Comparison\n\n" + table)

@@ -35,7 +35,7 @@ from prefect.futures import wait
 from prefect.runtime import flow_run
 from prefect.task_runners import ThreadPoolTaskRunner
 
-from clic.config import METHODS
+from clic.methods import names as method_names
 from flows.pipeline import gpu_slot, stream
 from flows.workspace import ROOT, stage_env, workspace
 from stages.study_table import cell_runs, result_run
@@ -75,9 +75,9 @@ class Cell:
 def plan(methods: list[str], seeds: list[int], variants: dict[str, dict[str, Any]], baselines: bool) -> list[Cell]:
     """The cells, seed by seed (so a study cut short has whole seeds): the seed's baselines, then
     each variant's methods. ``ValueError`` naming a bad method, seed or variant."""
-    unknown = [m for m in methods if m not in METHODS]
+    unknown = [m for m in methods if m not in method_names()]
     if unknown or not methods:
-        raise ValueError(f"methods: expected some of {', '.join(METHODS)}, got {methods!r}")
+        raise ValueError(f"methods: expected some of {', '.join(method_names())}, got {methods!r}")
     if not seeds or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in seeds) \
             or len(set(seeds)) != len(seeds):
         raise ValueError(f"seeds: expected distinct whole numbers >= 0, got {seeds!r}")
@@ -98,7 +98,7 @@ def variant_methods(overrides: dict[str, Any], methods: list[str]) -> list[str]:
     """The methods a variant changes: those whose ``pretrain.<method>`` sections its keys name, when
     it names no other key (``{"pretrain.clicv2.clicv2.mem": false}`` runs CLICv2 only); else all."""
     named = [k.split(".")[1] if k.startswith("pretrain.") and k.count(".") >= 2 else "" for k in overrides]
-    if named and all(n in METHODS for n in named):
+    if named and all(n in method_names() for n in named):
         return [m for m in methods if m in named]
     return methods
 
@@ -236,7 +236,7 @@ def study(name: str = "real-photos", profile: str = "params/real-photos.yaml", m
         raise ValueError(f"name {name!r}: expected letters, digits, '_', '.', '-' (at most 64)")
     if not (ROOT / profile).is_file():
         raise ValueError(f"profile {profile!r}: no such params file under {ROOT}")
-    cells = plan(list(methods or METHODS), list(seeds if seeds is not None else [0, 1, 2]),
+    cells = plan(list(methods or method_names()), list(seeds if seeds is not None else [0, 1, 2]),
                  dict(variants if variants is not None else {BASE: {}}), baselines)
     logger = get_run_logger()
     uri = stage_env(ROOT, "")["MLFLOW_TRACKING_URI"]

@@ -141,13 +141,13 @@ def prune_workspaces(folder: Path, flow: str, count: int, keep: Path | None = No
 
 def load_check(params: dict[str, Any], method: str) -> None:
     """Fail before any work when the overrides make the params invalid."""
-    from clic.config import METHODS
+    from clic.methods import names
     from clic.params import data_config, pretrain_config, probe_config, transfer_config
 
     data_config(params)
     probe_config(params)
     transfer_config(params)
-    for m in [method] if method else METHODS:
+    for m in [method] if method else names():
         pretrain_config(params, m)
 
 

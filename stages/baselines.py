@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from clic.config import METHODS
+from clic import methods
 from clic.evaluation.evaluate import evaluate_handcrafted, evaluate_random
 from clic.params import data_config, pretrain_config, probe_config, to_dict
 from stages import tracking
@@ -19,7 +19,7 @@ def baselines(p: dict[str, Any]) -> None:
     results: dict[str, dict] = {}
     with tracking.stage_run(p, "baselines", config={"probe": to_dict(cfg)}):
         archs = {}
-        for m in METHODS:
+        for m in methods.names():
             a = pretrain_config(p, m)
             archs.setdefault(f"random_{a.backbone}", a)
         if "random" in cfg.baselines:

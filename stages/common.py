@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from clic.config import METHODS
+from clic import methods
 from clic.params import load_params
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -38,8 +38,8 @@ def main(stage: str, fn: Callable[..., None], per_method: bool = False) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in QUIET:  # their INFO lines are import-time chatter, not the stage's progress
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    if per_method and (len(sys.argv) != 2 or sys.argv[1] not in METHODS):
-        raise SystemExit(f"usage: python -m {sys.argv[0]} {{{','.join(METHODS)}}}")
+    if per_method and (len(sys.argv) != 2 or sys.argv[1] not in methods.names()):
+        raise SystemExit(f"usage: python -m {sys.argv[0]} {{{','.join(methods.names())}}}")
     try:
         fn(load_params(ROOT / "params.yaml"), *(sys.argv[1:2] if per_method else ()))
     except ValueError as exc:

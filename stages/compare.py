@@ -7,7 +7,7 @@ from __future__ import annotations
 import math
 from typing import Any
 
-from clic.config import METHODS
+from clic import methods
 from clic.params import data_config
 from stages import tracking
 from stages.common import ROOT, main, read_json, write_json
@@ -29,7 +29,7 @@ def _fmt(v: object) -> str:
 
 def compare(p: dict[str, Any]) -> None:
     rows: dict[str, dict] = {}
-    for m in METHODS:
+    for m in methods.names():
         rows[m] = {**_load(f"metrics/probe/{m}.json"), **_load(f"metrics/transfer/{m}.json")}
         write_json(f"metrics/{m}.json", rows[m], sort_keys=True)
     rows.update(_load("metrics/baselines.json"))

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from clic.config import METHODS
+from clic import methods
 from clic.evaluation.seed_table import Rows, Study, default_pairs, markdown, read_predictions
 from stages.tracking import ui_link
 
@@ -79,8 +79,8 @@ def study_rows(client: Any, study: str) -> tuple[Rows, dict[str, Any]]:
         store = os.environ.get("MLFLOW_TRACKING_URI", "")
         raise ValueError(f"study {study!r}: no finished cell in the MLflow store {store}"
                          " (run it: prefect deployment run study/<name>)")
-    order = [m for m in METHODS if m in rows] + sorted(r for r in rows if "/" in r) + \
-        sorted(r for r in rows if r not in METHODS and "/" not in r)
+    order = [m for m in methods.names() if m in rows] + sorted(r for r in rows if "/" in r) + \
+        sorted(r for r in rows if r not in methods.names() and "/" not in r)
     return {r: rows[r] for r in order}, {r: sources[r] for r in order}
 
 
@@ -91,7 +91,7 @@ def random_rows(profile: str) -> dict[str, str]:
 
     path = Path(profile) if Path(profile).is_absolute() else ROOT / profile
     params = load_params(path) if path.is_file() else {}
-    return {m: f"random_{pretrain_config(params, m).backbone}" for m in METHODS}
+    return {m: f"random_{pretrain_config(params, m).backbone}" for m in methods.names()}
 
 
 def study_table(client: Any, study: str, n_boot: int = 2000) -> dict[str, Any]:
@@ -104,7 +104,7 @@ def study_table(client: Any, study: str, n_boot: int = 2000) -> dict[str, Any]:
     if studies:
         profile = studies[0].data.tags.get("clic.profile", "")
     table = Study(rows)
-    pairs = default_pairs(list(rows), list(METHODS), random_rows(profile) if profile else {})
+    pairs = default_pairs(list(rows), list(methods.names()), random_rows(profile) if profile else {})
     diffs = [table.difference(a, b, n_boot) for a, b in dict.fromkeys(pairs)]
     md = (f"Study `{study}`: {len(table.names)} images; SRCC mean ± sd over seeds; differences with 95% intervals "
           "over seeds and images (bold: the interval excludes zero)\n\n" + markdown(table, diffs))

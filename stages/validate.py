@@ -14,7 +14,7 @@ from typing import Any
 
 import pandas as pd
 
-from clic.config import METHODS
+from clic import methods
 from clic.data.corpus import (
     CORPUS_DIR,
     INDEX_NAME,
@@ -68,7 +68,7 @@ def mark_corpus_leaks(df: pd.DataFrame, p: dict[str, Any]) -> dict[str, Any]:
     pretraining corpus, ``"<image> = <corpus image> (...)"`` (so a failure names both), else null.
     Returns the corpus summary for ``metrics/validation.json``."""
     df["in_pretraining_corpus"] = None
-    entries = pretrain_config(p, METHODS[0]).data
+    entries = pretrain_config(p, methods.names()[0]).data
     if not entries:
         return {"entries": [], "images": 0}
     dcfg, bits = data_config(p), validate_config(p).near_duplicate_bits

@@ -7,7 +7,8 @@ from typing import Any
 import pytest
 import yaml
 
-from clic.config import METHODS, PretrainConfig
+from clic.config import PretrainConfig
+from clic.methods import names as method_names
 from clic.params import (
     TOP_LEVEL,
     apply_overrides,
@@ -157,7 +158,7 @@ def test_an_empty_params_file_is_an_error(tmp_path: Path, text: str) -> None:
 def test_value_errors_name_the_full_dotted_key_and_the_bounds(overrides: list[str], message: str) -> None:
     params = load_params(REPO / "params.yaml", overrides)  # well-typed: refused where the section is built
     with pytest.raises(ValueError, match=re.escape(message)):
-        for method in METHODS:
+        for method in method_names():
             pretrain_config(params, method)
         probe_config(params), data_config(params), validate_config(params)
 
@@ -282,11 +283,11 @@ def test_a_set_common_key_beats_the_method_sections_of_the_files(key: str, value
     nested = yaml.safe_dump(_nest_dict(key, value), default_flow_style=True).strip()
     for item in (f"pretrain.common.{key}={value}", f"pretrain.common={nested}", f"pretrain={{common: {nested}}}"):
         params = load_params(REPO / "params.yaml", [item])
-        assert [get(pretrain_config(params, m)) for m in METHODS] == [value] * 3, item
+        assert [get(pretrain_config(params, m)) for m in method_names()] == [value] * 3, item
     both = [f"pretrain.common.{key}={value}", f"pretrain.clic.{key}={mine}"]
     for overrides in (both, both[::-1]):
         params = load_params(REPO / "params.yaml", overrides)
-        assert [get(pretrain_config(params, m)) for m in METHODS] == [value, mine, value]
+        assert [get(pretrain_config(params, m)) for m in method_names()] == [value, mine, value]
 
 
 def _nest_dict(key: str, value: Any) -> Any:
@@ -313,7 +314,7 @@ def test_the_rule_holds_through_extends_seed_and_a_written_tree(tmp_path: Path) 
     assert pretrain_config(params, "clicv2").optim.name == "adamw"  # the rest of the section is the file's
     written = tmp_path / "written.yaml"
     written.write_text(yaml.safe_dump(params, sort_keys=False))
-    assert all(pretrain_config(load_params(written), m) == pretrain_config(params, m) for m in METHODS)
+    assert all(pretrain_config(load_params(written), m) == pretrain_config(params, m) for m in method_names())
     assert load_params(profile)["pretrain"]["clicv2"]["optim"]["base_lr"] == 0.1  # the files' tree is not changed
 
 
