@@ -109,6 +109,14 @@ def test_killed_run_resumes_with_identical_shards(corpus: Path, shards: Path, tm
     assert _files(out) == before and not list(out.glob(".*tmp"))
 
 
+def test_a_corpus_folder_named_like_a_url_is_written_as_any_other(corpus: Path, shards: Path, tmp_path: Path) -> None:
+    """MosaicML's ``merge_index`` parses a local path as a URL: under ``run#2`` it names every
+    shard after the wrong folder. The index is ours, and the same as anywhere else."""
+    out = tmp_path / "run#2?" / "shards"
+    write_shards(corpus_records([corpus]), out, per_shard=7, seed=5, workers=2, progress=False)
+    assert _files(out) == _files(shards)
+
+
 def test_another_listing_is_refused_unless_forced(corpus: Path, shards: Path, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="different listing or settings"):
         write_shards(corpus_records([corpus]), shards, per_shard=5, seed=5, workers=1, progress=False)

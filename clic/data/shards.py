@@ -426,7 +426,10 @@ def write_shards(records: Sequence[Record], out: str | Path, per_shard: int = 10
 
 def _write_index(out: Path, n_parts: int, per_shard: int, side: int, seed: int, written: int) -> ShardSummary:
     """The parts' MosaicML indexes merged into ``out/index.json`` (shard paths prefixed by their
-    part; what ``streaming.base.util.merge_index`` writes, but atomically)."""
+    part), atomically. Not MosaicML's ``merge_index`` (0.10.0), which writes the same index for a
+    plain path, but parses a local path as a URL (under a folder ``run#2/`` every shard is named
+    after the wrong folder), cannot replace an index (a re-run), and moves its result in from the
+    system's temporary folder (a copy, not atomic, across file systems)."""
     shards, skipped = [], []
     for i in range(n_parts):
         for shard in json.loads((out / _part(i) / INDEX_NAME).read_text())["shards"]:
