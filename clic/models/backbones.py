@@ -155,8 +155,6 @@ def build_backbone(name: str, image_size: int = 224, patch_size: int = 16, depth
                    pool: str = "mean") -> ResNetBackbone | ViTBackbone:
     if name in RESNETS:
         return ResNetBackbone(name)
-    if name in VITS:
-        if image_size % patch_size:
-            raise ValueError(f"{name}: patch_size={patch_size} must divide image_size={image_size}")
+    if name in VITS:  # patch_size divides image_size: PretrainConfig's rule
         return ViTBackbone(name, image_size, patch_size, depth, pool)
     raise ValueError(f"unknown backbone {name!r}; expected one of {', '.join(BACKBONES)}")

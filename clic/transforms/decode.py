@@ -38,10 +38,7 @@ class PlanBoxes:
     displayed size from its header, shipped with the file's bytes for :class:`DeviceDecode`."""
 
     def __init__(self, plan: MocoPlan | ShiftPlan) -> None:
-        if isinstance(plan, MocoPlan) and plan.cfg.key_rotation_deg > 0 and plan.cfg.key_rotation_p > 0:
-            raise ValueError("views.key_rotation_deg: rotated key views are not cut on the device; set it to 0 "
-                             "or decode_on: loader")
-        self.plan = plan
+        self.plan = plan  # a MoCo plan without key rotation (the moco method's config rule)
 
     def __call__(self, enc: Encoded) -> dict[str, Any]:
         if isinstance(self.plan, ShiftPlan):  # CLICv2: one canvas per image and the shift the model reads

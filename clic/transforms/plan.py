@@ -85,8 +85,6 @@ class ShiftPlan:
     views = ("view1", "view2")
 
     def __init__(self, size: int, patch: int, cfg: ShiftConfig) -> None:
-        if size % patch:
-            raise ValueError(f"CLICv2 views: patch={patch} must divide size={size}")
         self.size, self.patch, self.cfg = size, patch, cfg
 
     def draw(self, width: int, height: int) -> tuple[Cut, tuple[int, int]]:

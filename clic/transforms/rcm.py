@@ -41,15 +41,9 @@ class RandomCropMix:
         if crops < 1 or grid < 1 or (out_size is not None and out_size < grid):
             raise ValueError(f"RandomCropMix: need out_size >= grid >= 1 and crops >= 1, got "
                              f"out_size={out_size}, grid={grid}, crops={crops}")
-        if max_upscale < 1.0:
-            raise ValueError(f"RandomCropMix: max_upscale must be >= 1, got {max_upscale}")
-        if mode == "pool":
-            if out_size is None:
-                raise ValueError("RandomCropMix: pool mode resizes crops to cells of out_size // grid; give out_size")
-            if grid * grid > 7 * crops:
-                raise ValueError(f"RandomCropMix: {grid}x{grid} cells need more than the {7 * crops} crops drawn")
-        elif grid < 2:
-            raise ValueError(f"RandomCropMix: authors mode needs grid >= 2 (two crops and their copies), got {grid}")
+        # the settings' bounds are RCMConfig's (clic.config); out_size is the caller's
+        if mode == "pool" and out_size is None:
+            raise ValueError("RandomCropMix: pool mode resizes crops to cells of out_size // grid; give out_size")
         self.out_size, self.crops, self.grid, self.aug_p = out_size, crops, grid, aug_p
         self.mode, self.max_upscale, self.source_resolution = mode, max_upscale, source_resolution
         flips = [T.RandomHorizontalFlip(), T.RandomVerticalFlip()]
