@@ -72,14 +72,29 @@ def masked_entropy_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
     return ((pred - target) ** 2 * m).sum() / m.sum().clamp_min(1.0)
 
 
-def complexity_aware_loss(stage_features: list[torch.Tensor], entropy: torch.Tensor) -> torch.Tensor:
-    """CLIC's complexity-aware loss: MSE between the image's activation energy and its entropy.
+def global_entropy(images: torch.Tensor) -> torch.Tensor:
+    """Each image's global entropy as CLIC's authors compute it (xauat-liushipeng/CLIC at 2f294ff,
+    ``clic/ca_loss.py``, ``cal_batch_ge``): the channel mean of the tensor the encoder sees (after
+    ImageNet normalisation), its 256-bin histogram on [0, 1] (values outside are not counted),
+    normalised, Shannon entropy in nats (``scipy.stats.entropy``). (B, 3, H, W) -> (B,); an image
+    with no value in [0, 1] gives nan (their code too), which the loss leaves out."""
+    grey = images.detach().float().mean(dim=1).flatten(1)  # (B, H*W)
+    inside = (grey >= 0) & (grey <= 1)
+    bins = (grey * 256).long().clamp_(0, 255)  # torch.histc's bins: [k/256, (k+1)/256), 1.0 in the last
+    hist = torch.zeros(grey.shape[0], 256, device=grey.device).scatter_add_(1, bins, inside.float())
+    p = hist / hist.sum(dim=1, keepdim=True)
+    return -(p * torch.where(p > 0, p.log(), torch.zeros_like(p))).sum(dim=1)
 
-    stage_features: backbone stage outputs, each (B, C, H, W); entropy: (B,) global grey-level
-    entropy in bits / 8. Energy per stage = mean of squared activations; the stage energies are
-    averaged and mapped to [0, 1) by e / (1 + e) so the two sides share a scale (our choice: the
-    paper's normalisation is not published).
+
+def complexity_aware_loss(stage_features: list[torch.Tensor], entropy: torch.Tensor) -> torch.Tensor:
+    """CLIC's complexity-aware loss as the authors compute it (``ge_fae_error`` and
+    ``cal_stage_fae`` in ``clic/ca_loss.py`` at 2f294ff, called by their ``train.py`` with the four
+    ResNet stages' outputs and ``--ca_lambda 0.25``): per image the sum over stages of the mean
+    activation, against :func:`global_entropy`, MSE over the images where both are finite.
+
+    stage_features: backbone stage outputs, each (B, C, H, W); entropy: (B,).
     """
-    energies = torch.stack([f.float().pow(2).mean(dim=(1, 2, 3)) for f in stage_features], dim=1)  # (B, S)
-    e = energies.mean(dim=1)
-    return F.mse_loss(e / (1.0 + e), entropy.float())
+    energy = torch.stack([f.float().mean(dim=(1, 2, 3)) for f in stage_features], dim=1).sum(dim=1)  # (B,)
+    target = entropy.float()
+    keep = torch.isfinite(energy) & torch.isfinite(target)
+    return F.mse_loss(energy[keep], target[keep])

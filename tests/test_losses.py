@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from clic.losses import complexity_aware_loss, info_nce, masked_entropy_loss, patch_info_nce
+from clic.losses import complexity_aware_loss, global_entropy, info_nce, masked_entropy_loss, patch_info_nce
 
 
 def test_info_nce_equal_negatives_is_log_k_plus_one() -> None:
@@ -74,11 +74,42 @@ def test_masked_entropy_loss_counts_hidden_patches_only() -> None:
     assert masked_entropy_loss(pred, target, torch.zeros_like(mask)).item() == 0.0
 
 
-def test_complexity_aware_loss_value() -> None:
-    f1 = torch.full((2, 3, 4, 4), 1.0)  # energy 1
-    f2 = torch.full((2, 5, 2, 2), 3.0)  # energy 9 -> mean 5 -> 5/6
-    ent = torch.tensor([5 / 6, 0.0])
-    assert complexity_aware_loss([f1, f2], ent).item() == pytest.approx((0 + (5 / 6) ** 2) / 2)
+def _authors_loss(images: torch.Tensor, stage_maps: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The reference: CLIC's ``cal_batch_ge`` and ``ge_fae_error`` (xauat-liushipeng/CLIC at
+    2f294ff, clic/ca_loss.py) as published, on the CPU (their ``.cuda()`` calls left out)."""
+    from scipy.stats import entropy
+
+    batch_ge = []
+    for img in images:
+        hist = torch.histc(img.mean(dim=0), bins=256, min=0, max=1)
+        hist /= hist.sum()
+        batch_ge.append(entropy(hist.numpy()))
+    ge = torch.tensor(batch_ge)
+    fae = torch.zeros_like(ge)
+    for stage in stage_maps:
+        n, c, w, h = stage_maps[stage].shape
+        fae += stage_maps[stage].sum(dim=(1, 2, 3)) / (w * h * c)
+    mask = torch.isfinite(fae) & torch.isfinite(ge)
+    return F.mse_loss(fae[mask], ge[mask])
+
+
+def test_complexity_aware_loss_is_the_authors() -> None:
+    from clic.models.backbones import ResNetBackbone
+    from clic.transforms.common import MEAN, STD
+
+    torch.manual_seed(0)
+    rgb = torch.rand(6, 3, 64, 64) ** torch.linspace(0.3, 3, 6).view(6, 1, 1, 1)  # flat to busy histograms
+    rgb[5] = 1.0  # white: every normalised value above 1, an empty histogram (nan, left out)
+    images = (rgb - torch.tensor(MEAN).view(1, 3, 1, 1)) / torch.tensor(STD).view(1, 3, 1, 1)
+    stages = ResNetBackbone("resnet18").eval().forward_stages(images)
+    reference = _authors_loss(images, {f"layer{i + 1}": s for i, s in enumerate(stages)})
+    ge = global_entropy(images)
+    assert torch.isnan(ge[5]) and torch.isfinite(ge[:5]).all() and (ge[:5] > 0).all()
+    got = complexity_aware_loss(stages, ge)
+    assert got.item() == pytest.approx(reference.item(), rel=1e-5)
+    stages[0].retain_grad()
+    got.backward()
+    assert stages[0].grad is not None and stages[0].grad.abs().sum() > 0  # the activations learn, not the target
 
 
 @pytest.mark.parametrize("kind", ["info_nce", "patch"])

@@ -21,10 +21,8 @@ from torch import nn
 from clic.config import MocoConfig
 from clic.engine import distributed as dist
 from clic.engine.distributed import concat_all_gather
-from clic.losses import complexity_aware_loss, info_nce
+from clic.losses import complexity_aware_loss, global_entropy, info_nce
 from clic.models.backbones import ResNetBackbone, ViTBackbone
-from clic.transforms.common import denormalize
-from clic.transforms.masking import image_entropy
 
 
 def projection_head(in_dim: int, out_dim: int, kind: str, hidden: int = 0) -> nn.Module:
@@ -144,7 +142,7 @@ class MoCo(nn.Module):
             stages = [torch.cat(level) for level in zip(*chunks, strict=True)]
             feat = torch.flatten(F.adaptive_avg_pool2d(stages[-1], 1), 1)  # (B, D)
             q = F.normalize(enc.head(feat), dim=1)
-            parts["complexity"] = complexity_aware_loss(stages, image_entropy(denormalize(xq.float())))
+            parts["complexity"] = complexity_aware_loss(stages, global_entropy(xq))
         else:
             q = torch.cat([self.encoder_q(c) for c in xq.chunk(splits)])  # (B, D)
         queue, exclude = self._negatives(ids)  # (K, D), (B, K): own image's stale keys
