@@ -170,7 +170,8 @@ def _prepare(args: argparse.Namespace, params: dict[str, Any]) -> None:
     from clic.atomic import check_output
     from clic.data.prepare import prepare, prepare_transfer
 
-    dcfg, seed = data_config(params), int(params.get("seed", 0))
+    dcfg = data_config(params)
+    seed = dcfg.seed_for(int(params.get("seed", 0)))
     if args.transfer:  # refused before any work, as the prepared folder is
         check_output(args.transfer, (dcfg.out_dir, dcfg.raw_dir))
     print(f"prepared dataset: {prepare(dcfg, seed=seed, force=args.force)}")

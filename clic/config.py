@@ -260,6 +260,9 @@ class DataConfig(Section):
     """Which dataset to prepare and how (``clic data prepare``)."""
 
     source: Literal["synthetic", "ic9600", "savoias", "folder"] = "synthetic"
+    # the data's own seed (synthetic images, the train/test split); none: the top-level seed. A
+    # study over seeds sets it to compare its seeds on the same images
+    seed: int | None = None
     path: str = ""  # ic9600: folder or archive; savoias: clone; folder: image folder
     csv: str = ""  # folder source: CSV of image,score[,split]
     categories: Strs = ()  # savoias: subset of categories (empty: all present)
@@ -275,6 +278,10 @@ class DataConfig(Section):
     synthetic: SyntheticConfig = SyntheticConfig()
 
     @_after(mode="after")
+    def seed_for(self, run_seed: int) -> int:
+        """The seed the data is prepared with: ``seed``, else the run's."""
+        return run_seed if self.seed is None else self.seed
+
     def _paths(self) -> DataConfig:
         _rule("path", self.source == "synthetic" or bool(self.path),
               f"{{key}} must name the local {self.source} folder or archive")

@@ -10,17 +10,19 @@ import torch.nn.functional as F
 
 
 def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, temperature: float,
-             exclude: torch.Tensor | None = None) -> torch.Tensor:
+             exclude: torch.Tensor | None = None, key_offset: int = 0) -> torch.Tensor:
     """MoCo's InfoNCE (He et al. 2020): positive ``q . k``, negatives ``q . queue``.
 
     q, k: (B, D) L2-normalised; queue: (K, D) L2-normalised negatives, or None for in-batch
-    negatives (logits ``q @ k.T``, positives on the diagonal, as in MoCo v3 / SimCLR-style).
+    negatives (logits ``q @ k.T``, positives on the diagonal, as in MoCo v3 / SimCLR-style); then
+    ``k`` may hold more keys than queries (B' >= B, every rank's keys), query b's positive at row
+    ``key_offset + b``.
     exclude: (B, K) bool, True = drop that queued key from this query's negatives (a stale key of
     the query's own image is a false negative); only with a queue.
     """
     if queue is None:
-        logits = q @ k.t() / temperature  # (B, B)
-        labels = torch.arange(q.shape[0], device=q.device)
+        logits = q @ k.t() / temperature  # (B, B')
+        labels = torch.arange(q.shape[0], device=q.device) + key_offset
         return F.cross_entropy(logits, labels)
     pos = (q * k).sum(dim=1, keepdim=True)  # (B, 1)
     neg = q @ queue.t()  # (B, K)
@@ -33,7 +35,7 @@ def info_nce(q: torch.Tensor, k: torch.Tensor, queue: torch.Tensor | None, tempe
 
 def patch_info_nce(q_tokens: torch.Tensor, k_tokens: torch.Tensor, temperature: float,
                    max_anchors: int | None = None, generator: torch.Generator | None = None,
-                   anchors: torch.Tensor | None = None) -> torch.Tensor:
+                   anchors: torch.Tensor | None = None, key_offset: int = 0) -> torch.Tensor:
     """CLICv2 patch-wise InfoNCE: token l of image b in the query view is positive with token l of
     image b in the key view; every other key token of the batch (same image or not) is a negative.
 
@@ -41,14 +43,17 @@ def patch_info_nce(q_tokens: torch.Tensor, k_tokens: torch.Tensor, temperature: 
     token may serve as an anchor (CLICv2 passes the visible tokens, so masked-entropy masking does
     not change the contrastive task); None = every token. ``max_anchors`` bounds memory by sampling
     N of the eligible query tokens; each is still contrasted with all B*L key tokens, so the
-    logits are (N, B*L).
+    logits are (N, B*L). ``k_tokens`` may hold more images than the queries, (B', L, D) with
+    B' >= B (every rank's key tokens under DDP), query image b's keys being image
+    ``key_offset + b``; the logits are then (N, B'*L).
     """
-    if q_tokens.shape != k_tokens.shape:
-        raise ValueError(f"patch_info_nce: shapes differ, {tuple(q_tokens.shape)} vs {tuple(k_tokens.shape)}")
     b, l, d = q_tokens.shape
+    if k_tokens.shape[1:] != q_tokens.shape[1:] or not 0 <= key_offset <= k_tokens.shape[0] - b:
+        raise ValueError(f"patch_info_nce: keys {tuple(k_tokens.shape)} (offset {key_offset}) do not hold the "
+                         f"queries' {tuple(q_tokens.shape)}")
     q = q_tokens.reshape(b * l, d)  # (B*L, D)
-    k = k_tokens.reshape(b * l, d)  # (B*L, D)
-    labels = torch.arange(b * l, device=q.device)
+    k = k_tokens.reshape(-1, d)  # (B'*L, D)
+    labels = torch.arange(b * l, device=q.device) + key_offset * l
     if anchors is not None:
         if anchors.shape != (b, l):
             raise ValueError(f"patch_info_nce: anchors must be (B, L) = {(b, l)}, got {tuple(anchors.shape)}")

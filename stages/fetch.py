@@ -11,7 +11,8 @@ from stages.common import ROOT, main, read_json
 
 
 def fetch(p: dict[str, Any]) -> None:
-    cfg, seed = data_config(p), int(p.get("seed", 0))
+    cfg = data_config(p)
+    seed = cfg.seed_for(int(p.get("seed", 0)))
     with tracking.stage_run(p, "fetch", config={"data": p.get("data", {})}):
         (ROOT / cfg.raw_dir).mkdir(parents=True, exist_ok=True)  # a DVC output even when unused
         out = prepare(cfg, seed)

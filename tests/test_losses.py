@@ -61,8 +61,14 @@ def test_patch_info_nce_matches_reference_loop() -> None:
 def test_patch_info_nce_is_low_for_aligned_tokens() -> None:
     eye = torch.eye(8).view(2, 4, 8)
     assert patch_info_nce(eye, eye, 0.05).item() < 1e-3
-    with pytest.raises(ValueError, match="shapes differ"):
+    with pytest.raises(ValueError, match="do not hold the queries"):
         patch_info_nce(eye, eye[:, :3], 0.1)
+    # keys of more images (every rank's): query image b's keys at image key_offset + b
+    keys = torch.cat([-eye, eye])  # (4, 4, 8): images 2, 3 are the queries' keys
+    assert patch_info_nce(eye, keys, 0.05, key_offset=2).item() < 1e-3
+    assert patch_info_nce(eye, keys, 0.05, key_offset=0).item() > 1
+    with pytest.raises(ValueError, match=r"offset 3\) do not hold"):
+        patch_info_nce(eye, keys, 0.1, key_offset=3)
 
 
 def test_masked_entropy_loss_counts_hidden_patches_only() -> None:

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import shutil
 import sysconfig
 from pathlib import Path
@@ -243,3 +244,47 @@ def test_pooled_stages_end_with_the_last_stage_pool(name: str, kw: dict, dims: l
     else:  # the first stage's pool is layer1's mean activation
         with torch.no_grad():
             torch.testing.assert_close(stages[:, :64], backbone.forward_stages(x)[0].mean(dim=(2, 3)))
+
+
+def _clicv2_loss(batch: dict[str, torch.Tensor], loss: str) -> tuple[float, torch.Tensor]:
+    """CLICv2's contrastive loss on ``batch`` and the gradient of its query head, from one seeded
+    init (masking off: the masks are drawn per process)."""
+    from clic.config import CLICv2Config
+    from clic.models.backbones import build_backbone
+    from clic.models.clicv2 import CLICv2
+
+    torch.manual_seed(0)
+    model = CLICv2(build_backbone("vit_tiny", 32, 8, 1), CLICv2Config(dim=16, max_tokens=100_000, mem=False,
+                                                                       loss=loss))
+    out = model(batch, momentum=0.99)
+    out["loss"].backward()
+    return out["loss"].item(), model.head.proj[0].weight.grad.clone()
+
+
+def _global_batch() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(1)
+    return {"view1": torch.randn(8, 3, 32, 32, generator=g), "view2": torch.randn(8, 3, 32, 32, generator=g)}
+
+
+def _clicv2_worker(rank: int, world: int, port: int, out: str) -> None:
+    import torch.distributed as tdist
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    tdist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.set_num_threads(1)
+    full, share = _global_batch(), 8 // world
+    mine = {k: v[rank * share:(rank + 1) * share] for k, v in full.items()}
+    result = {loss: _clicv2_loss(mine, loss) for loss in ("patch", "image")}
+    torch.save(result, f"{out}/{rank}.pt")
+    tdist.destroy_process_group()
+
+
+def test_clicv2_contrasts_every_ranks_keys_as_one_process_at_the_global_batch(tmp_path: Path) -> None:
+    """2 processes x 4 images give the loss (mean over ranks, as DDP averages) and the query
+    head's gradient of 1 process x 8: each rank's tokens see all 8 images' key tokens as negatives."""
+    torch.multiprocessing.spawn(_clicv2_worker, args=(2, 29541, str(tmp_path)), nprocs=2, join=True)
+    ranks = [torch.load(tmp_path / f"{r}.pt") for r in range(2)]
+    for loss in ("patch", "image"):
+        one_loss, one_grad = _clicv2_loss(_global_batch(), loss)
+        assert sum(r[loss][0] for r in ranks) / 2 == pytest.approx(one_loss, rel=1e-5), loss
+        torch.testing.assert_close(sum(r[loss][1] for r in ranks) / 2, one_grad, rtol=1e-4, atol=1e-6)

@@ -90,3 +90,13 @@ def test_default_pairs_and_markdown_bold_only_intervals_that_exclude_zero(study_
         d["by_category"][c]["excludes_zero"] for d in diffs for c in study.groups())
     same = next(line for line in md.splitlines() if line.startswith("| moco - handcrafted |"))
     assert "**" not in same and "+0.000 [+0.000, +0.000]" in same
+
+
+def test_a_table_refuses_seeds_that_scored_different_data() -> None:
+    same = {"a.png": (0.1, 0.5, "x"), "b.png": (0.3, 0.7, "x"), "c.png": (0.2, 0.2, "x")}
+    other = {**same, "b.png": (0.3, 0.9, "x")}  # the synthetic set of another seed: same name, other score
+    with pytest.raises(ValueError, match=r"b.png: human score or category \(0.9, 'x'\) in m seed 1"):
+        Study({"m": {0: same, 1: other}})
+    with pytest.raises(ValueError, match="m seed 1 and m seed 0 scored different images .* e.g. d.png"):
+        Study({"m": {0: same, 1: {**same, "d.png": (0.0, 0.1, "x")}}})
+    assert Study({"m": {0: same, 1: dict(same)}}).summary("m")["all"]["sd"] == 0.0

@@ -84,7 +84,7 @@ def test_turns_hand_out_slots_in_plan_order() -> None:
 
 
 def _project(root: Path) -> Path:
-    make_project(root)
+    make_project(root, lambda p: p["data"].update(seed=0))  # one synthetic set for every seed
     for item in ("flows", "prefect.yaml"):
         src = REPO / item
         shutil.copytree(src, root / item, ignore=shutil.ignore_patterns("__pycache__")) if src.is_dir() \

@@ -49,8 +49,23 @@ class Study:
     """Predictions aligned on one image order: ``pred[row]`` is (seeds, N), ``true`` (N,)."""
 
     def __init__(self, rows: Rows) -> None:
-        names = sorted(set.intersection(*(set(p) for seeds in rows.values() for p in seeds.values())))
-        first = next(iter(next(iter(rows.values())).values()))
+        """``ValueError`` unless every row and seed scored the same images with the same human
+        scores: a table over seeds compares them on one evaluation set (a synthetic set or a
+        train/test split drawn from each run's seed is another set per seed: fix ``data.seed``)."""
+        cells = [(row, seed, p) for row, seeds in rows.items() for seed, p in seeds.items()]
+        first_row, first_seed, first = cells[0]
+        for row, seed, p in cells[1:]:
+            if set(p) != set(first):
+                odd = sorted(set(p) ^ set(first))
+                raise ValueError(f"{row} seed {seed} and {first_row} seed {first_seed} scored different images "
+                                 f"({len(odd)} in one only, e.g. {odd[0]}): a seed table needs one evaluation set "
+                                 "(probe.mode cv, or data.seed fixed)")
+            differ = next((n for n in first if p[n][1:] != first[n][1:]), None)
+            if differ is not None:
+                raise ValueError(f"{differ}: human score or category {p[differ][1:]} in {row} seed {seed} but "
+                                 f"{first[differ][1:]} in {first_row} seed {first_seed}: the cells evaluated "
+                                 "different data under one name (data.seed fixes a synthetic set or split)")
+        names = sorted(first)
         self.names = names
         self.true = np.array([first[n][1] for n in names])
         self.categories = np.array([first[n][2] for n in names])

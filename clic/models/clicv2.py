@@ -20,6 +20,8 @@ from timm.models.vision_transformer import Block
 from torch import nn
 
 from clic.config import CLICv2Config
+from clic.engine import distributed as dist
+from clic.engine.distributed import concat_all_gather
 from clic.losses import info_nce, masked_entropy_loss, patch_info_nce
 from clic.models.backbones import ViTBackbone
 from clic.models.moco import momentum_update, projection_head
@@ -87,9 +89,13 @@ class CLICv2(nn.Module):
         # anchors are visible tokens only: a mask token's output is MEM's business, and contrasting
         # it would make MEM on/off change the contrastive task too (a confounded ablation)
         visible = ~mask if mask is not None else None  # (B, L)
+        # every rank's key tokens are negatives (no gradient flows into keys): 8 processes x 32
+        # images contrast with the keys of 256, as one process at 256 does
+        offset = dist.rank() * b if dist.world_size() > 1 else 0
         if self.cfg.loss == "patch":
-            parts["contrast"] = patch_info_nce(q.float(), k.float(), self.cfg.temperature, self.cfg.max_tokens,
-                                               anchors=visible)
+            keys = concat_all_gather(k.float()) if dist.world_size() > 1 else k.float()  # (world*B, L, dim)
+            parts["contrast"] = patch_info_nce(q.float(), keys, self.cfg.temperature, self.cfg.max_tokens,
+                                               anchors=visible, key_offset=offset)
         else:
             if visible is not None:  # mean of the visible tokens
                 w = visible.unsqueeze(-1).to(q.dtype)  # (B, L, 1)
@@ -97,7 +103,8 @@ class CLICv2(nn.Module):
             else:
                 qi = F.normalize(q.float().mean(dim=1), dim=1)  # (B, dim)
             ki = F.normalize(k.float().mean(dim=1), dim=1)
-            parts["contrast"] = info_nce(qi, ki, None, self.cfg.temperature)
+            ki = concat_all_gather(ki) if dist.world_size() > 1 else ki  # (world*B, dim)
+            parts["contrast"] = info_nce(qi, ki, None, self.cfg.temperature, key_offset=offset)
         loss = parts["contrast"]
         if self.cfg.mem and mask is not None:
             target = patch_entropy(denormalize(x1.float()), self.backbone.patch_size)  # (B, L)
