@@ -277,11 +277,11 @@ class DataConfig(Section):
     max_archive_ratio: float = 200.0  # uncompressed/compressed, per zip member or compressed tar (> 1 MiB)
     synthetic: SyntheticConfig = SyntheticConfig()
 
-    @_after(mode="after")
     def seed_for(self, run_seed: int) -> int:
         """The seed the data is prepared with: ``seed``, else the run's."""
         return run_seed if self.seed is None else self.seed
 
+    @_after(mode="after")
     def _paths(self) -> DataConfig:
         _rule("path", self.source == "synthetic" or bool(self.path),
               f"{{key}} must name the local {self.source} folder or archive")
