@@ -69,14 +69,24 @@ def build_model(cfg: PretrainConfig) -> nn.Module:
     return methods.get(cfg.method).model(cfg, backbone)
 
 
+def no_weight_decay(model: nn.Module) -> set[str]:
+    """Names of the parameters MAE / MoCo v3 exempt from weight decay: the 1-D ones (biases, norms,
+    CLICv2's mask token) and those a timm module names in its ``no_weight_decay()`` (a ViT's
+    position embedding and class token), as timm's ``param_groups_weight_decay`` does."""
+    named = {f"{prefix}.{n}" if prefix else n for prefix, m in model.named_modules()
+             if callable(getattr(m, "no_weight_decay", None)) for n in m.no_weight_decay()}
+    return {n for n, p in model.named_parameters() if p.ndim <= 1 or n in named}
+
+
 def build_optimizer(model: nn.Module, cfg: PretrainConfig, lr: float) -> torch.optim.Optimizer:
     """Weight decay on every parameter (MoCo v2, the CLIC code), or with ``optim.decay_all: false``
-    none on biases, norms and tokens (1-D parameters), as in MAE / MoCo v3."""
+    none on :func:`no_weight_decay`'s (MAE, MoCo v3)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
-    for p in model.parameters():
+    spared = set() if cfg.optim.decay_all else no_weight_decay(model)
+    for n, p in model.named_parameters():
         if p.requires_grad:
-            (no_decay if p.ndim <= 1 and not cfg.optim.decay_all else decay).append(p)
+            (no_decay if n in spared else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.optim.weight_decay},
               {"params": no_decay, "weight_decay": 0.0}]
     # fused kernels: one launch per step instead of one per parameter (CUDA only)

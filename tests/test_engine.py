@@ -321,3 +321,22 @@ def test_ddp_batch_shuffle_spreads_keys_across_ranks_and_unshuffles(tmp_path: Pa
     shuffled = torch.cat([p["shuffled"] for p in parts]).flatten().tolist()
     assert sorted(shuffled) == [0, 1, 2, 3, 10, 11, 12, 13]
     assert shuffled != [0, 1, 2, 3, 10, 11, 12, 13]
+
+
+def test_decay_all_false_spares_what_timm_names_as_well_as_1d_parameters() -> None:
+    """MAE / MoCo v3 (``optim.decay_all: false``): no decay on biases, norms, the mask token and
+    what timm's ``no_weight_decay()`` names (position embedding, class token)."""
+    from clic.params import from_dict
+    from clic.pretrain import build_model, build_optimizer
+
+    cfg = from_dict(PretrainConfig, {"method": "clicv2", "backbone": "vit_tiny", "image_size": 32, "patch_size": 8,
+                                     "depth": 1, "optim": {"name": "adamw", "decay_all": False}})
+    model = build_model(cfg)
+    decay, spared = build_optimizer(model, cfg, 1e-3).param_groups
+    assert spared["weight_decay"] == 0.0 and decay["weight_decay"] == cfg.optim.weight_decay
+    ids = {id(p) for p in spared["params"]}
+    vit = model.backbone.vit
+    assert id(vit.pos_embed) in ids and id(vit.cls_token) in ids and id(model.mask_token) in ids
+    assert id(vit.patch_embed.proj.weight) not in ids and id(vit.patch_embed.proj.bias) in ids
+    kept = from_dict(PretrainConfig, {**cfg.model_dump(mode="json"), "optim": {"name": "adamw", "decay_all": True}})
+    assert len(build_optimizer(model, kept, 1e-3).param_groups[1]["params"]) == 0
