@@ -28,8 +28,9 @@ from clic.config import PretrainConfig
 from clic.cores import torch_threads, usable_cores
 from clic.data.synthetic import render
 from clic.embed import eval_transform
-from clic.evaluation.probe import LinearHead, fit_ridge
+from clic.evaluation.probe import fit_ridge
 from clic.models.backbones import build_backbone
+from clic.models.heads import LinearHead
 from clic.params import from_dict
 from clic.scorer import Scorer
 

@@ -373,20 +373,17 @@ def _map(args: argparse.Namespace, params: dict[str, Any]) -> None:
 
 
 def _study_table(args: argparse.Namespace, params: dict[str, Any]) -> None:
-    """MLflow is read by the pipeline's tracking side (stages/), not by the core."""
+    """MLflow is read by the pipeline's tracking side (stages/), not by the core: the one command
+    that imports stages/, here and only here (tests/test_layers.py)."""
     import json
 
-    import mlflow
-
     from clic.atomic import check_output, write_text
-    from stages.study_table import study_table
-    from stages.tracking import tracking_uri
+    from stages.study_table import read_study_table
 
     for out in (args.json, args.markdown):
         if out:
             check_output(out, folder=False)
-    mlflow.set_tracking_uri(tracking_uri(params))
-    result = study_table(mlflow.MlflowClient(), args.name, args.bootstrap)
+    result = read_study_table(params, args.name, args.bootstrap)
     if args.json:
         write_text(Path(args.json), json.dumps(result["json"], indent=2) + "\n")
     if args.markdown:

@@ -29,6 +29,11 @@ class ParamError(ValueError):
         super().__init__(template.replace("{key}", key))
 
 
+def to_dict(cfg: BaseModel) -> dict[str, Any]:
+    """The resolved config as plain YAML/JSON-safe types (tuples become lists)."""
+    return cfg.model_dump(mode="json")
+
+
 def _short(value: Any, limit: int = 120) -> str:
     text = repr(value)
     return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"

@@ -35,6 +35,7 @@ from clic.config import (
     TransferConfig,
     ValidateConfig,
     _short,
+    to_dict,
 )
 
 T = TypeVar("T", bound=BaseModel)
@@ -423,11 +424,6 @@ def method_settings(cfg: PretrainConfig) -> dict[str, Any]:
         out[section] = dict(full[section])
     out["optim"].pop("betas" if cfg.optim.name == "sgd" else "momentum")
     return out
-
-
-def to_dict(cfg: BaseModel) -> dict[str, Any]:
-    """The resolved config as plain YAML/JSON-safe types (tuples become lists)."""
-    return cfg.model_dump(mode="json")
 
 
 def flatten(d: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:

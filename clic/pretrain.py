@@ -22,6 +22,7 @@ from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader
 
 from clic import atomic, methods
+from clic import distributed as dist
 from clic.config import PretrainConfig
 from clic.cores import usable_cores
 from clic.data.corpus import CORPUS_DIR, corpus_records
@@ -29,7 +30,6 @@ from clic.data.dataset import EpochBatches, ViewDataset
 from clic.data.shards import is_shard_index
 from clic.data.table import Record, read_table
 from clic.engine import checkpoint as ckpt
-from clic.engine import distributed as dist
 from clic.engine.schedule import cosine_lr, cosine_momentum
 from clic.engine.train import NonFiniteLossError, train_one_epoch
 from clic.models.backbones import ResNetBackbone, ViTBackbone, build_backbone

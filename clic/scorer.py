@@ -14,9 +14,6 @@ images are centre-cropped (``crop``) or resized whole to a square (``whole``, IC
 
 from __future__ import annotations
 
-import logging
-import os
-import re
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -29,9 +26,9 @@ from clic.config import PretrainConfig
 from clic.embed import eval_transform, extract, load_for_model, rebuild_backbone
 from clic.engine import checkpoint as ckpt
 from clic.engine.train import autocast
-from clic.evaluation.icnet import ICNetHead
-from clic.evaluation.probe import LinearHead
+from clic.model_uri import fetch_scorer, is_uri
 from clic.models.backbones import ResNetBackbone, ViTBackbone
+from clic.models.heads import ICNetHead, LinearHead
 from clic.params import to_dict
 
 ImageLike = str | Path | Image.Image | torch.Tensor
@@ -143,12 +140,10 @@ class Scorer:
 
 def load_scorer(path_or_uri: str | Path, device: str | torch.device | None = None) -> Scorer:
     """A scorer from a local file, or from an MLflow URI (``models:/clic-clicv2@champion``,
-    ``runs:/<id>/scorer``) when MLflow is installed (imported only for URIs)."""
+    ``runs:/<id>/scorer``) when MLflow is installed (:mod:`clic.model_uri`, imported only for URIs)."""
     device = device or ("cuda" if torch.cuda.is_available() else "cpu")
     text = str(path_or_uri)
-    path = Path(text)
-    if "://" in text or text.startswith(("models:/", "runs:/")):
-        path = scorer_file(_download(text), text)
+    path = fetch_scorer(text) if is_uri(text) else Path(text)
     state = ckpt.load(path)
     if state.get("kind") != "clic-scorer":
         raise ValueError(f"{path}: not a clic scorer (kind={state.get('kind')!r}); fit one with `clic probe`")
@@ -160,75 +155,6 @@ def load_scorer(path_or_uri: str | Path, device: str | torch.device | None = Non
                          "a newer clic wrote it")
     head = ICNetHead.from_state(state["head"]) if head_type == "icnet" else LinearHead.from_state(state["head"])
     return Scorer(backbone, cfg, head, state.get("meta"), device, whole=view == "whole", stages=features == "stages")
-
-
-def scorer_file(local: Path, uri: str) -> Path:
-    """The scorer file inside what an MLflow URI downloaded: a file, a folder holding
-    ``scorer.pt``, or a logged pyfunc model (its ``MLmodel`` names the ``scorer`` artifact; read as
-    YAML data, nothing in it is run)."""
-    if local.is_file():
-        return local
-    if (local / "scorer.pt").is_file():
-        return local / "scorer.pt"
-    mlmodel = local / "MLmodel"
-    if mlmodel.is_file():
-        import yaml  # noqa: PLC0415
-
-        try:
-            spec = yaml.safe_load(mlmodel.read_text())
-            rel = spec["flavors"]["python_function"]["artifacts"]["scorer"]["path"]
-        except (yaml.YAMLError, KeyError, TypeError) as exc:
-            raise ValueError(f"{uri}: {mlmodel} names no 'scorer' artifact ({exc!r}); "
-                             "not a clic scorer model") from None
-        path = (local / rel).resolve()
-        if path.is_relative_to(local.resolve()) and path.is_file():
-            return path
-        raise ValueError(f"{uri}: {mlmodel} names the scorer artifact {rel!r}, which is not a file inside the model")
-    raise ValueError(f"{uri}: downloaded to {local}, which holds neither scorer.pt nor an MLflow model (MLmodel)")
-
-
-def _download(uri: str) -> Path:
-    """Fetch a scorer from MLflow (imported only here: an optional integration). The store is
-    ``MLFLOW_TRACKING_URI`` (or ``MLFLOW_REGISTRY_URI``), else the project's ``./mlflow.db`` when it
-    exists; nothing is created. HTTP calls are bounded (1 retry, 10 s timeout unless the MLflow
-    variables say otherwise), and every failure is one ``ValueError`` naming the URI and the store."""
-    try:
-        import mlflow  # noqa: PLC0415
-        from mlflow.tracking._tracking_service.utils import is_tracking_uri_set  # noqa: PLC0415
-    except ImportError as exc:
-        raise ValueError(f"{uri}: loading a URI needs MLflow (pip install 'clic[pipeline]')") from exc
-    tracking = mlflow.get_tracking_uri() if is_tracking_uri_set() else ""
-    if not tracking:
-        if not Path("mlflow.db").is_file():
-            raise ValueError(f"{uri}: no MLflow store to read it from: set MLFLOW_TRACKING_URI (a tracking server "
-                             "such as http://127.0.0.1:5000, or sqlite:////abs/path/mlflow.db), or run from the "
-                             "project folder that holds mlflow.db")
-        tracking = f"sqlite:///{Path('mlflow.db').resolve()}"
-    registry = os.environ.get("MLFLOW_REGISTRY_URI") or tracking
-    store = registry if uri.startswith("models:/") else tracking
-    for candidate in {tracking, registry}:
-        if candidate.startswith("sqlite:///") and not Path(candidate.removeprefix("sqlite:///")).is_file():
-            raise ValueError(f"{uri}: the MLflow store {candidate} does not exist")
-        if candidate.startswith(("http://", "https://")):
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1")
-            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")
-    retries = logging.getLogger("urllib3.connectionpool")
-    level = retries.level
-    retries.setLevel(logging.ERROR)  # the retry warnings would bury the one error below
-    try:
-        return Path(mlflow.artifacts.download_artifacts(uri, tracking_uri=tracking, registry_uri=registry))
-    except Exception as exc:  # noqa: BLE001 - MLflow, HTTP and SQL errors: one message, no traceback
-        text = str(exc).strip()
-        errno = re.search(r"\[Errno -?\d+\] [^\"')]+", text)
-        first = errno.group(0) if errno else (text.splitlines() or [type(exc).__name__])[0][:300]
-        if getattr(exc, "error_code", "") == "RESOURCE_DOES_NOT_EXIST" or "not found" in first.lower():
-            raise ValueError(f"{uri}: no such model in the MLflow store {store} ({first})") from None
-        if store.startswith(("http://", "https://")):
-            raise ValueError(f"{uri}: the MLflow tracking server {store} is unreachable or failed ({first}); "
-                             "start it or point MLFLOW_TRACKING_URI at a running one") from None
-        raise ValueError(f"{uri}: cannot load it from the MLflow store {store} ({first})") from None
-    finally:
-        retries.setLevel(level)
 
 
 def blend_heatmap(image: Image.Image, values: np.ndarray, alpha: float = 0.5,

@@ -218,7 +218,7 @@ def reprobe(ws: Path, method: str, alias: str) -> Path:
     the metrics to MLflow, linked to the model version."""
     import mlflow
 
-    from clic.scorer import scorer_file
+    from clic.model_uri import scorer_file
     from stages import tracking
 
     env = _env()

@@ -15,6 +15,7 @@ from typing import Any
 
 from clic import methods
 from clic.evaluation.seed_table import Rows, Study, default_pairs, markdown, read_predictions
+from stages import tracking
 from stages.tracking import ui_link
 
 RESULT_STAGES = ("probe", "baselines")
@@ -111,6 +112,12 @@ def study_table(client: Any, study: str, n_boot: int = 2000) -> dict[str, Any]:
     return {"json": {"study": study, "profile": profile, "images": len(table.names),
                      "rows": {r: {**table.summary(r), "runs": sources[r]} for r in rows}, "differences": diffs},
             "markdown": md}
+
+
+def read_study_table(params: dict[str, Any], study: str, n_boot: int = 2000) -> dict[str, Any]:
+    """:func:`study_table` from the MLflow store that ``params`` name (``clic study table``)."""
+    tracking.mlflow.set_tracking_uri(tracking.tracking_uri(params))  # as the stages set it
+    return study_table(tracking.MlflowClient(), study, n_boot)
 
 
 def publish_table(client: Any, study: str, parent: str, failed: dict[str, str]) -> dict[str, Any]:

@@ -299,7 +299,7 @@ def test_a_queue_longer_than_half_the_images_is_refused(tiny_prepared: Path, tmp
 def _shuffle_worker(rank: int, world: int, port: int, out: str) -> None:
     import torch.distributed as tdist
 
-    from clic.engine import distributed as dist
+    from clic import distributed as dist
 
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     tdist.init_process_group("gloo", rank=rank, world_size=world)

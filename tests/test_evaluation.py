@@ -16,11 +16,12 @@ from clic.config import PretrainConfig, ProbeConfig
 from clic.data.table import read_table
 from clic.evaluation import handcrafted
 from clic.evaluation.evaluate import evaluate_encoder, evaluate_handcrafted, evaluate_random
-from clic.evaluation.icnet import ICNetHead, fit_icnet, icnet_loss, icnet_lr
+from clic.evaluation.icnet import fit_icnet, icnet_loss, icnet_lr
 from clic.evaluation.metrics import bootstrap_ci, full_report, regression_metrics
 from clic.evaluation.probe import cross_validated_predictions, fit_classifier, fit_ridge, fit_sgd, topk_accuracy
 from clic.evaluation.transfer import transfer_probe
 from clic.models.backbones import build_backbone
+from clic.models.heads import ICNetHead
 from clic.params import from_dict
 from clic.pretrain import run
 from clic.scorer import load_scorer

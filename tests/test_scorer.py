@@ -16,12 +16,13 @@ import pytest
 import torch
 from PIL import Image
 
+from clic import model_uri
 from clic.config import PretrainConfig
 from clic.cores import torch_threads
 from clic.embed import eval_transform, load_encoder
 from clic.engine import checkpoint as ckpt
-from clic.evaluation.probe import LinearHead
 from clic.models.backbones import build_backbone
+from clic.models.heads import LinearHead
 from clic.scorer import Scorer, load_scorer
 
 REPO = Path(__file__).resolve().parents[1]
@@ -220,6 +221,36 @@ def test_a_registered_scorer_loads_by_alias(scorer_file: Path, tmp_path: Path, m
     Image.fromarray(_gradient(40, 40)).save(img)
     np.testing.assert_allclose(load_scorer("models:/clic-t@champion", "cpu")(img),
                                load_scorer(scorer_file, "cpu")(img), atol=1e-6)
+
+
+def test_what_a_uri_downloaded_leads_to_its_scorer_file_and_nowhere_else(tmp_path: Path) -> None:
+    """A logged pyfunc model names its scorer in ``MLmodel`` (read as data); a name that leaves the
+    model's folder, or a folder without a scorer, is refused."""
+    assert model_uri.is_uri("models:/clic-clicv2@champion") and model_uri.is_uri("runs:/abc/scorer")
+    assert model_uri.is_uri("s3://bucket/scorer.pt") and not model_uri.is_uri("models/clicv2/scorer.pt")
+    model = tmp_path / "model"
+    (model / "artifacts").mkdir(parents=True)
+    (model / "artifacts" / "scorer.pt").write_bytes(b"x")
+    (tmp_path / "outside.pt").write_bytes(b"x")
+
+    def names(rel: str) -> None:
+        (model / "MLmodel").write_text(f"flavors:\n  python_function:\n    artifacts:\n      scorer:\n"
+                                       f"        path: {rel}\n")
+
+    names("artifacts/scorer.pt")
+    assert model_uri.scorer_file(model, "models:/m/1") == (model / "artifacts" / "scorer.pt").resolve()
+    names("../outside.pt")
+    with pytest.raises(ValueError, match="not a file inside the model"):
+        model_uri.scorer_file(model, "models:/m/1")
+    (model / "MLmodel").write_text("flavors: {}\n")
+    with pytest.raises(ValueError, match="names no 'scorer' artifact"):
+        model_uri.scorer_file(model, "models:/m/1")
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "scorer.pt").write_bytes(b"x")
+    assert model_uri.scorer_file(tmp_path / "run", "runs:/r/scorer") == tmp_path / "run" / "scorer.pt"
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ValueError, match="holds neither scorer.pt nor an MLflow model"):
+        model_uri.scorer_file(tmp_path / "empty", "runs:/r/x")
 
 
 def test_a_stage_pooled_scorer_round_trips(tmp_path: Path) -> None:

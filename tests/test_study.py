@@ -125,6 +125,46 @@ def _numbers(table: dict) -> dict:
             "differences": table["differences"], "images": table["images"]}
 
 
+def test_clic_study_table_reads_the_store_that_the_params_name(tmp_path: Path) -> None:
+    """`clic study table` (the one command of clic/ that reaches stages/) prints the table that
+    :func:`stages.study_table.study_table` computes from the same MLflow store: cells of 2 methods x
+    2 seeds, each with a finished probe run holding its ``report/predictions.csv``."""
+    import numpy as np
+
+    from stages.study_table import study_table
+
+    client = _client(tmp_path)
+    exp = client.create_experiment("clic", artifact_location=(tmp_path / "art").as_uri())
+    rng = np.random.default_rng(0)
+    human = rng.uniform(size=30)
+    for method in ("moco", "clic"):
+        for seed in (0, 1):
+            cell = client.create_run(exp, tags={"clic.study": "tiny", "clic.kind": "pipeline", "clic.seed": str(seed),
+                                                "clic.cell": f"recipe-{method}-seed{seed}", "clic.method": method})
+            probe = client.create_run(exp, tags={"mlflow.parentRunId": cell.info.run_id, "clic.stage": "probe"})
+            noise = 0.1 if method == "clic" else 0.4
+            pred = human + rng.normal(scale=noise, size=human.size)
+            csv = tmp_path / "predictions.csv"
+            rows = (f"img{i}.png,{p:.6f},{h:.6f},{'ab'[i % 2]}\n"
+                    for i, (p, h) in enumerate(zip(pred, human, strict=True)))
+            csv.write_text("name,predicted,human,category\n" + "".join(rows))
+            client.log_artifact(probe.info.run_id, str(csv), "report")
+            for run in (probe, cell):
+                client.set_terminated(run.info.run_id)
+    shutil.copy(REPO / "params.yaml", tmp_path / "params.yaml")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")}
+    env.update(PYTHONPATH=str(REPO), MLFLOW_TRACKING_URI=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    out = subprocess.run([sys.executable, "-m", "clic.cli", "study", "table", "tiny", "--bootstrap", "50", "--json",
+                          str(tmp_path / "t.json")], cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert "| clic - moco |" in out.stdout
+    printed = json.loads((tmp_path / "t.json").read_text())
+    direct = json.loads(json.dumps(study_table(client, "tiny", n_boot=50)["json"]))
+    assert list(printed["rows"]) == ["moco", "clic"] and printed["images"] == 30
+    assert printed == direct
+    assert printed["rows"]["clic"]["all"]["mean"] > printed["rows"]["moco"]["all"]["mean"]
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # two studies of six cells share two cores
 def test_tiny_study_resumes_without_redoing_a_cell_and_its_table_is_mlflows(tmp_path: Path) -> None:

@@ -14,6 +14,7 @@ import logging
 import random
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
+from typing import Protocol
 
 import torch
 from PIL import Image
@@ -21,10 +22,18 @@ from torch.utils.data import Dataset
 
 from clic.data.imageio import ImageError, load_rgb, read_encoded
 from clic.data.table import Record, resolve
-from clic.transforms.rcm import RandomCropMix
 
 log = logging.getLogger(__name__)
 MAX_SUBSTITUTES = 16  # consecutive unreadable images tolerated before a sample fails
+
+
+class ExtraImages(Protocol):
+    """What makes extra training images from a source image: CLIC's RCM mosaics
+    (:class:`clic.transforms.rcm.RandomCropMix`; data/ sits below transforms/ and names no view)."""
+
+    source_resolution: bool  # tiles are cut from the source image, not the prepared copy
+
+    def extra(self, img: Image.Image, k: int) -> Image.Image: ...
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
@@ -47,7 +56,7 @@ class ViewDataset(Dataset):
     """
 
     def __init__(self, records: Sequence[Record], root: str | Path, transform: Callable[[Image.Image], dict],
-                 seed: int = 0, extra: RandomCropMix | None = None,
+                 seed: int = 0, extra: ExtraImages | None = None,
                  extra_per_image: int = 0, decode_side: int | None = None, encoded: bool = False) -> None:
         self.records, self.root, self.transform = list(records), Path(root), transform
         self.seed, self.decode_side, self.encoded = seed, decode_side, encoded

@@ -21,14 +21,13 @@ from pathlib import Path
 from tqdm import tqdm
 
 from clic import atomic
-from clic.config import DataConfig
+from clic.config import DataConfig, to_dict
 from clic.cores import die_with_parent, usable_cores
 from clic.data.archive import extracted, find_root, is_archive
 from clic.data.imageio import ImageError, content_hash, load_rgb, resize_short
 from clic.data.sources import Entry, read_folder, read_ic9600, read_savoias
 from clic.data.synthetic import generate_classification, generate_ic9600
 from clic.data.table import Record, relative_to, write_table
-from clic.params import to_dict
 
 log = logging.getLogger(__name__)
 

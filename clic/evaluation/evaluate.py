@@ -32,8 +32,9 @@ from clic.embed import load_encoder
 from clic.evaluation import handcrafted, plots
 from clic.evaluation.features import dataset_features, file_digest, input_paths
 from clic.evaluation.metrics import full_report, regression_metrics
-from clic.evaluation.probe import Head, cross_validated_predictions, fit_regression
+from clic.evaluation.probe import cross_validated_predictions, fit_regression
 from clic.models.backbones import at_resolution, build_backbone
+from clic.models.heads import Head
 from clic.scorer import Scorer, load_scorer
 
 log = logging.getLogger(__name__)

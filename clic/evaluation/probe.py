@@ -7,15 +7,13 @@ Protocols for regression (never touching test labels for any choice):
 3. ``icnet``: ICNet's map + score head trained on frozen spatial maps (N, D, h, w), the CLIC
    paper's IC9600 protocol (:mod:`clic.evaluation.icnet`).
 
-A fitted linear head is a :class:`LinearHead` (mean, scale, weight, bias):
+A fitted linear head is a :class:`~clic.models.heads.LinearHead` (mean, scale, weight, bias):
 ``pred = ((x - mean) / scale) @ w + b``, the same for ridge and sgd, so a scorer stores one format;
-icnet fits an :class:`~clic.evaluation.icnet.ICNetHead`. Both have ``predict`` and ``state``.
+icnet fits an :class:`~clic.models.heads.ICNetHead`. Both have ``predict`` and ``state``.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from collections.abc import Callable, Sequence
 
 import numpy as np
@@ -23,31 +21,10 @@ import torch
 from scipy import linalg
 
 from clic.config import ProbeConfig
-from clic.evaluation.icnet import ICNetHead, channel_moments, fit_icnet
+from clic.evaluation.icnet import channel_moments, fit_icnet
+from clic.models.heads import Head, LinearHead
 
 DEFAULT_ALPHAS = tuple(10.0 ** k for k in range(-3, 6))
-
-
-@dataclasses.dataclass
-class LinearHead:
-    mean: np.ndarray  # (D,)
-    scale: np.ndarray  # (D,)
-    weight: np.ndarray  # (D,) regression or (D, C) classification
-    bias: np.ndarray  # () or (C,)
-    alpha: float = math.nan
-
-    def predict(self, x: np.ndarray) -> np.ndarray:
-        return ((np.asarray(x, np.float64) - self.mean) / self.scale) @ self.weight + self.bias
-
-    def state(self) -> dict[str, torch.Tensor | float]:
-        return {"mean": torch.from_numpy(self.mean), "scale": torch.from_numpy(self.scale),
-                "weight": torch.from_numpy(np.asarray(self.weight)), "bias": torch.as_tensor(self.bias),
-                "alpha": float(self.alpha)}
-
-    @classmethod
-    def from_state(cls, s: dict) -> LinearHead:
-        return cls(s["mean"].double().numpy(), s["scale"].double().numpy(), s["weight"].double().numpy(),
-                   s["bias"].double().numpy(), float(s.get("alpha", math.nan)))
 
 
 def _standardise(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -134,9 +111,6 @@ def fit_sgd(x: np.ndarray, y: np.ndarray, epochs: int = 100, lr: float = 0.01, w
     _train_linear(head, len(xt), lambda idx: torch.nn.functional.mse_loss(head(xt[idx]).squeeze(1), yt[idx]),
                   epochs, lr, weight_decay, batch_size, seed)
     return LinearHead(mean, scale, head.weight.detach().double().numpy()[0], head.bias.detach().double().numpy()[0])
-
-
-Head = LinearHead | ICNetHead
 
 
 def fit_regression(x: np.ndarray, y: np.ndarray, cfg: ProbeConfig, seed: int = 0, x_aug: np.ndarray | None = None,

@@ -9,9 +9,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, ClassVar
 
+from clic import distributed as dist
 from clic.config import ParamError, PretrainConfig
 from clic.data.table import Record, resolve
-from clic.engine import distributed as dist
 from clic.methods.base import register
 from clic.methods.moco import MocoV2
 from clic.transforms.moco import MocoViews

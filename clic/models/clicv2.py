@@ -19,9 +19,9 @@ import torch.nn.functional as F
 from timm.models.vision_transformer import Block
 from torch import nn
 
+from clic import distributed as dist
 from clic.config import CLICv2Config
-from clic.engine import distributed as dist
-from clic.engine.distributed import concat_all_gather
+from clic.distributed import concat_all_gather
 from clic.losses import info_nce, masked_entropy_loss, patch_info_nce
 from clic.models.backbones import ViTBackbone
 from clic.models.moco import momentum_update, projection_head

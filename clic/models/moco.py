@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from clic import distributed as dist
 from clic.config import MocoConfig
-from clic.engine import distributed as dist
-from clic.engine.distributed import concat_all_gather
+from clic.distributed import concat_all_gather
 from clic.losses import complexity_aware_loss, global_entropy, info_nce
 from clic.models.backbones import ResNetBackbone, ViTBackbone
 

@@ -1,4 +1,8 @@
-"""Distributed helpers that are no-ops in a single process (CPU or one GPU)."""
+"""Distributed helpers that are no-ops in a single process (CPU or one GPU).
+
+A floor below models/ and engine/: the methods' collectives (MoCo's gather of keys, shuffling BN)
+and the engine's process group both come from here.
+"""
 
 from __future__ import annotations
 
