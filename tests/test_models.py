@@ -155,9 +155,9 @@ def test_clicv2_contrasts_visible_tokens_only(monkeypatch: pytest.MonkeyPatch) -
     seen: dict = {}
     real = m.patch_info_nce
 
-    def spy(q, k, t, max_anchors=None, generator=None, anchors=None):  # type: ignore[no-untyped-def]
+    def spy(q, k, t, max_anchors=None, generator=None, anchors=None, key_offset=0):  # type: ignore[no-untyped-def]
         seen["anchors"] = anchors
-        return real(q, k, t, max_anchors, generator, anchors)
+        return real(q, k, t, max_anchors, generator, anchors, key_offset)
 
     monkeypatch.setattr(m, "patch_info_nce", spy)
     captured: dict = {}
