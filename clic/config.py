@@ -380,6 +380,10 @@ class ValidateConfig(Section):
     min_rows: Pos = 1
     max_rows: int = 10_000_000
     near_duplicate_bits: Annotated[int, _check(lambda v: -1 <= v <= 32, "must be in [-1, 32], got {v}")] = 4
+    # an evaluation image in the pretraining corpus: refused (the unseen-kinds protocol), or counted
+    # and reported when pretraining on the scored images is the point (the final protocol: the encoders
+    # a user takes; its probe numbers are then in-sample for pretraining)
+    evaluation_in_corpus: Literal["refuse", "in_sample"] = "refuse"
 
     @_after(mode="after")
     def _rows(self) -> ValidateConfig:

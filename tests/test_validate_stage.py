@@ -35,3 +35,25 @@ def test_failed_expectations_state_the_expected_bounds(tmp_path: Path, monkeypat
     assert lines[1] == ("expect_table_row_count_to_be_between: got 6, expected >= 10 (validate.min_rows) and "
                         "<= 2000 (validate.max_rows)")
     assert all("None" not in line for line in lines)
+
+
+def test_the_final_protocol_counts_evaluation_images_in_the_corpus_instead_of_refusing(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``validate.evaluation_in_corpus``: ``refuse`` (the unseen-kinds protocol) fails on a scored
+    image in the pretraining corpus; ``in_sample`` (the final protocol) keeps the column and passes."""
+    from clic.params import validate_config
+
+    monkeypatch.setattr(validate, "ROOT", tmp_path)
+    df = _frame(12, 64)
+    df.loc[df.index[-1], "short_side"] = 64
+    df.loc[df.index[:3], "in_pretraining_corpus"] = "i0.png = corpus/a.jpg (identical pixels)"
+    refused = run_suite(df, tmp_path / "gx", min_rows=1, max_rows=100, min_size=32)
+    assert [describe_failure(c) for c in refused["checks"] if not c["success"]] == [
+        "expect_column_values_to_be_null on in_pretraining_corpus: 3 unexpected rows (expected to hold), e.g. "
+        "['i0.png = corpus/a.jpg (identical pixels)', 'i0.png = corpus/a.jpg (identical pixels)', "
+        "'i0.png = corpus/a.jpg (identical pixels)']"]
+    kept = run_suite(df, tmp_path / "gx2", min_rows=1, max_rows=100, min_size=32, corpus_may_hold=True)
+    assert kept["success"] and len(kept["checks"]) == len(refused["checks"]) - 1
+    assert validate_config({"validate": {"evaluation_in_corpus": "in_sample"}}).evaluation_in_corpus == "in_sample"
+    with pytest.raises(ValueError, match="validate.evaluation_in_corpus: expected one of refuse, in_sample"):
+        validate_config({"validate": {"evaluation_in_corpus": "yes"}})
