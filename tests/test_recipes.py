@@ -28,9 +28,9 @@ def card() -> dict[str, dict[str, dict[str, Any]]]:
     out: dict[str, dict[str, dict[str, Any]]] = {}
     method = None
     for line in CARD.read_text().splitlines():
-        heading = re.match(r"## .*\(`pretrain\.(\w+)`\)", line)
+        heading = re.match(r"## .*\(`pretrain\.(\w+)`[,)]", line)
         if heading:
-            method = heading.group(1)
+            method = "outside" if heading.group(1) == "common" else heading.group(1)
             out[method] = {}
             continue
         cells = [c.strip() for c in line.strip().strip("|").split("|")]
@@ -59,7 +59,27 @@ def _same(a: Any, b: Any) -> bool:
 
 
 def test_the_card_covers_all_three_methods() -> None:
-    assert set(card()) == set(method_names())
+    assert set(card()) == set(method_names()) | {"outside"}
+
+
+@pytest.mark.parametrize("profile", list(PROFILES))
+def test_settings_outside_the_method_sections_match_the_card(profile: str) -> None:
+    """data.cache_size, nprocs, augment_on, decode_on: what each profile resolves to is the card's,
+    the same for every method."""
+    from clic.params import data_config
+
+    params = load_params(ROOT / PROFILES[profile])
+    rows = card()["outside"]
+    assert set(rows) == {"data.cache_size", "pretrain.common.nprocs", "pretrain.common.augment_on",
+                         "pretrain.common.decode_on"}
+    for key, row in rows.items():
+        if key.startswith("data."):
+            got = {getattr(data_config(params), key.removeprefix("data."))}
+        else:
+            name = key.removeprefix("pretrain.common.")
+            got = {getattr(pretrain_config(params, m), name) for m in method_names()
+                   if not (m == "clic" and name == "decode_on")}  # CLIC's mosaics are cut in the loader
+        assert got == {row[profile]}, f"{PROFILES[profile]} {key}: resolved {got}, card {row[profile]}"
 
 
 @pytest.mark.parametrize("method", method_names())
