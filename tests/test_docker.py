@@ -62,5 +62,5 @@ def test_pool_templates_request_gpus() -> None:
     deployments = yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
     names = {(d["entrypoint"].split(":")[1], d["name"]) for d in deployments}
     assert names == {("pretrain", "moco"), ("pretrain", "clic"), ("pretrain", "clicv2"), ("evaluate", "all"),
-                     ("pipeline", "all")}
+                     ("pipeline", "all"), ("study", "real-photos")}
     assert all(d["work_pool"]["name"] == "gpu" for d in deployments)
