@@ -12,6 +12,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shutil
 import subprocess
@@ -24,6 +25,8 @@ import yaml
 
 from clic.data.shards import is_url
 from clic.params import TOP_LEVEL, apply_overrides, check_override, load_params
+
+log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[1]
 CODE = ("clic", "stages", "dvc.yaml", "params.yaml")
@@ -71,7 +74,26 @@ def workspace(flow: str, method: str = "", dataset: str = "", overrides: dict[st
         shared_cache.mkdir(parents=True, exist_ok=True)
         subprocess.run([sys.executable, "-m", "dvc", "config", "--local", "cache.dir", str(shared_cache)],
                        cwd=ws, check=True)
+        drop_torn_rwlock(ws)
         yield ws
+
+
+def drop_torn_rwlock(ws: Path) -> bool:
+    """Remove DVC's ``.dvc/tmp/rwlock`` when it does not parse: a ``dvc`` killed while writing it
+    (a cancelled flow run) leaves it empty, and every later ``dvc repro`` in the folder then stops
+    with "Unable to read RWLock-file ... JSON structure is corrupted". The caller holds the
+    workspace's lock, so no other DVC of ours is using the file; a well-formed one is DVC's to
+    judge (it names the processes that hold it). Returns whether one was removed."""
+    rwlock = ws / ".dvc" / "tmp" / "rwlock"
+    try:
+        json.loads(rwlock.read_text())
+        return False
+    except FileNotFoundError:
+        return False
+    except ValueError:
+        rwlock.unlink()
+        log.warning("%s: removed DVC's torn read/write lock file (left by a killed dvc)", rwlock)
+        return True
 
 
 def _anchor_paths(params: dict[str, Any], root: Path) -> None:

@@ -165,6 +165,24 @@ def test_clic_study_table_reads_the_store_that_the_params_name(tmp_path: Path) -
     assert printed["rows"]["clic"]["all"]["mean"] > printed["rows"]["moco"]["all"]["mean"]
 
 
+def test_a_torn_dvc_rwlock_left_by_a_killed_dvc_is_dropped(tmp_path: Path) -> None:
+    """A dvc killed while writing ``.dvc/tmp/rwlock`` (a cancelled study) leaves it empty and DVC
+    then refuses every command in the workspace; the workspace drops it, and only a torn one."""
+    from flows.workspace import drop_torn_rwlock
+
+    subprocess.run([BIN / "dvc", "init", "-q", "--no-scm"], cwd=tmp_path, check=True)
+    (tmp_path / "dvc.yaml").write_text("stages:\n  hello:\n    cmd: echo hi > out.txt\n    outs: [out.txt]\n")
+    rwlock = tmp_path / ".dvc" / "tmp" / "rwlock"
+    rwlock.parent.mkdir(parents=True, exist_ok=True)
+    rwlock.write_text("")
+    torn = subprocess.run([BIN / "dvc", "repro"], cwd=tmp_path, capture_output=True, text=True)
+    assert torn.returncode != 0 and "RWLock" in torn.stderr + torn.stdout
+    assert drop_torn_rwlock(tmp_path) and not rwlock.exists()
+    assert subprocess.run([BIN / "dvc", "repro"], cwd=tmp_path, capture_output=True).returncode == 0
+    rwlock.write_text('{"read": {}, "write": {}}')
+    assert not drop_torn_rwlock(tmp_path) and rwlock.exists()  # a well-formed one is DVC's to judge
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(1500)  # two studies of six cells share two cores
 def test_tiny_study_resumes_without_redoing_a_cell_and_its_table_is_mlflows(tmp_path: Path) -> None:
@@ -228,7 +246,7 @@ def test_tiny_study_resumes_without_redoing_a_cell_and_its_table_is_mlflows(tmp_
         again = prefect("deployment", "run", "study/real-photos", *GRID, "--watch", "--watch-timeout", "1500",
                         timeout=1600)
         again_id = re.search(r"UUID: ([0-9a-f-]{36})", again.stdout).group(1)  # type: ignore[union-attr]
-        assert "Completed" in again.stdout, prefect("flow-run", "logs", again_id).stdout[-4000:]
+        assert state(again_id) == "COMPLETED", prefect("flow-run", "logs", again_id).stdout[-4000:]
         assert encoder.stat().st_mtime_ns == stamp
         client = _client(root)
         runs: dict = {}
