@@ -76,10 +76,10 @@ def view_rate(cfg: PretrainConfig, data_dir: Path, n: int = 200) -> float:
 
 
 def cpu_bench(methods: list[str], epochs: int, overrides: list[str] | None = None) -> dict:
-    params = load_params(REPO / "params.yaml", overrides)
     results: dict = {"device": "cpu", "threads": torch.get_num_threads(), "methods": {}}
     with tempfile.TemporaryDirectory() as tmp:
-        params["data"].update(raw_dir=f"{tmp}/raw", out_dir=f"{tmp}/prepared")
+        params = load_params(REPO / "params.yaml", [*(overrides or []), f"data.raw_dir={tmp}/raw",
+                                                    f"data.out_dir={tmp}/prepared"])
         data_dir = prepare(data_config(params), seed=0)
         for method in methods:
             cfg = pretrain_config(params, method)

@@ -29,7 +29,7 @@ from typing import Any
 from common import REPO, parser  # this folder's shared helpers (on sys.path)
 
 from clic.data.corpus import corpus_records
-from clic.params import load_params, pretrain_config
+from clic.params import Params, load_params, pretrain_config
 
 
 def clic(args: list[str], timeout: float | None = None) -> tuple[int, float]:
@@ -47,7 +47,7 @@ def last_metrics(folder: Path) -> dict[str, Any]:
     return json.loads(lines[-1]) if lines else {}
 
 
-def corpus_size(params: dict[str, Any], method: str) -> tuple[int, int]:
+def corpus_size(params: Params, method: str) -> tuple[int, int]:
     """The images the method pretrains on, and its samples per epoch: CLIC with offline-style
     mosaics (``rcm.pairing`` extra/both) trains on each image and its mosaics."""
     cfg = pretrain_config(params, method)
@@ -65,7 +65,7 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
                            "methods": {}}
     for method in args.methods:
         base = ["pretrain", "--params", str(args.params), "--method", method, *sets]
-        batch = int(params["pretrain"]["common"].get("batch_size", 64))
+        batch = pretrain_config(params, method).batch_size
         calib_images = batch * args.calibration_steps
         calib_dir = args.out / "calibration" / method
         rc, calib_s = clic([*base, "--out", str(calib_dir), "--set", "epochs=2",

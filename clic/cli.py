@@ -18,7 +18,16 @@ from typing import Any
 import yaml
 
 from clic import methods
-from clic.params import TOP_LEVEL, data_config, load_params, method_settings, pretrain_config, to_dict, validate_config
+from clic.params import (
+    TOP_LEVEL,
+    Params,
+    data_config,
+    load_params,
+    method_settings,
+    pretrain_config,
+    to_dict,
+    validate_config,
+)
 
 log = logging.getLogger("clic")
 
@@ -159,19 +168,19 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS[{"data": getattr(args, "data_command", ""),
                         "study": f"study {getattr(args, 'study_command', '')}"}.get(args.command, args.command)]
     try:
-        params = load_params(args.params, _overrides(args)) if "params" in args else {}  # profile: `clic params`
+        params = load_params(args.params, _overrides(args)) if "params" in args else Params()  # profile: `clic params`
         return command(args, params) or 0
     except ValueError as exc:
         print(f"clic: error: {exc}", file=sys.stderr)
         return 2
 
 
-def _prepare(args: argparse.Namespace, params: dict[str, Any]) -> None:
+def _prepare(args: argparse.Namespace, params: Params) -> None:
     from clic.atomic import check_output
     from clic.data.prepare import prepare, prepare_transfer
 
     dcfg = data_config(params)
-    seed = dcfg.seed_for(int(params.get("seed", 0)))
+    seed = dcfg.seed_for(params.seed)
     if args.transfer:  # refused before any work, as the prepared folder is
         check_output(args.transfer, (dcfg.out_dir, dcfg.raw_dir))
     print(f"prepared dataset: {prepare(dcfg, seed=seed, force=args.force)}")
@@ -179,7 +188,7 @@ def _prepare(args: argparse.Namespace, params: dict[str, Any]) -> None:
         print(f"transfer dataset: {prepare_transfer(dcfg, args.transfer, seed)}")
 
 
-def _pretrain(args: argparse.Namespace, params: dict[str, Any]) -> None:
+def _pretrain(args: argparse.Namespace, params: Params) -> None:
     from clic.pretrain import run
 
     cfg = pretrain_config(params, args.method)
@@ -188,7 +197,7 @@ def _pretrain(args: argparse.Namespace, params: dict[str, Any]) -> None:
     print(f"encoder: {run(cfg, data_dir, args.out, args.device, progress=not args.no_progress)}")
 
 
-def _embed(args: argparse.Namespace, params: dict[str, Any]) -> None:
+def _embed(args: argparse.Namespace, params: Params) -> None:
     from clic.atomic import check_output
     from clic.embed import embed_to_npz
 
@@ -199,11 +208,11 @@ def _embed(args: argparse.Namespace, params: dict[str, Any]) -> None:
     print(f"wrote {n} feature rows to {args.out}" + (f" ({len(errors)} unreadable images skipped)" if errors else ""))
 
 
-def _params(args: argparse.Namespace, params: dict[str, Any]) -> None:
+def _params(args: argparse.Namespace, params: Params) -> None:
     data_config(params)  # validate what can be validated without a method
     configs = {m: pretrain_config(params, m) for m in ([args.method] if args.method else methods.names())}
     if not args.method:
-        print(yaml.safe_dump(params, sort_keys=False), end="")
+        print(yaml.safe_dump(params.tree, sort_keys=False), end="")
         return
     own = method_settings(configs[args.method])  # a params file itself: seed, pretrain.data and the section
     seed, data = own.pop("seed"), own.pop("data")
@@ -212,7 +221,7 @@ def _params(args: argparse.Namespace, params: dict[str, Any]) -> None:
     print(_yaml({"seed": seed, "pretrain": {"data": data, args.method: own}}), end="")
 
 
-def _corpus(args: argparse.Namespace, params: dict[str, Any]) -> int:
+def _corpus(args: argparse.Namespace, params: Params) -> int:
     import time
     from collections import Counter
 
@@ -257,7 +266,7 @@ def _corpus(args: argparse.Namespace, params: dict[str, Any]) -> int:
     return 1 if found else 0
 
 
-def _shard(args: argparse.Namespace, params: dict[str, Any]) -> None:
+def _shard(args: argparse.Namespace, params: Params) -> None:
     from clic.data.corpus import CORPUS_DIR, corpus_records
     from clic.data.shards import is_shard_index, write_shards
 
@@ -270,14 +279,14 @@ def _shard(args: argparse.Namespace, params: dict[str, Any]) -> None:
     dcfg = data_config(params)
     records = corpus_records(entries, Path(args.work_dir or CORPUS_DIR), dcfg.max_archive_bytes,
                              dcfg.max_member_bytes, dcfg.max_archive_ratio)
-    summary = write_shards(records, args.out, args.per_shard, args.side, args.quality, int(params.get("seed", 0)),
+    summary = write_shards(records, args.out, args.per_shard, args.side, args.quality, params.seed,
                            args.workers or None, dcfg.max_pixels, args.force, not args.no_progress,
                            inputs=entries, min_side=dcfg.min_size)
     print(f"{summary.images} images in {summary.parts} parts ({summary.written} written now, "
           f"{summary.unreadable} unreadable skipped) -> {summary.index}")
 
 
-def _probe(args: argparse.Namespace, params: dict[str, Any]) -> None:
+def _probe(args: argparse.Namespace, params: Params) -> None:
     from clic.atomic import check_output
     from clic.evaluation.evaluate import (
         REPORT_NAMES,
@@ -288,7 +297,7 @@ def _probe(args: argparse.Namespace, params: dict[str, Any]) -> None:
     )
     from clic.params import probe_config
 
-    cfg, seed = probe_config(params), int(params.get("seed", 0))
+    cfg, seed = probe_config(params), params.seed
     data_dir = args.data or data_config(params).out_dir
     check_output(args.out, [data_dir, args.model, args.scorer, args.cache], REPORT_NAMES,
                  proof=("metrics.json", "srcc"))
@@ -306,7 +315,7 @@ def _probe(args: argparse.Namespace, params: dict[str, Any]) -> None:
           f"RMSE {report['rmse']:.4f}  (n={int(report['n'])}) -> {args.out}")
 
 
-def _transfer(args: argparse.Namespace, params: dict[str, Any]) -> None:
+def _transfer(args: argparse.Namespace, params: Params) -> None:
     import json
     import tempfile
 
@@ -322,12 +331,12 @@ def _transfer(args: argparse.Namespace, params: dict[str, Any]) -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     work = tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".work", dir=out.parent)  # new, ours, deleted after
     metrics = transfer_probe(backbone, pcfg.image_size, root, args.name or cfg.name, work, cfg.epochs, cfg.lr,
-                             cfg.batch_size, cfg.workers, args.device or "cpu", int(params.get("seed", 0)))
+                             cfg.batch_size, cfg.workers, args.device or "cpu", params.seed)
     write_text(out, json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     print(", ".join(f"{k} {v:.4f}" for k, v in metrics.items()))
 
 
-def _score(args: argparse.Namespace, params: dict[str, Any]) -> None:
+def _score(args: argparse.Namespace, params: Params) -> None:
     import csv
 
     from clic.atomic import check_output, write_csv
@@ -353,7 +362,7 @@ def _score(args: argparse.Namespace, params: dict[str, Any]) -> None:
     print(f"scored {len(kept)} images -> {out}{skipped}")
 
 
-def _map(args: argparse.Namespace, params: dict[str, Any]) -> None:
+def _map(args: argparse.Namespace, params: Params) -> None:
     from clic.atomic import check_output
     from clic.data.imageio import load_rgb
     from clic.scorer import blend_heatmap, load_scorer
@@ -372,7 +381,7 @@ def _map(args: argparse.Namespace, params: dict[str, Any]) -> None:
           f"(image score {float(scorer(img)[0]):.4f}) -> {out}")
 
 
-def _study_table(args: argparse.Namespace, params: dict[str, Any]) -> None:
+def _study_table(args: argparse.Namespace, params: Params) -> None:
     """MLflow is read by the pipeline's tracking side (stages/), not by the core: the one command
     that imports stages/, here and only here (tests/test_layers.py)."""
     import json
@@ -391,7 +400,7 @@ def _study_table(args: argparse.Namespace, params: dict[str, Any]) -> None:
     print(result["markdown"])
 
 
-COMMANDS: dict[str, Callable[[argparse.Namespace, dict[str, Any]], int | None]] = {
+COMMANDS: dict[str, Callable[[argparse.Namespace, Params], int | None]] = {
     "prepare": _prepare, "corpus": _corpus, "shard": _shard, "pretrain": _pretrain, "embed": _embed, "probe": _probe,
     "transfer": _transfer, "score": _score, "map": _map, "params": _params,
     "study table": _study_table}

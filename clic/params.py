@@ -1,15 +1,18 @@
-"""Reading params files into the typed sections of :mod:`clic.config`.
+"""Reading params files: one merge, one model, one error formatter.
 
-:func:`load_params` reads a file and its ``extends`` chain as safe YAML (repeated keys, alias bombs
-and non-UTF-8 files refused), checks every key and value type and applies ``--set`` overrides; the
-section builders (:func:`pretrain_config`, ...) check bounds and cross-field rules. Every failure is
-a :class:`ParamError` naming the dotted key, in a user's words (not pydantic's). Nothing read runs.
+A params file and the files its ``extends`` chain names are *layers*, lowest first; the
+``--set KEY=VALUE`` overrides together are the top one. Each file is read as safe YAML (repeated
+keys, alias bombs and non-UTF-8 files refused; nothing read runs); the layers are merged, then the
+merged tree is validated once as :class:`Params`, the whole file as one pydantic model. The
+one rule for a method's settings: *a later layer wins; within a layer, ``pretrain.<method>`` beats ``pretrain.common``,
+which beats the top-level ``seed``*. So ``--set pretrain.common.epochs=3`` reaches every method
+over the files' method sections, and ``--set pretrain.clicv2.epochs=4`` beats it for CLICv2.
 
-One precedence for a method's settings, lowest first: the files' ``pretrain.common``, the files'
-``pretrain.<method>``, ``--set pretrain.common.K``, ``--set pretrain.<method>.K`` (the top-level
-``seed`` is a level below ``pretrain.common``, in files and overrides alike). A key the user sets
-wins over every file's value of it (:func:`apply_overrides`), or is refused with the reason when
-the section is built (``--set pretrain.common.backbone=resnet50`` for CLICv2, a ViT method).
+Every failure is a :class:`ParamError` at a dotted key, made by :func:`_translate` from pydantic's
+own error location and prefixed with the layer that wrote the value (``params/gpu.yaml:`` or
+``--set '...':``), re-keyed to ``pretrain.common`` or ``seed`` when that is where the user set it.
+A method's own rules (CLICv2 needs a ViT) are checked when that method's section is taken
+(:func:`pretrain_config`), so a profile usable for one method is not refused for another.
 """
 
 from __future__ import annotations
@@ -17,15 +20,18 @@ from __future__ import annotations
 import difflib
 import functools
 import re
-from collections.abc import Collection, Mapping
+import typing
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Annotated, Any, TypeVar
+from typing import Any, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, PrivateAttr, ValidationError, model_validator
 
 from clic import methods
 from clic.config import (
+    METHOD_RULES,
     DataConfig,
     MlflowConfig,
     ParamError,
@@ -45,136 +51,55 @@ _TYPE_NAMES = {"int": "int", "float": "float", "bool": "bool (true/false)", "str
                "dict": "a mapping"}
 _BOUNDS = {"greater_than": ("gt", ">"), "greater_than_equal": ("ge", ">="), "less_than": ("lt", "<"),
            "less_than_equal": ("le", "<=")}
-TOP_LEVEL = frozenset({"seed", "data", "pretrain", "validate", "probe", "transfer", "mlflow"})
-SECTIONS: dict[str, type[Section]] = {"data": DataConfig, "validate": ValidateConfig, "probe": ProbeConfig,
-                                      "transfer": TransferConfig, "mlflow": MlflowConfig}
+Layer = tuple[str, dict[str, Any]]  # (where it was written, the tree as written)
 
 
-def _join(where: str, name: object) -> str:
-    if isinstance(name, int):
-        return f"{where}[{name}]"
-    return f"{where}.{name}" if where and name != "" else (where or str(name))
+warnings.filterwarnings("ignore", r'Field name "validate" in "Params" shadows', UserWarning)  # BaseModel.validate
 
 
-def _dotted(where: str, loc: tuple[Any, ...]) -> str:
-    return functools.reduce(_join, loc, where)
+class Params(Section):
+    """The whole params file. ``pretrain`` holds each registered method's full section (the corpus
+    ``pretrain.data``, ``pretrain.common`` and the top-level seed already merged in)."""
+
+    seed: int = 0
+    data: DataConfig = DataConfig()
+    pretrain: dict[str, PretrainConfig] = {}
+    validate: ValidateConfig = ValidateConfig()  # type: ignore[assignment]  # (BaseModel.validate: deprecated)
+    probe: ProbeConfig = ProbeConfig()
+    transfer: TransferConfig = TransferConfig()
+    mlflow: MlflowConfig = MlflowConfig()
+    _layers: list[Layer] = PrivateAttr(default_factory=list)
+    _tree: dict[str, Any] = PrivateAttr(default_factory=dict)
+
+    @property
+    def tree(self) -> dict[str, Any]:
+        """The merged tree as plain data: written out as a file, it reads back as these params."""
+        return _merge({}, self._tree)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _sections(cls, raw: Any) -> Any:
+        if not isinstance(raw, Mapping):
+            return raw
+        pre = raw.get("pretrain") or {}
+        if not isinstance(pre, Mapping):
+            raise ParamError("pretrain", f"{{key}}: expected a mapping, got {_short(pre)}")
+        parts = ("data", "common", *methods.names())
+        for part, sub in pre.items():
+            if part not in parts:
+                raise _unknown(parts, part, "pretrain")
+            if part != "data" and not isinstance(sub, Mapping | None):
+                raise ParamError(f"pretrain.{part}", f"{{key}}: expected a mapping, got {_short(sub)}")
+            for key, why in (("data", "the pretraining corpus is set once, as pretrain.data (it applies to every "
+                                      "method)"), ("method", "the method is the section's name")):
+                if part != "data" and key in (sub or {}):
+                    raise ParamError(f"pretrain.{part}.{key}", "{key}: " + why)
+        corpus = _corpus(pre.get("data"))
+        return {**raw, "pretrain": {m: {**_merge(pre.get("common") or {}, pre.get(m) or {}), "data": corpus,
+                                        "method": m} for m in methods.names()}}
 
 
-def _nest(key: str, value: Any) -> dict[str, Any]:
-    """``("a.b", 1)`` -> ``{"a": {"b": 1}}``."""
-    for part in reversed(key.split(".")):
-        value = {part: value}
-    return value
-
-
-def _unknown(keys: Collection[str], name: object, where: str) -> ParamError:
-    """An unknown key, with the nearest of the valid ``keys`` (``pretrian`` -> ``pretrain``)."""
-    valid = sorted(keys)
-    near = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
-    hint = f"did you mean {_join(where, near[0])!r}? " if near else ""
-    if not near and keys is TOP_LEVEL and str(name) in PretrainConfig.model_fields:
-        hint = f"did you mean 'pretrain.<method>.{name}' (or 'pretrain.common.{name}')? "
-    if not near and name == "common" and where.startswith("pretrain."):
-        hint = "did you mean 'pretrain.common'? "  # beside the methods' sections, not in one
-    return ParamError(_join(where, name), "{key}: unknown key; " + hint + f"valid keys here: {', '.join(valid)}")
-
-
-def _model_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
-    for part in loc:
-        ann = cls.model_fields[str(part)].annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            cls = ann
-    return cls
-
-
-def _translate(exc: ValidationError, cls: type[BaseModel], where: str) -> ParamError:
-    """pydantic's first error as a :class:`ParamError` at its dotted key, in this module's words."""
-    err = exc.errors()[0]
-    loc, kind, value, ctx = tuple(err["loc"]), err["type"], err.get("input"), err.get("ctx") or {}
-    key = _dotted(where, loc)
-    if kind == "extra_forbidden":
-        return _unknown(_model_at(cls, loc[:-1]).model_fields, loc[-1], _dotted(where, loc[:-1]))
-    if kind == "value_error":
-        orig = ctx.get("error")
-        if isinstance(orig, ParamError):  # a section's cross-field rule, keyed relative to the section
-            return ParamError(_join(key, orig.key), orig.template)
-        text = str(orig)
-        return ParamError(key, "{key}" + (text if text.startswith(":") else f" {text}"))
-    if kind in _BOUNDS:
-        name, sign = _BOUNDS[kind]
-        shown = float(value) if isinstance(ctx[name], float) and isinstance(value, int) else value  # as validated
-        return ParamError(key, f"{{key}} must be {sign} {ctx[name]:g}, got {_short(shown)}")
-    if kind == "literal_error":
-        choices = ", ".join(re.findall(r"'([^']*)'", str(ctx.get("expected", ""))))
-        return ParamError(key, f"{{key}}: expected one of {choices}, got {_short(value)}")
-    if kind == "finite_number":
-        return ParamError(key, f"{{key}} must be a finite number, got {value}")
-    if kind == "too_short":
-        return ParamError(key, "{key} must not be empty")
-    typ = _TYPE_NAMES.get(kind.rsplit("_", 1)[0])
-    if typ:
-        return ParamError(key, f"{{key}}: expected {typ}, got {_short(value)}")
-    return ParamError(key, f"{{key}}: {err['msg']}, got {_short(value)}")
-
-
-def from_dict(cls: type[T], raw: Mapping[str, Any] | None, where: str = "") -> T:
-    """Build section ``cls`` from a mapping; unknown keys, wrongly typed and out-of-range values
-    raise :class:`ParamError` naming the dotted key under ``where``."""
-    if raw is not None and not isinstance(raw, Mapping):
-        raise ParamError(where or cls.__name__, f"{{key}}: expected a mapping, got {_short(raw)}")
-    try:
-        return cls.model_validate(dict(raw or {}))
-    except ValidationError as exc:
-        raise _translate(exc, cls, where) from None
-
-
-_LEAVES: dict[tuple[type, str], TypeAdapter] = {}
-
-
-def check_tree(cls: type[BaseModel], raw: Any, where: str) -> None:
-    """Check the keys and value types of a partial section ``raw`` (bounds and cross-field rules
-    are checked when the whole section is built, by the command that uses it)."""
-    if not isinstance(raw, Mapping):
-        raise ParamError(where, f"{{key}}: expected a mapping, got {_short(raw)}")
-    for name, value in raw.items():
-        field = cls.model_fields.get(str(name))
-        if field is None:
-            raise _unknown(cls.model_fields, name, where)
-        ann: Any = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            check_tree(ann, value, _join(where, name))
-            continue
-        if (cls, name) not in _LEAVES:
-            lax = getattr(ann, "__origin__", None) is tuple
-            _LEAVES[(cls, name)] = TypeAdapter(Annotated[ann, Field(strict=False)] if lax else ann,
-                                               config=ConfigDict(strict=True))
-        try:
-            _LEAVES[(cls, name)].validate_python(value)
-        except ValidationError as exc:
-            raise _translate(exc, cls, _join(where, name)) from None
-
-
-def check_params(params: Mapping[str, Any]) -> None:
-    """Refuse unknown keys (top-level and in every section) and wrongly typed values anywhere in
-    a params tree, naming the dotted key and the nearest valid one."""
-    for name, value in params.items():
-        if name not in TOP_LEVEL:
-            raise _unknown(TOP_LEVEL, name, "")
-        if name == "seed" and (not isinstance(value, int) or isinstance(value, bool)):
-            raise ParamError("seed", f"{{key}}: expected int, got {_short(value)}")
-        if name in SECTIONS and value is not None:
-            check_tree(SECTIONS[name], value, name)
-        if name == "pretrain" and value is not None:
-            if not isinstance(value, Mapping):
-                raise ParamError("pretrain", f"{{key}}: expected a mapping, got {_short(value)}")
-            for part, sub in value.items():
-                if part == "data":
-                    _corpus(sub)
-                elif part in ("common", *methods.names()):
-                    if sub is not None:
-                        check_tree(PretrainConfig, sub, f"pretrain.{part}")
-                else:
-                    raise _unknown(("data", "common", *methods.names()), part, "pretrain")
+TOP_LEVEL = frozenset(Params.model_fields)
 
 
 def _corpus(data: Any) -> list[str]:
@@ -188,7 +113,163 @@ def _corpus(data: Any) -> list[str]:
     return list(data)
 
 
-# --------------------------------------------------------------------------------- reading
+# ------------------------------------------------------------------------------ the one merge
+def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(out.get(k) or {}, v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping | None) \
+            else v
+    return out
+
+
+def _expand(layer: Mapping[str, Any]) -> dict[str, Any]:
+    """The layer with its ``seed`` and ``pretrain.common`` pushed under each method's section
+    (which wins over them): the rule's "within a layer"."""
+    pre = layer.get("pretrain")
+    low = {"seed": layer["seed"]} if "seed" in layer else {}
+    common = pre.get("common") if isinstance(pre, Mapping) else None
+    if (not low and common is None) or not isinstance(pre, Mapping | None) or not isinstance(common, Mapping | None):
+        return dict(layer)
+    pre = pre or {}
+    base = _merge(low, common or {})
+    pushed = {m: _merge(base, pre.get(m) or {}) for m in methods.names() if isinstance(pre.get(m), Mapping | None)}
+    return {**layer, "pretrain": {**pre, **pushed}}
+
+
+def build(layers: list[Layer]) -> Params:
+    """Merge ``layers`` (lowest first) and validate the result once; errors name the layer."""
+    groups: list[list[Any]] = []  # each file is a layer; the --set overrides together are the top one
+    for where, layer in layers:
+        if groups and groups[-1][0] and where.startswith("--set "):
+            groups[-1][1] = _merge(groups[-1][1], layer)
+        else:
+            groups.append([where.startswith("--set "), layer])
+    tree: dict[str, Any] = {}
+    for _, layer in groups:
+        tree = _merge(tree, _expand(layer))
+    try:
+        params = Params.model_validate(tree, context={"method_rules": False})
+    except ValidationError as exc:
+        raise _translate(exc, Params, "", layers) from None
+    params._layers, params._tree = layers, tree
+    return params
+
+
+def _params(params: Params | Mapping[str, Any]) -> Params:
+    return params if isinstance(params, Params) else build([("params", dict(params))])
+
+
+# --------------------------------------------------------------------------- the one formatter
+def _join(where: str, name: object) -> str:
+    if isinstance(name, int):
+        return f"{where}[{name}]"
+    return f"{where}.{name}" if where and name != "" else (where or str(name))
+
+
+def _dotted(where: str, loc: tuple[Any, ...]) -> str:
+    return functools.reduce(_join, loc, where)
+
+
+def _unknown(keys: typing.Collection[str], name: object, where: str) -> ParamError:
+    """An unknown key, with the nearest of the valid ``keys`` (``pretrian`` -> ``pretrain``)."""
+    valid = sorted(keys)
+    near = difflib.get_close_matches(str(name), valid, n=1, cutoff=0.6)
+    hint = f"did you mean {_join(where, near[0])!r}? " if near else ""
+    if not near and not where and str(name) in PretrainConfig.model_fields:  # a method's key at the top
+        hint = f"did you mean 'pretrain.<method>.{name}' (or 'pretrain.common.{name}')? "
+    if not near and name == "common" and where.startswith("pretrain."):
+        hint = "did you mean 'pretrain.common'? "  # beside the methods' sections, not in one
+    return ParamError(_join(where, name), "{key}: unknown key; " + hint + f"valid keys here: {', '.join(valid)}")
+
+
+def _model_at(cls: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel]:
+    parts = list(loc)
+    while parts:
+        ann = cls.model_fields[str(parts.pop(0))].annotation
+        if typing.get_origin(ann) is dict and parts:  # a mapping of sections: the next part is its key
+            ann = typing.get_args(ann)[1]
+            parts.pop(0)
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            cls = ann
+    return cls
+
+
+def _placed(err: ParamError, layers: list[Layer] | None) -> ParamError:
+    """``err`` prefixed with the last layer that wrote its key, re-keyed to where it was written
+    (``pretrain.common.K`` or ``seed`` for a method's ``K``)."""
+    if not layers:
+        return err
+    parts = err.key.replace("[", ".[").split(".")
+    keys = [parts]
+    if parts[0] == "pretrain" and len(parts) > 2 and parts[1] in methods.names():
+        keys += [["pretrain", "common", *parts[2:]], *([["seed"]] if parts[2:] == ["seed"] else [])]
+    for where, tree in reversed(layers):
+        for key in keys:
+            if _has_path(tree, [p for p in key if not p.startswith("[")]):
+                return ParamError(".".join(key).replace(".[", "["), f"{where}: {err.template}")
+    return err
+
+
+def _has_path(tree: Any, parts: list[str]) -> bool:
+    for part in parts:
+        if not isinstance(tree, Mapping) or part not in tree:
+            return False
+        tree = tree[part]
+    return True
+
+
+def _translate(exc: ValidationError, cls: type[BaseModel], where: str, layers: list[Layer] | None = None
+               ) -> ParamError:
+    """pydantic's errors as one :class:`ParamError` at the first one's dotted key, in this module's
+    words, each placed in the layer that wrote it (the next four on lines of their own)."""
+    first, *more = [_error(err, cls, where, layers) for err in exc.errors()]
+    if not more:
+        return first
+    others = [m for m in dict.fromkeys(str(m) for m in more) if m != str(first)]
+    text = "".join(f"\n  and {m}" for m in others[:4]) + (f"\n  and {len(others) - 4} more" if len(others) > 4 else "")
+    return ParamError(first.key, first.template + text)
+
+
+def _error(err: Any, cls: type[BaseModel], where: str, layers: list[Layer] | None) -> ParamError:
+    loc, kind, value, ctx = tuple(err["loc"]), err["type"], err.get("input"), err.get("ctx") or {}
+    key = _dotted(where, loc)
+    orig = ctx.get("error")
+    if kind == "extra_forbidden":
+        out = _unknown(_model_at(cls, loc[:-1]).model_fields, loc[-1], _dotted(where, loc[:-1]))
+    elif kind == "value_error" and isinstance(orig, ParamError):  # a rule, keyed relative to its section
+        out = ParamError(_join(key, orig.key), orig.template)
+    elif kind == "value_error":
+        out = ParamError(key, "{key}" + (str(orig) if str(orig).startswith(":") else f" {orig}"))
+    elif kind in _BOUNDS:
+        name, sign = _BOUNDS[kind]
+        shown = float(value) if isinstance(ctx[name], float) and isinstance(value, int) else value  # as validated
+        out = ParamError(key, f"{{key}} must be {sign} {ctx[name]:g}, got {_short(shown)}")
+    elif kind == "literal_error":
+        choices = ", ".join(re.findall(r"'([^']*)'", str(ctx.get("expected", ""))))
+        out = ParamError(key, f"{{key}}: expected one of {choices}, got {_short(value)}")
+    elif kind == "finite_number":
+        out = ParamError(key, f"{{key}} must be a finite number, got {value}")
+    elif kind == "too_short":
+        out = ParamError(key, "{key} must not be empty")
+    else:
+        typ = _TYPE_NAMES.get(kind.rsplit("_", 1)[0])
+        out = ParamError(key, f"{{key}}: expected {typ}, got {_short(value)}" if typ else
+                         f"{{key}}: {err['msg']}, got {_short(value)}")
+    return _placed(out, layers)
+
+
+def from_dict(cls: type[T], raw: Mapping[str, Any] | None, where: str = "") -> T:
+    """Build section ``cls`` from a mapping; unknown keys, wrongly typed and out-of-range values
+    raise :class:`ParamError` naming the dotted key under ``where``."""
+    if raw is not None and not isinstance(raw, Mapping):
+        raise ParamError(where or cls.__name__, f"{{key}}: expected a mapping, got {_short(raw)}")
+    try:
+        return cls.model_validate(dict(raw or {}))
+    except ValidationError as exc:
+        raise _translate(exc, cls, where) from None
+
+
+# ------------------------------------------------------------------------------------- reading
 class _Loader(yaml.SafeLoader):
     """Safe YAML with YAML 1.2's numbers (``1e-3`` is a float, as every user reads it)."""
 
@@ -229,8 +310,7 @@ def _written(loader: _Loader, root: yaml.Node, where: str) -> int:
 def parse_yaml(text: str, where: str) -> Any:
     """``text`` as plain data. Refused: a mapping that gives one key twice (``FILE:LINE``), a tree
     nested deeper than 100 levels, and aliases that add more than :data:`MAX_YAML_VALUES` values to
-    those written out (an alias bomb; measured without expanding it). A long file without aliases
-    is only as large as it is written."""
+    those written out (an alias bomb; measured without expanding it)."""
     loader = _Loader(text)
     try:
         root = loader.get_single_node()
@@ -262,14 +342,13 @@ def parse_yaml(text: str, where: str) -> Any:
     return value
 
 
-def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> dict[str, Any]:
-    """Read a params file; a top-level ``extends: OTHER.yaml`` (relative to the file) names a base
-    that this file is deep-merged over. Each file and each override is checked for unknown keys
-    and value types (:func:`check_params`)."""
+def load_params(path: str | Path = "params.yaml", overrides: list[str] | None = None) -> Params:
+    """A params file with its ``extends`` chain (each relative to the file that names it) and the
+    ``--set`` ``overrides``, merged and validated (:func:`build`)."""
     return apply_overrides(_read_params(Path(path), ()), overrides or [])
 
 
-def _read_params(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
+def _read_params(path: Path, seen: tuple[Path, ...]) -> list[Layer]:
     if not path.is_file():
         raise ValueError(f"{path}: params file not found")
     if path.resolve() in seen:
@@ -285,125 +364,64 @@ def _read_params(path: Path, seen: tuple[Path, ...]) -> dict[str, Any]:
     if not isinstance(params, dict):
         raise ValueError(f"{path}: expected a mapping at the top level, got {type(params).__name__}")
     base = params.pop("extends", None)
-    try:
-        check_params(params)
-    except ParamError as exc:
-        raise ParamError(exc.key, f"{path}: {exc.template}") from None
-    if base:
-        params = deep_merge(_read_params(path.parent / str(base), (*seen, path.resolve())), params)
-    return params
+    chain = _read_params(path.parent / str(base), (*seen, path.resolve())) if base else []
+    return [*chain, (str(path), params)]
 
 
-def deep_merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for k, v in over.items():
-        out[k] = deep_merge(out[k], v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping) else v
-    return out
-
-
-def check_override(key: str, value: Any) -> None:
-    """Refuse an override of dotted ``key`` that the schema does not know or whose ``value`` has
-    the wrong type (:class:`ParamError` naming the key and the nearest valid one)."""
-    check_params(_nest(key, value))
-
-
-def apply_overrides(params: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``key.path=value`` overrides (values parsed as YAML) to a params mapping. A mapping
-    value merges into its section; two overrides that set one key to different values, an unknown
-    key or a wrongly typed value are refused (:class:`ParamError` naming the override).
-
-    A value set here beats every value of the files, also the more specific ones: the result is a
-    params tree that means, read as a file, what the user asked for (see :func:`_shadowed`)."""
-    params = dict(params)
+def apply_overrides(params: Params | list[Layer], overrides: list[str]) -> Params:
+    """``params`` (or its layers) with ``key.path=value`` overrides (values parsed as YAML) as the
+    top layers. Two overrides that set one key to different values are refused."""
+    layers = list(params._layers if isinstance(params, Params) else params)
     leaves: dict[str, tuple[Any, str]] = {}
     for item in overrides:
         if "=" not in item:
             raise ValueError(f"--set {item!r}: expected key=value")
         key, text = (part.strip() for part in item.split("=", 1))
         value = parse_yaml(text, f"--set {item!r}: the value")
-        try:
-            check_override(key, value)
-        except ParamError as exc:
-            raise ParamError(exc.key, f"--set {item!r}: {exc.template}") from None
         for leaf, v in (flatten(value, key) if isinstance(value, Mapping) else {key: value}).items():
             if leaf in leaves and leaves[leaf][0] != v:
                 raise ParamError(leaf, f"--set {item!r}: {{key}} is also set to {_short(leaves[leaf][0])} by "
                                        f"--set {leaves[leaf][1]!r}; give it once")
             leaves[leaf] = (v, item)
-        params = deep_merge(params, _nest(key, value))
-    for leaf in leaves:
-        for specific in _shadowed(leaf):
-            if specific not in leaves:
-                params = _drop(params, specific)
-    return params
-
-
-def _shadowed(key: str) -> list[str]:
-    """The more specific keys that a file's value of ``key`` gives way to, and that an override of
-    ``key`` therefore clears. One order for a method's settings, lowest first: the top-level
-    ``seed``, ``pretrain.common``, ``pretrain.<method>``; the files merge in that order, then the
-    overrides do (``--set pretrain.common.epochs=3`` reaches every method, over the methods' own
-    ``epochs``; ``--set pretrain.clicv2.epochs=4`` beats it for CLICv2)."""
-    if key == "seed":
-        return ["pretrain.common.seed", *(f"pretrain.{m}.seed" for m in methods.names())]
-    if key.startswith("pretrain.common."):
-        return [f"pretrain.{m}.{key.removeprefix('pretrain.common.')}" for m in methods.names()]
-    return []
-
-
-def _drop(tree: Mapping[str, Any], dotted: str) -> dict[str, Any]:
-    """A copy of ``tree`` without the dotted key (the same tree where it is absent)."""
-    head, _, rest = dotted.partition(".")
-    out = dict(tree)
-    if head in out and not rest:
-        del out[head]
-    elif isinstance(out.get(head), Mapping):
-        out[head] = _drop(out[head], rest)
-    return out
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        layers.append((f"--set {item!r}", value))
+    return build(layers)
 
 
 # ------------------------------------------------------------------------------------ sections
-def pretrain_config(params: Mapping[str, Any], method: str) -> PretrainConfig:
-    """``pretrain.common`` deep-merged with ``pretrain.<method>`` (the method's section wins: in a
-    file; overrides of ``pretrain.common`` have already cleared the method sections' values, see
-    :func:`apply_overrides`), plus the top-level seed and the corpus ``pretrain.data`` (one list for
-    every method: what the validate stage checks)."""
+def pretrain_config(params: Params | Mapping[str, Any], method: str) -> PretrainConfig:
+    """Method ``method``'s settings: ``pretrain.common`` merged under ``pretrain.<method>`` (see the
+    module's rule), the top-level seed and the corpus ``pretrain.data``; the method's own rules
+    checked here, reported where the user set the value."""
     methods.get(method)  # an unknown name is refused with the registered ones
-    section = params.get("pretrain") or {}
-    for part in ("common", method):
-        for key, why in (("data", "the pretraining corpus is set once, as pretrain.data (it applies to every "
-                                  "method)"), ("method", "the method is the section's name")):
-            if key in (section.get(part) or {}):
-                raise ParamError(f"pretrain.{part}.{key}", "{key}: " + why)
-    merged = deep_merge(section.get("common") or {}, section.get(method) or {})
-    merged.setdefault("seed", params.get("seed", 0))
-    merged["data"], merged["method"] = _corpus(section.get("data")), method
+    p = _params(params)
+    cfg = p.pretrain[method]
     try:
-        return from_dict(PretrainConfig, merged, f"pretrain.{method}")
-    except ParamError as exc:  # a value inherited from pretrain.common is reported there
-        rel = exc.key.removeprefix(f"pretrain.{method}.")
-        if _has_path(section.get("common"), rel) and not _has_path(section.get(method), rel):
-            raise ParamError(f"pretrain.common.{rel}", exc.template) from None
-        raise
+        METHOD_RULES[method](cfg)
+    except ParamError as exc:
+        raise _placed(ParamError(f"pretrain.{method}.{exc.key}", exc.template), p._layers) from None
+    return cfg
 
 
-def _has_path(tree: Any, dotted: str) -> bool:
-    for part in dotted.split("[", 1)[0].split("."):
-        if not isinstance(tree, Mapping) or part not in tree:
-            return False
-        tree = tree[part]
-    return True
+def data_config(params: Params | Mapping[str, Any]) -> DataConfig:
+    return _params(params).data
 
 
-def _section(cls: type[T], name: str) -> Any:
-    return lambda params: from_dict(cls, params.get(name) or {}, name)
+def probe_config(params: Params | Mapping[str, Any]) -> ProbeConfig:
+    return _params(params).probe
 
 
-probe_config = _section(ProbeConfig, "probe")
-transfer_config = _section(TransferConfig, "transfer")
-data_config = _section(DataConfig, "data")
-validate_config = _section(ValidateConfig, "validate")
-mlflow_config = _section(MlflowConfig, "mlflow")
+def transfer_config(params: Params | Mapping[str, Any]) -> TransferConfig:
+    return _params(params).transfer
+
+
+def validate_config(params: Params | Mapping[str, Any]) -> ValidateConfig:
+    return _params(params).validate
+
+
+def mlflow_config(params: Params | Mapping[str, Any]) -> MlflowConfig:
+    return _params(params).mlflow
 
 
 # the settings that change how fast a run goes, not what it learns (docs/recipes.md lists every

@@ -14,6 +14,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,8 +24,9 @@ from typing import Any
 
 import yaml
 
+from clic.config import ParamError
 from clic.data.shards import is_url
-from clic.params import TOP_LEVEL, apply_overrides, check_override, load_params
+from clic.params import TOP_LEVEL, Params, apply_overrides, load_params
 
 log = logging.getLogger(__name__)
 
@@ -48,10 +50,10 @@ def workspace(flow: str, method: str = "", dataset: str = "", overrides: dict[st
     overrides = resolve_overrides(overrides or {}, method, base)
     if dataset:
         overrides.setdefault("data.source", dataset)
-    params = apply_overrides(base, [f"{k}={yaml.safe_dump(v, default_flow_style=True).strip()}"
-                                    for k, v in overrides.items()])
+    params = apply_overrides(base, [_item(k, v) for k, v in overrides.items()])
     load_check(params, method)
-    _anchor_paths(params, root)
+    tree = params.tree
+    _anchor_paths(tree, root)
     key = workspace_key(flow, method, dataset, overrides if profile == "params.yaml" else {**overrides, "": profile})
     ws = path or root / "workspaces" / key
     ws.mkdir(parents=True, exist_ok=True)
@@ -67,7 +69,7 @@ def workspace(flow: str, method: str = "", dataset: str = "", overrides: dict[st
                 shutil.copytree(src, dst, ignore=shutil.ignore_patterns("__pycache__"))
             else:
                 shutil.copy2(src, dst)
-        (ws / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+        (ws / "params.yaml").write_text(yaml.safe_dump(tree, sort_keys=False))
         if not (ws / ".dvc").is_dir():
             subprocess.run([sys.executable, "-m", "dvc", "init", "-q", "--no-scm"], cwd=ws, check=True)
         shared_cache = root / ".dvc" / "cache"
@@ -112,7 +114,11 @@ def _anchor_paths(params: dict[str, Any], root: Path) -> None:
             params["data"][key] = anchor(params["data"][key])
 
 
-def resolve_overrides(overrides: Any, method: str, params: dict[str, Any]) -> dict[str, Any]:
+def _item(key: str, value: Any) -> str:
+    return f"{key}={json.dumps(value)}"  # JSON is YAML
+
+
+def resolve_overrides(overrides: Any, method: str, params: Params) -> dict[str, Any]:
     """Full dotted keys for the overrides, checked against the params schema (every field the
     code knows, whether or not ``params.yaml`` lists it); ``ValueError`` naming a key that is
     unknown or a value of the wrong type. A key relative to the method's section counts for a
@@ -121,19 +127,23 @@ def resolve_overrides(overrides: Any, method: str, params: dict[str, Any]) -> di
         raise ValueError(f"overrides: expected a mapping of params.yaml keys to values, e.g. "
                          f'{{"pretrain.clicv2.epochs": 1}}, got {type(overrides).__name__} {overrides!r}')
     out: dict[str, Any] = {}
+    given: dict[str, str] = {}  # full key -> the key as given
     for key, value in overrides.items():
         full = key if key.split(".")[0] in TOP_LEVEL or not method else f"pretrain.{method}.{key}"
-        try:
-            check_override(full, value)
-        except ValueError as exc:
-            hint = (f" (keys may also be relative to pretrain.{method}, e.g. 'epochs')" if method else
-                    "; method-relative keys such as 'epochs' are for pretrain runs only")
-            raise ValueError(f"overrides: {key!r}: {exc}{hint}") from None
         if full in out and out[full] != value:
-            first = next(k for k in overrides if k == full or f"pretrain.{method}.{k}" == full)
-            raise ValueError(f"overrides: {key!r} and {first!r} both set {full} ({value!r} and {out[full]!r}); "
-                             "give it once")
-        out[full] = value
+            raise ValueError(f"overrides: {key!r} and {given[full]!r} both set {full} ({value!r} and "
+                             f"{out[full]!r}); give it once")
+        out[full], given[full] = value, key
+    items = [_item(k, v) for k, v in out.items()]
+    try:
+        apply_overrides(params, items)
+    except ParamError as exc:  # named by the key as given (not as --set), with the hint for method-relative keys
+        key = next((given[f] for f in out if re.match(rf"{re.escape(f)}($|[.\[])", exc.key)), "")
+        exc = ParamError(exc.key, next((exc.template.removeprefix(f"--set {i!r}: ") for i in items
+                                        if exc.template.startswith(f"--set {i!r}: ")), exc.template))
+        hint = (f" (keys may also be relative to pretrain.{method}, e.g. 'epochs')" if method else
+                "; method-relative keys such as 'epochs' are for pretrain runs only")
+        raise ValueError(f"overrides: {key!r}: {exc}{hint}" if key else f"overrides: {exc}") from None
     return out
 
 
@@ -161,7 +171,7 @@ def prune_workspaces(folder: Path, flow: str, count: int, keep: Path | None = No
     return removed
 
 
-def load_check(params: dict[str, Any], method: str) -> None:
+def load_check(params: Params, method: str) -> None:
     """Fail before any work when the overrides make the params invalid."""
     from clic.methods import names
     from clic.params import data_config, pretrain_config, probe_config, transfer_config

@@ -3,18 +3,16 @@ hand-crafted measures, probed on the same split/folds as the methods."""
 
 from __future__ import annotations
 
-from typing import Any
-
 from clic import methods
 from clic.evaluation.evaluate import evaluate_handcrafted, evaluate_random
-from clic.params import data_config, pretrain_config, probe_config, to_dict
+from clic.params import Params, data_config, pretrain_config, probe_config, to_dict
 from stages import tracking
 from stages.common import ROOT, main, write_json
 from stages.probe import key_metrics, log_report
 
 
-def baselines(p: dict[str, Any]) -> None:
-    cfg, seed = probe_config(p), int(p.get("seed", 0))
+def baselines(p: Params) -> None:
+    cfg, seed = probe_config(p), p.seed
     data_dir = ROOT / data_config(p).out_dir
     results: dict[str, dict] = {}
     with tracking.stage_run(p, "baselines", config={"probe": to_dict(cfg)}):

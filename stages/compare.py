@@ -5,10 +5,9 @@ closes the pipeline's parent run and says where everything is."""
 from __future__ import annotations
 
 import math
-from typing import Any
 
 from clic import methods
-from clic.params import data_config
+from clic.params import Params, data_config
 from stages import tracking
 from stages.common import ROOT, main, read_json, write_json
 
@@ -27,7 +26,7 @@ def _fmt(v: object) -> str:
     return f"{v:.4f}" if isinstance(v, float) and not math.isnan(v) else ("—" if v is None else str(v))
 
 
-def compare(p: dict[str, Any]) -> None:
+def compare(p: Params) -> None:
     rows: dict[str, dict] = {}
     for m in methods.names():
         rows[m] = {**_load(f"metrics/probe/{m}.json"), **_load(f"metrics/transfer/{m}.json")}

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any
-
 from clic.data.prepare import prepare, prepare_transfer
-from clic.params import data_config
+from clic.params import Params, data_config, to_dict
 from stages import tracking
 from stages.common import ROOT, main, read_json
 
 
-def fetch(p: dict[str, Any]) -> None:
+def fetch(p: Params) -> None:
     cfg = data_config(p)
-    seed = cfg.seed_for(int(p.get("seed", 0)))
-    with tracking.stage_run(p, "fetch", config={"data": p.get("data", {})}):
+    seed = cfg.seed_for(p.seed)
+    with tracking.stage_run(p, "fetch", config={"data": to_dict(cfg)}):
         (ROOT / cfg.raw_dir).mkdir(parents=True, exist_ok=True)  # a DVC output even when unused
         out = prepare(cfg, seed)
         meta = read_json(out / "meta.json")

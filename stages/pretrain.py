@@ -14,7 +14,7 @@ import subprocess
 import sys
 from typing import Any
 
-from clic.params import data_config, pretrain_config, to_dict
+from clic.params import Params, data_config, pretrain_config, to_dict
 from clic.pretrain import run
 from stages import tracking
 from stages.common import ROOT, main, read_json
@@ -35,7 +35,7 @@ def write_curve(method: str, rows: list[dict[str, Any]]) -> None:
         w.writerows(rows)
 
 
-def pretrain(p: dict[str, Any], method: str) -> None:
+def pretrain(p: Params, method: str) -> None:
     cfg = pretrain_config(p, method)
     data_dir = ROOT / data_config(p).out_dir
     out = ROOT / "models" / method

@@ -12,14 +12,13 @@ import io
 import logging
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import pandas as pd
 
 from clic.data.synthetic import render
 from clic.evaluation.evaluate import evaluate_encoder
 from clic.evaluation.metrics import paired_srcc_difference
-from clic.params import data_config, mlflow_config, probe_config, to_dict
+from clic.params import Params, data_config, mlflow_config, probe_config, to_dict
 from clic.scorer import load_scorer
 from stages import tracking
 from stages.common import ROOT, main, read_json, write_json
@@ -121,7 +120,7 @@ def champion_decision(client: tracking.MlflowClient, name: str, fingerprint: str
                             f"{d['diff']:+.4f}, one-sided 95% lower bound {d['lower']:+.4f} {verdict}")
 
 
-def probe(p: dict[str, Any], method: str) -> None:
+def probe(p: Params, method: str) -> None:
     cfg = probe_config(p)
     data_dir = ROOT / data_config(p).out_dir
     folder = f"reports/{method}"
@@ -129,7 +128,7 @@ def probe(p: dict[str, Any], method: str) -> None:
     with tracking.stage_run(p, "probe", method, {"probe": to_dict(cfg)},
                             {"clic.dataset_fingerprint": fingerprint}) as active:
         report = evaluate_encoder(ROOT / "models" / method / "encoder.pt", data_dir, cfg, ROOT / folder,
-                                  int(p.get("seed", 0)), cache_dir=ROOT / "data" / "features", name=method)
+                                  p.seed, cache_dir=ROOT / "data" / "features", name=method)
         write_json(f"metrics/probe/{method}.json", key_metrics(report))
         log_report(report, folder)
         version = ""

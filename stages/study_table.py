@@ -15,6 +15,7 @@ from typing import Any
 
 from clic import methods
 from clic.evaluation.seed_table import Rows, Study, default_pairs, markdown, read_predictions
+from clic.params import Params
 from stages import tracking
 from stages.tracking import ui_link
 
@@ -91,7 +92,7 @@ def random_rows(profile: str) -> dict[str, str]:
     from flows.workspace import ROOT
 
     path = Path(profile) if Path(profile).is_absolute() else ROOT / profile
-    params = load_params(path) if path.is_file() else {}
+    params = load_params(path) if path.is_file() else Params()
     return {m: f"random_{pretrain_config(params, m).backbone}" for m in methods.names()}
 
 
@@ -114,7 +115,7 @@ def study_table(client: Any, study: str, n_boot: int = 2000) -> dict[str, Any]:
             "markdown": md}
 
 
-def read_study_table(params: dict[str, Any], study: str, n_boot: int = 2000) -> dict[str, Any]:
+def read_study_table(params: Params, study: str, n_boot: int = 2000) -> dict[str, Any]:
     """:func:`study_table` from the MLflow store that ``params`` name (``clic study table``)."""
     tracking.mlflow.set_tracking_uri(tracking.tracking_uri(params))  # as the stages set it
     return study_table(tracking.MlflowClient(), study, n_boot)

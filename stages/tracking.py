@@ -24,14 +24,14 @@ import psutil  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 from clic.engine.checkpoint import code_version, git_revision  # noqa: E402
-from clic.params import flatten, mlflow_config  # noqa: E402
+from clic.params import Params, flatten, mlflow_config  # noqa: E402
 
 EXPERIMENT_KIND = "mlflow.experimentKind"  # MLflow 3's UI: training runs vs GenAI traces
 TRAINING = "custom_model_development"
 KEY_METRICS = ("pcc", "srcc")  # with every ``<dataset>_top1``: copied onto the parent run
 
 
-def tracking_uri(params: dict[str, Any]) -> str:
+def tracking_uri(params: Params) -> str:
     return (os.environ.get("MLFLOW_TRACKING_URI") or mlflow_config(params).tracking_uri
             or f"sqlite:///{ROOT / 'mlflow.db'}")
 
@@ -63,7 +63,7 @@ def ui_link(path: str, tracking: str = "") -> str:
     return f"{ui_url(tracking)}/#/{path}?{TRAINING_VIEW}"
 
 
-def setup(params: dict[str, Any]) -> str:
+def setup(params: Params) -> str:
     """Point MLflow at the store, check it answers, and return the experiment id."""
     uri = tracking_uri(params)
     mlflow.set_tracking_uri(uri)
@@ -134,7 +134,7 @@ def _prefect_tag() -> dict[str, str]:
 
 
 @contextlib.contextmanager
-def stage_run(params: dict[str, Any], stage: str, method: str = "", config: dict[str, Any] | None = None,
+def stage_run(params: Params, stage: str, method: str = "", config: dict[str, Any] | None = None,
               tags: dict[str, str] | None = None) -> Iterator[mlflow.ActiveRun]:
     """An MLflow run for one stage execution, nested in the invocation's parent run."""
     exp = setup(params)
@@ -168,7 +168,7 @@ def stage_run(params: dict[str, Any], stage: str, method: str = "", config: dict
         mlflow.end_run("FINISHED")
 
 
-def finish_parent(params: dict[str, Any]) -> str:
+def finish_parent(params: Params) -> str:
     """Mark the invocation's parent run FINISHED (the last stage calls this); returns its id."""
     exp = setup(params)
     parent = parent_run(exp)
@@ -176,7 +176,7 @@ def finish_parent(params: dict[str, Any]) -> str:
     return parent
 
 
-def log_evaluation(params: dict[str, Any], method: str, alias: str, metrics: dict[str, float],
+def log_evaluation(params: Params, method: str, alias: str, metrics: dict[str, float],
                    artifacts: list[Path]) -> tuple[str, str]:
     """A child run ``evaluate <method>`` for a re-probed registered scorer ``clic-<method>@<alias>``:
     its metrics linked to the model version (tags, and MLflow 3's ``model_id`` so they also show on

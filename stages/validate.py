@@ -27,7 +27,7 @@ from clic.data.corpus import (
 from clic.data.imageio import ImageError, load_rgb
 from clic.data.shards import is_url
 from clic.data.table import COLUMNS, SPLITS, read_table, resolve
-from clic.params import data_config, pretrain_config, probe_config, to_dict, validate_config
+from clic.params import Params, data_config, pretrain_config, probe_config, to_dict, validate_config
 from stages import tracking
 from stages.common import ROOT, main, write_json
 
@@ -62,7 +62,7 @@ def table_frame(data_dir: Path, mode: str = "split") -> pd.DataFrame:
     return df
 
 
-def mark_corpus_leaks(df: pd.DataFrame, p: dict[str, Any]) -> dict[str, Any]:
+def mark_corpus_leaks(df: pd.DataFrame, p: Params) -> dict[str, Any]:
     """Column ``in_pretraining_corpus``: for an evaluation image whose pixels, or a resized or
     re-encoded copy of them (perceptual hash within ``validate.near_duplicate_bits``), are in the
     pretraining corpus, ``"<image> = <corpus image> (...)"`` (so a failure names both), else null.
@@ -166,7 +166,7 @@ def describe_failure(check: dict[str, Any]) -> str:
             f"e.g. {check['examples'] or check['observed_value']}")
 
 
-def validate(p: dict[str, Any]) -> None:
+def validate(p: Params) -> None:
     dcfg, vcfg = data_config(p), validate_config(p)
     with tracking.stage_run(p, "validate", config={"validate": to_dict(vcfg)}):
         df = table_frame(ROOT / dcfg.out_dir, probe_config(p).mode)

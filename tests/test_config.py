@@ -12,9 +12,7 @@ from clic.methods import names as method_names
 from clic.params import (
     TOP_LEVEL,
     apply_overrides,
-    check_params,
     data_config,
-    deep_merge,
     flatten,
     from_dict,
     load_params,
@@ -34,7 +32,7 @@ def test_repo_params_resolve_for_every_method() -> None:
     assert cfgs["clicv2"].backbone == "vit_tiny" and cfgs["clicv2"].optim.name == "adamw"
     assert cfgs["moco"].backbone == "resnet18" and cfgs["moco"].optim.name == "sgd"
     # common section reaches every method; method sections override it
-    assert cfgs["clic"].moco.queue_size == params["pretrain"]["common"]["moco"]["queue_size"]
+    assert cfgs["clic"].moco.queue_size == params.tree["pretrain"]["common"]["moco"]["queue_size"]
     assert cfgs["clic"].rcm.pairing == "extra" and cfgs["clic"].moco.temperature == 0.07  # the authors' (recipes.md)
     assert data_config(params).source == "synthetic"
 
@@ -71,9 +69,9 @@ def test_overrides_parse_yaml_values_and_create_sections(tmp_path: Path) -> None
     p = tmp_path / "params.yaml"
     p.write_text(yaml.safe_dump({"pretrain": {"clicv2": {"epochs": 3}}}))
     params = load_params(p, ["pretrain.clicv2.epochs=7", "pretrain.moco.moco.head=linear", "seed=5"])
-    assert params["pretrain"]["clicv2"]["epochs"] == 7
-    assert params["pretrain"]["moco"]["moco"]["head"] == "linear"
-    assert params["seed"] == 5
+    assert params.tree["pretrain"]["clicv2"]["epochs"] == 7
+    assert params.tree["pretrain"]["moco"]["moco"]["head"] == "linear"
+    assert params.seed == 5
     assert pretrain_config(params, "moco").seed == 5
     with pytest.raises(ValueError, match="expected key=value"):
         apply_overrides({}, ["epochs"])
@@ -85,7 +83,6 @@ def test_round_trip_and_flatten() -> None:
     assert again == cfg
     flat = flatten(to_dict(cfg))
     assert flat["rcm.pairing"] == "both" and flat["optim.base_lr"] == cfg.optim.base_lr
-    assert deep_merge({"a": {"b": 1, "c": 2}}, {"a": {"c": 3}}) == {"a": {"b": 1, "c": 3}}
 
 
 def test_missing_or_broken_params_file(tmp_path: Path) -> None:
@@ -104,7 +101,7 @@ def test_profiles_extend_the_base_params(tmp_path: Path) -> None:
             pretrain_config(params, m)  # every profile resolves for every method
     gpu = load_params(REPO / "params" / "gpu.yaml")
     assert pretrain_config(gpu, "clicv2").backbone == "vit_base" and pretrain_config(gpu, "clic").image_size == 224
-    assert gpu["probe"]["protocol"] == "ridge"  # inherited from params.yaml
+    assert gpu.probe.protocol == "ridge"  # inherited from params.yaml
     assert [pretrain_config(gpu, m).epochs for m in ("moco", "clic", "clicv2")] == [200, 200, 300]
     (tmp_path / "a.yaml").write_text("extends: b.yaml\nseed: 1\n")
     (tmp_path / "b.yaml").write_text("extends: a.yaml\n")
@@ -156,11 +153,8 @@ def test_an_empty_params_file_is_an_error(tmp_path: Path, text: str) -> None:
     (["validate.max_rows=5"], "validate.max_rows must be >= validate.min_rows (10), got 5"),
 ])
 def test_value_errors_name_the_full_dotted_key_and_the_bounds(overrides: list[str], message: str) -> None:
-    params = load_params(REPO / "params.yaml", overrides)  # well-typed: refused where the section is built
-    with pytest.raises(ValueError, match=re.escape(message)):
-        for method in method_names():
-            pretrain_config(params, method)
-        probe_config(params), data_config(params), validate_config(params)
+    with pytest.raises(ValueError, match=re.escape(f"--set {overrides[0]!r}: {message}")):
+        load_params(REPO / "params.yaml", overrides)  # the whole tree is validated once, when it is read
 
 
 @pytest.mark.parametrize(("item", "message"), [
@@ -187,9 +181,8 @@ def test_the_cli_reports_a_bad_key_in_one_line(tmp_path: Path, capsys: pytest.Ca
 def test_every_repo_params_file_passes_the_key_check() -> None:
     for name in ("params.yaml", "params/gpu.yaml", "params/real-photos.yaml"):
         params = load_params(REPO / name)
-        check_params(params)
         assert validate_config(params).min_rows == 10 and mlflow_config(params).experiment == "clic"
-        assert set(params) <= TOP_LEVEL
+        assert set(params.tree) <= TOP_LEVEL
     assert pretrain_config(load_params(REPO / "params.yaml", ["pretrain.clicv2.optim.base_lr=1e-3"]),
                            "clicv2").optim.base_lr == 1e-3  # PyYAML reads 1e-3 as a string
 
@@ -236,7 +229,7 @@ def test_one_key_set_twice_to_different_values_is_refused(tmp_path: Path) -> Non
         apply_overrides({}, ["pretrain.clicv2.epochs=3", "pretrain.clicv2.epochs=4"])
     with pytest.raises(ValueError, match=r"pretrain\.clicv2\.optim\.base_lr is also set"):
         apply_overrides({}, ["pretrain.clicv2.optim.base_lr=0.1", "pretrain.clicv2.optim={base_lr: 0.2}"])
-    assert apply_overrides({}, ["seed=2", "seed=2"]) == {"seed": 2}  # the same value twice is no conflict
+    assert apply_overrides({}, ["seed=2", "seed=2"]).seed == 2  # the same value twice is no conflict
     from clic.cli import main  # `epochs` relative to the method and its full path, in one run
 
     assert main(["pretrain", "--method", "clicv2", "--out", str(tmp_path / "m"), "--set", "epochs=3",
@@ -313,9 +306,9 @@ def test_the_rule_holds_through_extends_seed_and_a_written_tree(tmp_path: Path) 
     assert pretrain_config(params, "clicv2").optim.base_lr == 0.01 and pretrain_config(params, "clicv2").seed == 5
     assert pretrain_config(params, "clicv2").optim.name == "adamw"  # the rest of the section is the file's
     written = tmp_path / "written.yaml"
-    written.write_text(yaml.safe_dump(params, sort_keys=False))
+    written.write_text(yaml.safe_dump(params.tree, sort_keys=False))
     assert all(pretrain_config(load_params(written), m) == pretrain_config(params, m) for m in method_names())
-    assert load_params(profile)["pretrain"]["clicv2"]["optim"]["base_lr"] == 0.1  # the files' tree is not changed
+    assert load_params(profile).tree["pretrain"]["clicv2"]["optim"]["base_lr"] == 0.1  # the files' tree is not changed
 
 
 def test_the_commands_resolve_a_set_common_key_as_the_library_does(
@@ -363,7 +356,7 @@ def test_repeats_that_are_not_duplicates_and_tags_that_stay_refused(tmp_path: Pa
         apply_overrides({}, ["probe.icnet={epochs: 3, epochs: 4}"])
     merged = tmp_path / "merge.yaml"  # the keys a merge key copies in are overridden, not repeated
     merged.write_text("probe:\n  icnet: {<<: &base {epochs: 3, kernel: 3}, epochs: 4}\n")
-    assert load_params(merged)["probe"]["icnet"] == {"epochs": 4, "kernel": 3}
+    assert load_params(merged).tree["probe"]["icnet"] == {"epochs": 4, "kernel": 3}
     unsafe = tmp_path / "unsafe.yaml"
     for text in ("seed: !!python/object/apply:os.system [echo hi]\n", "? !!python/name:os.system\n: 1\n"):
         unsafe.write_text(text)
@@ -379,12 +372,31 @@ def test_a_long_file_without_aliases_is_not_an_alias_bomb(tmp_path: Path, monkey
     monkeypatch.setattr(clic.params, "MAX_YAML_VALUES", 1_000)
     plain = tmp_path / "plain.yaml"
     plain.write_text("pretrain:\n  data:\n" + "".join(f"    - photos/{i}\n" for i in range(1_100)))
-    assert len(load_params(plain)["pretrain"]["data"]) == 1_100
+    assert len(load_params(plain).tree["pretrain"]["data"]) == 1_100
     aliased = tmp_path / "aliased.yaml"  # ... and a few aliases in it are fine
     aliased.write_text(plain.read_text().replace("    - photos/0\n", "    - &p photos/0\n") + "    - *p\n" * 5)
-    assert len(load_params(aliased)["pretrain"]["data"]) == 1_105
+    assert len(load_params(aliased).tree["pretrain"]["data"]) == 1_105
     many = tmp_path / "many.yaml"  # aliases that add more than the limit are refused, saying what was measured
     many.write_text(f"probe:\n  alphas: &a [{', '.join(['1.0'] * 100)}]\ntransfer: [{', '.join(['*a'] * 11)}]\n")
     with pytest.raises(ValueError, match=re.escape("many.yaml: 1,215 values after expanding YAML aliases (104 as "
                                                    "written); aliases may add at most 1,000 (an alias bomb?)")):
         load_params(many)
+
+
+def test_one_validation_of_the_merged_layers_names_the_layer_that_wrote_the_value(tmp_path: Path) -> None:
+    """The files and the overrides are merged once and validated once: an error names the file (or
+    --set) that wrote the value, at the key it was written under; a later layer may mend an earlier
+    one's value; settings that are only valid together pass together."""
+    base, child = tmp_path / "base.yaml", tmp_path / "child.yaml"
+    base.write_text(f"extends: {REPO / 'params.yaml'}\npretrain:\n  common:\n    batch_size: 0\n")
+    child.write_text("extends: base.yaml\nprobe:\n  folds: 3\n")
+    with pytest.raises(ValueError, match=re.escape(f"{base}: pretrain.common.batch_size must be > 0, got 0")):
+        load_params(child)
+    assert pretrain_config(load_params(child, ["pretrain.common.batch_size=16"]), "clic").batch_size == 16
+    child.write_text("extends: base.yaml\npretrain:\n  clic:\n    batch_size: 0\n  common:\n    batch_size: 8\n")
+    with pytest.raises(ValueError, match=re.escape(f"{child}: pretrain.clic.batch_size must be > 0, got 0")):
+        load_params(child)
+    shift = ["pretrain.clicv2.shift.min_shift=0.4", "pretrain.clicv2.shift.max_shift=0.45"]
+    assert pretrain_config(load_params(REPO / "params.yaml", shift), "clicv2").shift.min_shift == 0.4
+    with pytest.raises(ValueError, match=re.escape("--set 'seed=-0.5': seed: expected int, got -0.5")):
+        load_params(REPO / "params.yaml", ["seed=-0.5"])

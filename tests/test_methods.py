@@ -84,12 +84,12 @@ def test_the_three_methods_are_registered_in_order() -> None:
 
 def test_a_method_defined_in_a_test_trains_one_step_through_the_generic_loop(
         toy: methods.Method, tiny_prepared: Path, tmp_path: Path) -> None:
-    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml")
-    params["pretrain"]["toy"] = {**tiny_overrides("moco"), "epochs": 1, "max_images": 8}
-    cfg = pretrain_config(params, "toy")
+    section = {**tiny_overrides("moco"), "epochs": 1, "max_images": 8}
+    params = load_params(Path(__file__).resolve().parents[1] / "params.yaml", [f"pretrain.toy={json.dumps(section)}"])
+    cfg = pretrain_config(params, "toy")  # the registered method has its params section
     assert cfg.method == "toy" and cfg.batch_size == 8
     with pytest.raises(ValueError, match="method toy needs a ResNet: pretrain.toy.backbone is 'vit_tiny'"):
-        from_dict(PretrainConfig, {**params["pretrain"]["toy"], "method": "toy", "backbone": "vit_tiny"},
+        from_dict(PretrainConfig, {**section, "method": "toy", "backbone": "vit_tiny"},
                   "pretrain.toy")
 
     torch.manual_seed(cfg.seed)

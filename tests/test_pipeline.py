@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -267,10 +268,14 @@ def test_bad_params_and_unreachable_server_fail_clearly(tmp_path: Path) -> None:
                                           text=True, timeout=300, env={**_env(), **kw})
     res = run("stages.pretrain", "moco")
     assert res.returncode == 2 and "pretrain.moco.epochs must be > 0, got -1" in res.stderr
-    res = run("stages.pretrain", "clicv2")
-    assert res.returncode == 2 and "patch_size=7 must divide image_size=32" in res.stderr
+    res = run("stages.pretrain", "clicv2")  # the file is validated whole: every error, each at its key
+    assert res.returncode == 2 and "pretrain.moco.epochs must be > 0, got -1" in res.stderr
+    assert re.search(r"\n  and \S*params\.yaml: pretrain\.clicv2\.patch_size=7 must divide image_size=32", res.stderr)
     res = run("stages.pretrain", "simclr")
     assert res.returncode != 0 and "usage" in res.stderr
+    p = yaml.safe_load((root / "params.yaml").read_text())
+    del p["pretrain"]["moco"]["epochs"], p["pretrain"]["clicv2"]["patch_size"]
+    (root / "params.yaml").write_text(yaml.safe_dump(p))
     port = free_port()  # nothing listens there
     res = run("stages.fetch", MLFLOW_TRACKING_URI=f"http://127.0.0.1:{port}")
     assert res.returncode == 2 and "unreachable" in res.stderr and f"127.0.0.1:{port}" in res.stderr
