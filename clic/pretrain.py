@@ -245,13 +245,14 @@ def build_loader(cfg: PretrainConfig, data_dir: str | Path, corpus_dir: str | Pa
                               "prefetch_factor": 4 if cfg.num_workers else None,
                               "collate_fn": collate_encoded if cfg.decode_on == "device" else None,
                               "generator": torch.Generator().manual_seed(cfg.seed)}
+    method = methods.get(cfg.method)
     if any(is_shard_index(entry) for entry in cfg.data):
+        method.check_images(cfg, None, sharded=True)  # before the stream is opened (and, remote, fetched)
         stream = shard_stream(cfg, corpus_dir)
-        methods.get(cfg.method).check_images(cfg, stream.num_samples, sharded=True)
+        method.check_images(cfg, stream.num_samples, sharded=True)
         # workers start afresh each epoch and copy the stream's epoch and skip
         return DataLoader(stream, batch_size=cfg.batch_size, drop_last=True, **common), stream, stream.num_samples
     records = pretraining_records(cfg, data_dir, corpus_dir)
-    method = methods.get(cfg.method)
     extra, per_image = method.extra_images(cfg, records, data_dir)
     dataset = ViewDataset(records, data_dir, build_views(cfg), cfg.seed, extra, per_image,
                           decode_side=2 * cfg.image_size, encoded=cfg.decode_on == "device")

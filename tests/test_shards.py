@@ -282,6 +282,19 @@ def test_pretrain_streams_from_shards(shards: Path, tmp_path: Path) -> None:
         run(bad, tmp_path / "unused", tmp_path / "run2", progress=False)
 
 
+def test_clic_extra_mosaics_on_shards_are_refused_before_the_stream_opens(shards: Path, tmp_path: Path) -> None:
+    """Extra mosaics need the image files: on a (remote) sharded corpus CLIC's pairing extra is
+    refused before any shard is fetched; pairing key streams."""
+    raw = {**tiny_overrides("clic"), "epochs": 1, "num_workers": 0, "data": [f"file://{shards}"]}
+    cfg = from_dict(PretrainConfig, {"method": "clic", **raw, "rcm": {"pairing": "extra"}})
+    with pytest.raises(ValueError, match=r"rcm.pairing=extra: extra mosaics need the image files"):
+        run(cfg, tmp_path / "unused", tmp_path / "run", progress=False, corpus_dir=tmp_path / "work")
+    assert not list((tmp_path / "work").rglob("*.*"))  # nothing fetched, not even the index
+    cfg = from_dict(PretrainConfig, {"method": "clic", **raw, "rcm": {"pairing": "key"}})
+    run(cfg, tmp_path / "unused", tmp_path / "run", progress=False, corpus_dir=tmp_path / "work")
+    assert json.loads((tmp_path / "run" / "metrics.jsonl").read_text())["steps"] == 48 // 8
+
+
 def test_killed_shard_run_resumes_as_if_never_stopped(shards: Path, tmp_path: Path) -> None:
     """SIGKILL a real `clic pretrain` streaming shards mid-epoch (its MosaicML shared memory left
     behind); resuming with another worker count ends on the uninterrupted run's weights."""

@@ -17,8 +17,8 @@ from typing import Any, ClassVar
 from torch import nn
 
 from clic.config import METHOD_RULES, PretrainConfig
+from clic.data.dataset import ExtraImages
 from clic.data.table import Record
-from clic.transforms.rcm import RandomCropMix
 
 
 class Method:
@@ -53,12 +53,13 @@ class Method:
         raise NotImplementedError
 
     def extra_images(self, cfg: PretrainConfig, records: Sequence[Record],
-                     data_dir: str | Path) -> tuple[RandomCropMix | None, int]:
+                     data_dir: str | Path) -> tuple[ExtraImages | None, int]:
         """The maker of extra training images cut from each image (CLIC's mosaics), and how many per image."""
         return None, 0
 
-    def check_images(self, cfg: PretrainConfig, n_images: int, sharded: bool) -> None:
-        """Refuse a corpus the method cannot train on (``ValueError``)."""
+    def check_images(self, cfg: PretrainConfig, n_images: int | None, sharded: bool) -> None:
+        """Refuse a corpus the method cannot train on (``ValueError``); ``n_images`` None: before
+        the corpus is opened (what needs no count)."""
 
 
 REGISTRY: dict[str, Method] = {}

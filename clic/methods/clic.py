@@ -11,11 +11,12 @@ from typing import Any, ClassVar
 
 from clic import distributed as dist
 from clic.config import ParamError, PretrainConfig
+from clic.data.dataset import ExtraImages
 from clic.data.table import Record, resolve
 from clic.methods.base import register
 from clic.methods.moco import MocoV2
 from clic.transforms.moco import MocoViews
-from clic.transforms.rcm import RandomCropMix, extra_mosaics
+from clic.transforms.rcm import extra_mosaics
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +37,7 @@ class CLIC(MocoV2):
         return MocoViews(cfg.image_size, cfg.views, key_mosaic, photometric_ops=photometric)
 
     def extra_images(self, cfg: PretrainConfig, records: Sequence[Record],
-                     data_dir: str | Path) -> tuple[RandomCropMix | None, int]:
+                     data_dir: str | Path) -> tuple[ExtraImages | None, int]:
         if cfg.rcm.pairing not in ("extra", "both"):
             return None, 0
         missing = 0
@@ -47,7 +48,7 @@ class CLIC(MocoV2):
                         "mosaics are cut from the resized cache", missing, len(records))
         return extra_mosaics(cfg.rcm, cfg.image_size), cfg.rcm.extra_per_image
 
-    def check_images(self, cfg: PretrainConfig, n_images: int, sharded: bool) -> None:
+    def check_images(self, cfg: PretrainConfig, n_images: int | None, sharded: bool) -> None:
         if sharded and cfg.rcm.pairing in ("extra", "both"):
             raise ValueError(f"pretrain.clic.rcm.pairing={cfg.rcm.pairing}: extra mosaics need the image files; "
                              "with shards (pretrain.data) use pairing 'key'")

@@ -52,11 +52,13 @@ class MocoV2(Method):
     def momentum(self, cfg: PretrainConfig) -> MocoConfig:
         return cfg.moco
 
-    def check_images(self, cfg: PretrainConfig, n_images: int, sharded: bool) -> None:
+    def check_images(self, cfg: PretrainConfig, n_images: int | None, sharded: bool) -> None:
         """Refuse a queue longer than ``max_queue_fraction`` of the pretraining images: it would
         hold several stale keys of most images. (A query's own image is excluded from its
         negatives anyway; what remains is a queue of mostly stale keys, which MoCo's K << N
         assumption avoids.)"""
+        if n_images is None:
+            return
         moco, limit = cfg.moco, int(cfg.moco.max_queue_fraction * n_images)
         if moco.queue_size > limit:
             raise ValueError(f"moco.queue_size={moco.queue_size} exceeds moco.max_queue_fraction="
