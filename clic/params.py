@@ -73,8 +73,15 @@ class Params(Section):
 
     @property
     def tree(self) -> dict[str, Any]:
-        """The merged tree as plain data: written out as a file, it reads back as these params."""
-        return _merge({}, self._tree)
+        """The merged tree as plain data, each method's section holding only what differs from
+        ``pretrain.common`` (and ``seed``): written out as a file it reads back as these params,
+        and a later edit of ``pretrain.common`` reaches the methods that do not set the key."""
+        tree = _merge({}, self._tree)
+        pre = tree.get("pretrain")
+        if isinstance(pre, dict):
+            base = _merge({"seed": tree["seed"]} if "seed" in tree else {}, pre.get("common") or {})
+            pre.update({m: _diff(pre[m], base) for m in methods.names() if isinstance(pre.get(m), Mapping)})
+        return tree
 
     @model_validator(mode="before")
     @classmethod
@@ -119,6 +126,18 @@ def _merge(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
     for k, v in over.items():
         out[k] = _merge(out.get(k) or {}, v) if isinstance(v, Mapping) and isinstance(out.get(k), Mapping | None) \
             else v
+    return out
+
+
+def _diff(full: Mapping[str, Any], base: Mapping[str, Any]) -> dict[str, Any]:
+    """What of ``full`` ``_merge(base, ...)`` needs to give ``full`` back."""
+    out = {}
+    for k, v in full.items():
+        if isinstance(v, Mapping) and isinstance(base.get(k), Mapping):
+            if sub := _diff(v, base[k]):
+                out[k] = sub
+        elif k not in base or base[k] != v or type(base[k]) is not type(v):
+            out[k] = v
     return out
 
 

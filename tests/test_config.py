@@ -308,6 +308,11 @@ def test_the_rule_holds_through_extends_seed_and_a_written_tree(tmp_path: Path) 
     written = tmp_path / "written.yaml"
     written.write_text(yaml.safe_dump(params.tree, sort_keys=False))
     assert all(pretrain_config(load_params(written), m) == pretrain_config(params, m) for m in method_names())
+    tree = params.tree  # a method's section keeps what differs from pretrain.common: a later edit of common reaches it
+    assert "optim" not in tree["pretrain"]["moco"] and tree["pretrain"]["common"]["optim"]["base_lr"] == 0.01
+    tree["pretrain"]["common"]["optim"]["base_lr"] = 0.02
+    written.write_text(yaml.safe_dump(tree, sort_keys=False))
+    assert {pretrain_config(load_params(written), m).optim.base_lr for m in method_names()} == {0.02}
     assert load_params(profile).tree["pretrain"]["clicv2"]["optim"]["base_lr"] == 0.1  # the files' tree is not changed
 
 
