@@ -22,6 +22,7 @@ from clic.params import (
     TOP_LEVEL,
     Params,
     data_config,
+    default_params,
     load_params,
     method_settings,
     pretrain_config,
@@ -168,7 +169,7 @@ def main(argv: list[str] | None = None) -> int:
     command = COMMANDS[{"data": getattr(args, "data_command", ""),
                         "study": f"study {getattr(args, 'study_command', '')}"}.get(args.command, args.command)]
     try:
-        params = load_params(args.params, _overrides(args)) if "params" in args else Params()  # profile: `clic params`
+        params = load_params(args.params, _overrides(args)) if "params" in args else default_params()
         return command(args, params) or 0
     except ValueError as exc:
         print(f"clic: error: {exc}", file=sys.stderr)

@@ -174,6 +174,12 @@ def build(layers: list[Layer]) -> Params:
     return params
 
 
+def default_params() -> Params:
+    """The schema's defaults (for commands that read no params file). ``Params()`` itself would
+    check every method's own rules against the defaults, which suit no ViT method."""
+    return build([])
+
+
 def _params(params: Params | Mapping[str, Any]) -> Params:
     return params if isinstance(params, Params) else build([("params", dict(params))])
 

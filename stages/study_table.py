@@ -88,11 +88,11 @@ def study_rows(client: Any, study: str) -> tuple[Rows, dict[str, Any]]:
 
 def random_rows(profile: str) -> dict[str, str]:
     """method -> the baselines row of its architecture at random init (``random_<backbone>``)."""
-    from clic.params import load_params, pretrain_config
+    from clic.params import default_params, load_params, pretrain_config
     from flows.workspace import ROOT
 
     path = Path(profile) if Path(profile).is_absolute() else ROOT / profile
-    params = load_params(path) if path.is_file() else Params()
+    params = load_params(path) if path.is_file() else default_params()
     return {m: f"random_{pretrain_config(params, m).backbone}" for m in methods.names()}
 
 

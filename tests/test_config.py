@@ -405,3 +405,14 @@ def test_one_validation_of_the_merged_layers_names_the_layer_that_wrote_the_valu
     assert pretrain_config(load_params(REPO / "params.yaml", shift), "clicv2").shift.min_shift == 0.4
     with pytest.raises(ValueError, match=re.escape("--set 'seed=-0.5': seed: expected int, got -0.5")):
         load_params(REPO / "params.yaml", ["seed=-0.5"])
+
+
+def test_the_defaults_without_a_params_file_build_and_keep_each_methods_rules() -> None:
+    """Commands that read no params file (clic score, map, embed) start from the schema's defaults:
+    they build; a method whose rules the defaults break is refused when it is taken."""
+    from clic.params import default_params
+
+    params = default_params()
+    assert params.seed == 0 and pretrain_config(params, "moco").backbone == "resnet18"
+    with pytest.raises(ValueError, match="method clicv2 needs a ViT backbone: pretrain.clicv2.backbone"):
+        pretrain_config(params, "clicv2")
