@@ -57,6 +57,24 @@ def test_variant_methods_and_bad_grids() -> None:
             plan(*args)
 
 
+def test_the_budget_search_variants_each_change_one_setting_of_one_method() -> None:
+    """params/budget-search.variants.json (docs/results.md's search): every variant applies to the
+    real-photos profile and changes exactly the one setting it names, of the one method it runs."""
+    from clic.params import flatten as flat
+    from clic.params import load_params, pretrain_config, to_dict
+
+    variants = json.loads((REPO / "params" / "budget-search.variants.json").read_text())
+    profile = REPO / "params" / "real-photos.yaml"
+    recipe = {m: flat(to_dict(pretrain_config(load_params(profile), m))) for m in ("moco", "clic", "clicv2")}
+    cells = plan(["moco", "clic", "clicv2"], [0], variants, baselines=False)
+    assert len(cells) == 18 and [c.method for c in cells[:3]] == ["moco", "clic", "clicv2"]
+    for cell in cells[3:]:
+        (key, value), = cell.overrides.items()
+        cfg = flat(to_dict(pretrain_config(load_params(profile, [f"{key}={json.dumps(value)}"]), cell.method)))
+        changed = {k for k in cfg if cfg[k] != recipe[cell.method][k]}
+        assert changed == {key.split(".", 2)[2]} and cfg[key.split(".", 2)[2]] == value, cell.variant
+
+
 def test_turns_hand_out_slots_in_plan_order() -> None:
     import random
     import threading
