@@ -37,7 +37,12 @@ case "${1:-}" in
     if [ -f "$PREFECT_HOME/server.pid" ] && kill -0 "$(cat "$PREFECT_HOME/server.pid")" 2>/dev/null; then
       echo "server already running (pid $(cat "$PREFECT_HOME/server.pid"))"
     else
-      setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" >"$PREFECT_HOME/server.log" 2>&1 &
+      # leases of the `gpu` slots on disk ($PREFECT_HOME/concurrency_leases), not in the server's memory:
+      # Prefect's default keeps them in memory, so a server restarted while a cell held a slot lost the
+      # lease, never freed the slot, and every later run waited for it forever; on disk, a dead holder's
+      # lease expires (60 s, flows/pipeline.py) and the server's repossessor frees its slot
+      PREFECT_SERVER_CONCURRENCY_LEASE_STORAGE=prefect.server.concurrency.lease_storage.filesystem \
+        setsid "$BIN/prefect" server start --host 127.0.0.1 --port "$PORT" >"$PREFECT_HOME/server.log" 2>&1 &
       echo $! >"$PREFECT_HOME/server.pid"
       for i in $(seq 240); do
         curl -sf "http://127.0.0.1:$PORT/api/health" >/dev/null && break

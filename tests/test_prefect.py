@@ -190,6 +190,84 @@ def test_deployment_runs_on_a_real_server_and_worker(tmp_path: Path) -> None:
     assert pids and not any(_alive(p) for p in pids)
 
 
+HOLD_AND_HANG = """import pathlib, sys, time
+from prefect.concurrency.sync import concurrency
+with concurrency("gpu", occupy=1, lease_duration=60, max_retries=0):
+    pathlib.Path(sys.argv[1]).write_text("held")
+    time.sleep(3600)
+"""
+
+
+def test_a_slot_held_across_a_server_restart_is_freed_when_its_holder_is_gone(tmp_path: Path) -> None:
+    """A cell holds the only gpu slot, the server stops (`down`, a reboot), the cell's process dies with
+    it; after `up` the slot comes back once the dead holder's lease expires. With Prefect's default
+    in-memory lease storage the restarted server had no lease to expire and the slot stayed taken: every
+    later run waited for it forever (seen when the budget search was resumed)."""
+    import shutil
+
+    root = tmp_path / "proj"
+    root.mkdir()
+    shutil.copytree(REPO / "flows", root / "flows", ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copy(REPO / "prefect.yaml", root / "prefect.yaml")
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("PREFECT_", "MLFLOW_TRACKING"))}
+    env.update(CLIC_BIN=str(BIN), PREFECT_PORT=str(port), PREFECT_HOME=str(tmp_path / "prefect"),
+               PREFECT_API_URL=f"http://127.0.0.1:{port}/api", PATH=f"{BIN}:{env['PATH']}", CLIC_GPU_SLOTS="1")
+    script = root / "flows" / "local.sh"
+
+    def local(cmd: str) -> None:
+        res = subprocess.run([script, cmd], cwd=root, env=env, capture_output=True, text=True, timeout=300)
+        assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
+
+    def active_slots() -> int:
+        out = subprocess.run([BIN / "prefect", "gcl", "inspect", "gpu", "--output", "json"], cwd=root, env=env,
+                             capture_output=True, text=True, timeout=120)
+        assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-2000:]
+        return int(json.loads(out.stdout)["active_slots"])
+
+    holders: list[subprocess.Popen] = []
+    try:
+        local("up")
+        held = tmp_path / "held"
+        with (tmp_path / "holder.err").open("w") as err:
+            holders.append(subprocess.Popen([sys.executable, "-c", HOLD_AND_HANG, str(held)], env=env,
+                                            stdout=subprocess.DEVNULL, stderr=err))
+        for _ in range(300):
+            if held.exists() or holders[0].poll() is not None:
+                break
+            time.sleep(0.2)
+        assert held.exists(), (tmp_path / "holder.err").read_text()[-3000:]
+        assert active_slots() == 1
+        local("down")
+        holders[0].kill()  # the holder dies while the server is down
+        holders[0].wait(timeout=30)
+        local("up")
+        assert active_slots() == 1  # the lease came back with the server: the slot is not freed early
+        slots = 1
+        # the lease (60 s: the least Prefect takes, and the pipeline's) expires; the repossessor (every 15 s)
+        # frees its slot
+        for _ in range(75):
+            slots = active_slots()
+            if slots == 0:
+                break
+            time.sleep(2)
+        assert slots == 0, "the dead holder's slot was never freed after the restart"
+        again = tmp_path / "again"
+        holders.append(subprocess.Popen([sys.executable, "-c", HOLD_AND_HANG, str(again)], env=env,
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        for _ in range(300):
+            if again.exists() or holders[1].poll() is not None:
+                break
+            time.sleep(0.2)
+        assert again.exists() and active_slots() == 1
+    finally:
+        for h in holders:
+            if h.poll() is None:
+                h.kill()
+                h.wait(timeout=30)
+        local("down")
+
+
 def test_workspace_key_isolates_settings(tmp_path: Path) -> None:
     sys.path.insert(0, str(REPO))
     from flows.workspace import workspace_key
