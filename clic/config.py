@@ -158,7 +158,7 @@ class OptimConfig(Section):
     base_lr: PosF = 0.03
     lr_batch_ref: Pos = 256  # lr = base_lr * global_batch / lr_batch_ref
     weight_decay: NonNegF = 1e-4
-    decay_all: bool = True  # decay every parameter (MoCo v2, CLIC); false: not 1-D ones (MAE, MoCo v3)
+    decay_all: bool = True  # decay every parameter (MoCo v2, CLIC); false: timm's param_groups_weight_decay
     momentum: float = 0.9
     betas: Pair = (0.9, 0.999)
     warmup_epochs: NonNegF = 0.0

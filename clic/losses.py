@@ -78,8 +78,9 @@ def masked_entropy_loss(pred: torch.Tensor, target: torch.Tensor, mask: torch.Te
 
 
 def global_entropy(images: torch.Tensor) -> torch.Tensor:
-    """Each image's global entropy as CLIC's authors compute it (xauat-liushipeng/CLIC at 2f294ff,
-    ``clic/ca_loss.py``, ``cal_batch_ge``): the channel mean of the tensor the encoder sees (after
+    """Each image's global entropy as CLIC's authors compute it (xauat-liushipeng/CLIC,
+    ``clic/CAL.py`` at 791bc58, ``compute_batch_ge``; ``cal_batch_ge`` of ``clic/ca_loss.py`` at
+    2f294ff): the channel mean of the tensor the encoder sees (after
     ImageNet normalisation), its 256-bin histogram on [0, 1] (values outside are not counted),
     normalised, Shannon entropy in nats (``scipy.stats.entropy``). (B, 3, H, W) -> (B,); an image
     with no value in [0, 1] gives nan (their code too), which the loss leaves out."""
@@ -92,9 +93,10 @@ def global_entropy(images: torch.Tensor) -> torch.Tensor:
 
 
 def complexity_aware_loss(stage_features: list[torch.Tensor], entropy: torch.Tensor) -> torch.Tensor:
-    """CLIC's complexity-aware loss as the authors compute it (``ge_fae_error`` and
-    ``cal_stage_fae`` in ``clic/ca_loss.py`` at 2f294ff, called by their ``train.py`` with the four
-    ResNet stages' outputs and ``--ca_lambda 0.25``): per image the sum over stages of the mean
+    """CLIC's complexity-aware loss as the authors compute it (``compute_ge_fae_error`` in
+    ``clic/CAL.py`` at 791bc58; ``ge_fae_error`` and ``cal_stage_fae`` in ``clic/ca_loss.py`` at
+    2f294ff; their ``train.py`` calls it with the four ResNet stages' outputs and ``--ca_lambda
+    0.25``): per image the sum over stages of the mean
     activation, against :func:`global_entropy`, MSE over the images where both are finite.
 
     stage_features: backbone stage outputs, each (B, C, H, W); entropy: (B,).

@@ -449,10 +449,13 @@ def mlflow_config(params: Params | Mapping[str, Any]) -> MlflowConfig:
     return _params(params).mlflow
 
 
-# the settings that change how fast a run goes, not what it learns (docs/recipes.md lists every
-# other one with its source; each method names the sections it reads)
-ENGINEERING = ("num_workers", "checkpoint_every", "sync_every", "compile", "threads", "augment_on", "decode_on",
-               "nprocs", "amp", "channels_last", "shard_cache")
+# pretrain settings outside the method sections: those that change only how fast a run goes, and
+# those that also change what it learns (the global batch and CLICv2's negatives; where and in what
+# order the views are finished), which docs/recipes.md lists in its table of them with
+# data.cache_size. Every other setting is a method's, on the card with its source.
+SPEED_ONLY = ("num_workers", "checkpoint_every", "sync_every", "compile", "threads", "amp", "channels_last",
+              "shard_cache")
+OUTSIDE_LEARNING = ("nprocs", "augment_on", "decode_on")
 
 
 def method_settings(cfg: PretrainConfig) -> dict[str, Any]:

@@ -70,9 +70,9 @@ def build_model(cfg: PretrainConfig) -> nn.Module:
 
 
 def no_weight_decay(model: nn.Module) -> set[str]:
-    """Names of the parameters MAE / MoCo v3 exempt from weight decay: the 1-D ones (biases, norms,
-    CLICv2's mask token) and those a timm module names in its ``no_weight_decay()`` (a ViT's
-    position embedding and class token), as timm's ``param_groups_weight_decay`` does."""
+    """Names of the parameters exempt from weight decay as timm's ``param_groups_weight_decay``
+    exempts them: the 1-D ones (biases, norms, CLICv2's mask token) and those a timm module names
+    in its ``no_weight_decay()`` (a ViT's position embedding and class token)."""
     named = {f"{prefix}.{n}" if prefix else n for prefix, m in model.named_modules()
              if callable(getattr(m, "no_weight_decay", None)) for n in m.no_weight_decay()}
     return {n for n, p in model.named_parameters() if p.ndim <= 1 or n in named}
@@ -80,7 +80,7 @@ def no_weight_decay(model: nn.Module) -> set[str]:
 
 def build_optimizer(model: nn.Module, cfg: PretrainConfig, lr: float) -> torch.optim.Optimizer:
     """Weight decay on every parameter (MoCo v2, the CLIC code), or with ``optim.decay_all: false``
-    none on :func:`no_weight_decay`'s (MAE, MoCo v3)."""
+    none on :func:`no_weight_decay`'s (timm's ``param_groups_weight_decay``)."""
     decay: list[nn.Parameter] = []
     no_decay: list[nn.Parameter] = []
     spared = set() if cfg.optim.decay_all else no_weight_decay(model)

@@ -169,6 +169,22 @@ def test_extra_mosaics_are_cut_from_the_source_file(tmp_path: Path, source_resol
     assert tiles <= ({60, 30, 15} if source_resolution else {20, 10, 5}), tiles
 
 
+def test_clic_training_images_and_mosaics_come_from_one_decode(tmp_path: Path) -> None:
+    """A large JPEG source: without mosaics a training image is decoded at the reduced DCT scale
+    (``decode_side``); with extra mosaics cut at source resolution, the image is decoded in full
+    too, so both halves of CLIC's data come from the same (full-size) decode."""
+    _coordinates().resize((960, 720)).save(tmp_path / "big.jpg", quality=95)
+    rec = Record("a", "big.jpg", None, "train", width=960, height=720)
+    plain = ViewDataset([rec], tmp_path, lambda img: {"size": img.size}, decode_side=64)
+    assert plain[0]["size"] == (120, 90)  # 1/8 keeps both sides >= 64
+    cfg = RCMConfig(mode="authors", pairing="extra", source_resolution=True)
+    ds = ViewDataset([rec], tmp_path, lambda img: {"size": img.size}, extra=extra_mosaics(cfg, 64),
+                     extra_per_image=3, decode_side=64)
+    assert ds[0]["size"] == (960, 720)
+    tiles = {ds[i]["size"][0] // 2 for i in range(1, 4)}
+    assert tiles <= {240, 120, 60}, tiles  # s/3, s/6, s/12 of the full 720 px short side
+
+
 def test_moco_views_with_authors_rcm_key(photos) -> None:
     views = MocoViews(48, MocoViewConfig(), RCMConfig(mode="authors"))
     out = views(load_rgb(photos[1]))

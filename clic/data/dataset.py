@@ -48,7 +48,9 @@ class ViewDataset(Dataset):
     records. Each extra image is fixed (seeded by its index only), as the authors' mosaics are
     generated once ahead of training.
     ``decode_side``: JPEGs are decoded at the smallest DCT scale keeping this short side (a corpus
-    of camera photos is decoded 4-30x faster; see :func:`clic.data.imageio.load_rgb`).
+    of camera photos is decoded 4-30x faster; see :func:`clic.data.imageio.load_rgb`); not when
+    ``extra`` cuts its mosaics from the full-size source, so that CLIC's training images and its
+    mosaics come from one resolution.
     ``encoded``: the transform gets :class:`clic.data.imageio.Encoded` images (file bytes and
     size) instead, for decoding on the training device (``decode_on: device``).
     An unreadable image (a corpus is not checked image by image) is logged by name and replaced by
@@ -60,6 +62,8 @@ class ViewDataset(Dataset):
                  extra_per_image: int = 0, decode_side: int | None = None, encoded: bool = False) -> None:
         self.records, self.root, self.transform = list(records), Path(root), transform
         self.seed, self.decode_side, self.encoded = seed, decode_side, encoded
+        if extra is not None and getattr(extra, "source_resolution", False):
+            self.decode_side = None  # mosaics come from the full-size source: so do the images they join
         self._unreadable: set[int] = set()
         self.extra, self.extra_per_image = extra, (extra_per_image if extra is not None else 0)
 

@@ -7,7 +7,8 @@ patch-wise InfoNCE (token l of view 1 vs token l of view 2, other tokens negativ
 the visible tokens of view 1 only) + ``mem_weight`` x MSE of the entropy predicted at hidden patches.
 
 Ablations: ``shift.enabled`` (in the views), ``loss: patch|image`` (image-wise uses the mean
-token with in-batch negatives), ``mem`` on/off.
+token, the global batch's other images as negatives), ``mem`` on/off. Under DDP both losses
+contrast each rank's queries with every rank's keys (gathered without gradient).
 """
 
 from __future__ import annotations
