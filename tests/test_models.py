@@ -34,6 +34,29 @@ def _grads(model: torch.nn.Module, batch: dict) -> tuple[list[str], list[str]]:
     return missing, frozen_with_grad
 
 
+def test_moco_adds_the_complexity_aware_loss_of_the_query_encoders_stages() -> None:
+    """The wiring their train.py has: the loss of the query encoder's four stage outputs against the
+    query images' entropy, times the weight, added to a contrast that the extra path leaves unchanged."""
+    from clic.losses import complexity_aware_loss, global_entropy
+
+    torch.manual_seed(0)
+    with_cal = _moco(head="linear", complexity_weight=0.25, bn_splits=1)
+    plain = _moco(head="linear", complexity_weight=0.0, bn_splits=1)
+    plain.load_state_dict(with_cal.state_dict())
+    batch = {"query": torch.randn(4, 3, 32, 32), "key": torch.randn(4, 3, 32, 32)}
+    torch.manual_seed(1)
+    out = with_cal(batch, momentum=0.9)
+    torch.manual_seed(1)
+    ref = plain(batch, momentum=0.9)
+    with torch.no_grad():
+        plain.encoder_q.train()
+        want = complexity_aware_loss(plain.encoder_q.backbone.forward_stages(batch["query"]),
+                                     global_entropy(batch["query"]))
+    assert out["complexity"].item() == pytest.approx(want.item(), rel=1e-5) and want.item() > 0
+    assert out["contrast"].item() == pytest.approx(ref["contrast"].item(), rel=1e-5)
+    assert out["loss"].item() == pytest.approx(out["contrast"].item() + 0.25 * want.item(), rel=1e-5)
+
+
 @pytest.mark.parametrize("kw", [{"head": "mlp"}, {"head": "linear", "complexity_weight": 0.25}])
 def test_moco_online_params_get_gradients_key_encoder_none(kw: dict) -> None:
     torch.manual_seed(0)
