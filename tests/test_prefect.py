@@ -226,17 +226,21 @@ def test_a_slot_held_across_a_server_restart_is_freed_when_its_holder_is_gone(tm
         return int(json.loads(out.stdout)["active_slots"])
 
     holders: list[subprocess.Popen] = []
-    try:
-        local("up")
-        held = tmp_path / "held"
-        with (tmp_path / "holder.err").open("w") as err:
+
+    def hold(name: str) -> None:  # a holder that takes the slot and hangs; returns once it holds it
+        held, err = tmp_path / name, tmp_path / f"{name}.err"
+        with err.open("w") as fh:
             holders.append(subprocess.Popen([sys.executable, "-c", HOLD_AND_HANG, str(held)], env=env,
-                                            stdout=subprocess.DEVNULL, stderr=err))
+                                            stdout=subprocess.DEVNULL, stderr=fh))
         for _ in range(300):
-            if held.exists() or holders[0].poll() is not None:
+            if held.exists() or holders[-1].poll() is not None:
                 break
             time.sleep(0.2)
-        assert held.exists(), (tmp_path / "holder.err").read_text()[-3000:]
+        assert held.exists(), err.read_text()[-3000:]
+
+    try:
+        local("up")
+        hold("held")
         assert active_slots() == 1
         local("down")
         holders[0].kill()  # the holder dies while the server is down
@@ -252,14 +256,8 @@ def test_a_slot_held_across_a_server_restart_is_freed_when_its_holder_is_gone(tm
                 break
             time.sleep(2)
         assert slots == 0, "the dead holder's slot was never freed after the restart"
-        again = tmp_path / "again"
-        holders.append(subprocess.Popen([sys.executable, "-c", HOLD_AND_HANG, str(again)], env=env,
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
-        for _ in range(300):
-            if again.exists() or holders[1].poll() is not None:
-                break
-            time.sleep(0.2)
-        assert again.exists() and active_slots() == 1
+        hold("again")
+        assert active_slots() == 1
     finally:
         for h in holders:
             if h.poll() is None:
