@@ -8,8 +8,10 @@ under one parent run and publishes a markdown artifact. docs/usage.md, "Prefect"
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import json
+import logging
 import os
 import subprocess
 import time
@@ -91,9 +93,27 @@ def repro(ws: Path, names: list[str]) -> None:
                 (fetch if n == "fetch" else stage)(ws, n)
 
 
-def _locked(exc: BaseException) -> bool:
-    response = getattr(exc.__cause__, "response", None)
+def _locked(exc: BaseException | None) -> bool:
+    response = getattr(exc, "response", None) or getattr(getattr(exc, "__cause__", None), "response", None)
     return getattr(response, "status_code", None) == 423
+
+
+class _RefusedPolls(logging.Filter):
+    """Drops the ERROR Prefect's slot service logs for each refused poll ("failed to process item",
+    HTTP 423: the limit is full). ``gpu_slot`` polls each second, so a waiting cell wrote an
+    "error" a second to the worker's log; any other failure of the service is still logged."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args if isinstance(record.args, tuple) else ()
+        if record.msg != "Service %r failed to process item %r" or len(args) != 2 or not isinstance(args[1], tuple):
+            return True
+        future = args[1][-1] if args[1] else None
+        if not isinstance(future, concurrent.futures.Future) or not future.done() or future.cancelled():
+            return True
+        return not _locked(future.exception())
+
+
+_REFUSED_POLLS = _RefusedPolls()
 
 
 @contextlib.contextmanager
@@ -102,6 +122,7 @@ def gpu_slot(poll_s: float = 1.0) -> Iterator[None]:
     stages (a finishing stage cannot hand it to itself again), polled every ``poll_s`` seconds
     while full rather than after the server's back-off (no idle slot between holders)."""
     logger = get_run_logger()
+    logging.getLogger("prefect._internal.concurrency").addFilter(_REFUSED_POLLS)  # once: filters are a set
     start, told = time.monotonic(), 0.0
     with contextlib.ExitStack() as stack:
         while True:
