@@ -4,6 +4,11 @@ overrides) run as the pipeline's own DVC stages, one workspace per cell, every n
     prefect deployment run study/real-photos                       # params/real-photos.yaml, 3 methods x 3 seeds
     prefect deployment run study/real-photos --param seeds='[0]' \
         --param variants='{"nomem": {"pretrain.clicv2.clicv2.mem": false}}'
+    prefect deployment run study/real-photos --param name=small-budget \
+        --param variants='{"recipe": {}, "small-budget": "params/small-budget.yaml"}'
+
+A variant is a set of overrides, or a params file that replaces the study's profile for its cells
+(run for the methods whose settings it changes).
 
 A cell runs ``fetch, validate, pretrain@<method>, probe@<method>`` (the baselines cell of a seed:
 ``fetch, validate, baselines``) in ``workspaces/study-<name>/<variant>-<method>-seed<seed>``,
@@ -52,6 +57,7 @@ class Cell:
     seed: int
     variant: str = BASE
     overrides: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+    profile: str = field(default="", compare=False)  # the variant's params file, if it names one
 
     @property
     def key(self) -> str:
@@ -69,12 +75,16 @@ class Cell:
 
     def tags(self, study: str) -> dict[str, str]:
         return {"clic.study": study, "clic.cell": self.key, "clic.method": self.method or "baselines",
-                "clic.seed": str(self.seed), "clic.variant": self.variant}
+                "clic.seed": str(self.seed), "clic.variant": self.variant,
+                **({"clic.profile": self.profile} if self.profile else {})}
 
 
-def plan(methods: list[str], seeds: list[int], variants: dict[str, dict[str, Any]], baselines: bool) -> list[Cell]:
+def plan(methods: list[str], seeds: list[int], variants: dict[str, dict[str, Any] | str], baselines: bool,
+         profile: str = "") -> list[Cell]:
     """The cells, seed by seed (so a study cut short has whole seeds): the seed's baselines, then
-    each variant's methods. ``ValueError`` naming a bad method, seed or variant."""
+    each variant's methods. A variant naming a params file (relative to the project) runs the methods
+    whose settings it changes against ``profile``, the study's. ``ValueError`` naming a bad method,
+    seed or variant."""
     unknown = [m for m in methods if m not in method_names()]
     if unknown or not methods:
         raise ValueError(f"methods: expected some of {', '.join(method_names())}, got {methods!r}")
@@ -84,13 +94,23 @@ def plan(methods: list[str], seeds: list[int], variants: dict[str, dict[str, Any
     for name, over in variants.items():
         if not NAME.match(name):
             raise ValueError(f"variants: name {name!r}: expected letters, digits, '_', '.', '-' (at most 64)")
-        if not isinstance(over, dict):
-            raise ValueError(f"variants: {name!r}: expected a mapping of params keys to values, got {over!r}")
+        if isinstance(over, str):
+            if not profile or not (ROOT / over).is_file():
+                raise ValueError(f"variants: {name!r}: params file {over!r} not found under {ROOT}")
+        elif not isinstance(over, dict):
+            raise ValueError(f"variants: {name!r}: expected a mapping of params keys to values or a params "
+                             f"file, got {over!r}")
+    runs = {v: profile_methods(over, profile, methods) if isinstance(over, str) else variant_methods(over, methods)
+            for v, over in variants.items()}
+    for v, over in variants.items():
+        if not runs[v]:
+            raise ValueError(f"variants: {v!r}: {over} changes none of {', '.join(methods)} against {profile}")
     cells = []
     for seed in seeds:
         if baselines:
             cells.append(Cell("", seed))
-        cells += [Cell(m, seed, v, over) for v, over in variants.items() for m in variant_methods(over, methods)]
+        cells += [Cell(m, seed, v, {}, over) if isinstance(over, str) else Cell(m, seed, v, over)
+                  for v, over in variants.items() for m in runs[v]]
     return cells
 
 
@@ -101,6 +121,17 @@ def variant_methods(overrides: dict[str, Any], methods: list[str]) -> list[str]:
     if named and all(n in method_names() for n in named):
         return [m for m in methods if m in named]
     return methods
+
+
+def profile_methods(variant: str, profile: str, methods: list[str]) -> list[str]:
+    """The methods a params-file variant changes against the study's profile: those whose resolved
+    pretraining settings differ, or all of them when a setting outside ``pretrain`` differs."""
+    from clic.params import load_params, pretrain_config
+
+    mine, base = load_params(ROOT / variant), load_params(ROOT / profile)
+    if mine.model_dump(exclude={"pretrain"}) != base.model_dump(exclude={"pretrain"}):
+        return methods
+    return [m for m in methods if pretrain_config(mine, m) != pretrain_config(base, m)]
 
 
 def cell_env(study: str, cell: Cell, parent_run: str, threads: int) -> dict[str, str]:
@@ -202,7 +233,7 @@ def run_cell(study: str, profile: str, cell: Cell, parent_run: str, register: bo
     logger = get_run_logger()
     overrides = {**cell.overrides, "seed": cell.seed, "mlflow.register": register}
     path = ROOT / "workspaces" / f"study-{study}" / cell.key
-    with workspace("study", cell.method, "", overrides, profile=profile, path=path) as ws:
+    with workspace("study", cell.method, "", overrides, profile=cell.profile or profile, path=path) as ws:
         env = cell_env(study, cell, parent_run, threads)
         with contextlib.ExitStack() as slot:
             with _TURNS.setdefault(str(flow_run.id or "local"), Turns()).turn(index):
@@ -223,10 +254,11 @@ def run_cell(study: str, profile: str, cell: Cell, parent_run: str, register: bo
 
 @flow(name="study", log_prints=True, task_runner=ThreadPoolTaskRunner(max_workers=64))
 def study(name: str = "real-photos", profile: str = "params/real-photos.yaml", methods: list[str] | None = None,
-          seeds: list[int] | None = None, variants: dict[str, dict[str, Any]] | None = None,
+          seeds: list[int] | None = None, variants: dict[str, dict[str, Any] | str] | None = None,
           baselines: bool = True, register_scorers: bool = False, threads: int = 0) -> dict[str, Any]:
     """Run the grid and publish its table. ``variants``: name -> params overrides (full keys, or
-    relative to the method: ``{"nomem": {"clicv2.mem": false}}``); default one variant, ``recipe``,
+    relative to the method: ``{"nomem": {"clicv2.mem": false}}``) or a params file run in place of
+    ``profile`` (``{"small-budget": "params/small-budget.yaml"}``); default one variant, ``recipe``,
     the profile as it is. ``register_scorers``: register each cell's scorer (default off: a study's
     encoders are evidence, not releases). ``threads``: the stages' ``OMP_NUM_THREADS`` (0: as the
     worker has it); a seed is bit-identical only at the same thread count."""
@@ -237,7 +269,7 @@ def study(name: str = "real-photos", profile: str = "params/real-photos.yaml", m
     if not (ROOT / profile).is_file():
         raise ValueError(f"profile {profile!r}: no such params file under {ROOT}")
     cells = plan(list(methods or method_names()), list(seeds if seeds is not None else [0, 1, 2]),
-                 dict(variants if variants is not None else {BASE: {}}), baselines)
+                 dict(variants if variants is not None else {BASE: {}}), baselines, profile)
     logger = get_run_logger()
     uri = stage_env(ROOT, "")["MLFLOW_TRACKING_URI"]
     parent = study_run(name, profile, uri)

@@ -3,6 +3,7 @@ card, and each profile's resolved value is the card's (the recipe, or the listed
 
 from __future__ import annotations
 
+import json
 import math
 import re
 import subprocess
@@ -18,8 +19,11 @@ from clic.params import OUTSIDE_LEARNING, SPEED_ONLY, flatten, load_params, meth
 
 ROOT = Path(__file__).resolve().parents[1]
 CARD = ROOT / "docs" / "recipes.md"
-PROFILES = {"params.yaml": "params.yaml", "real-photos": "params/real-photos.yaml", "gpu": "params/gpu.yaml",
+PROFILES = {"params.yaml": "params.yaml", "real-photos": "params/real-photos.yaml",
+            "small-budget": "params/small-budget.yaml", "gpu": "params/gpu.yaml",
             "gpu-corpus": "params/gpu-corpus.yaml", "gpu-shards": "params/gpu-shards.yaml"}
+# the budget search's choice per method (docs/results.md: the written rule on Scenes at seed 0); None: the recipe
+CHOSEN = {"moco": "moco-noblur", "clic": "clic-mcos", "clicv2": None}
 NOT_ON_CARD = {*SPEED_ONLY, *OUTSIDE_LEARNING, "method", "seed", "data", "splits", "max_images"}
 
 
@@ -98,6 +102,23 @@ def test_profile_matches_the_card(method: str, profile: str) -> None:
     assert set(rows) - listed == set(), f"{method}: docs/recipes.md lists settings {method} does not read"
     wrong = {k: (settings[k], rows[k][profile]) for k in rows if not _same(settings[k], rows[k][profile])}
     assert wrong == {}, f"{PROFILES[profile]} pretrain.{method}: (resolved, card) differ"
+
+
+@pytest.mark.parametrize("method", method_names())
+def test_small_budget_is_real_photos_with_the_chosen_variant(method: str) -> None:
+    """params/small-budget.yaml is exactly the real-photos profile plus the variant the budget search
+    chose for each method, as the study ran it (params/budget-search.variants.json): nothing else moves."""
+    variants = json.loads((ROOT / "params" / "budget-search.variants.json").read_text())
+    chosen = variants[CHOSEN[method]] if CHOSEN[method] else {}
+    assert all(k.startswith(f"pretrain.{method}.") for k in chosen)
+    sets = [f"{k}={json.dumps(v)}" for k, v in chosen.items()]
+    small = load_params(ROOT / "params" / "small-budget.yaml")
+    want = load_params(ROOT / "params" / "real-photos.yaml", sets)
+    assert method_settings(pretrain_config(small, method)) == method_settings(pretrain_config(want, method))
+    assert all(getattr(small, k) == getattr(want, k) for k in ("seed", "data", "validate", "probe", "transfer"))
+    recipe = flatten(method_settings(pretrain_config(load_params(ROOT / "params" / "real-photos.yaml"), method)))
+    moved = {k for k, v in flatten(method_settings(pretrain_config(small, method))).items() if v != recipe[k]}
+    assert moved == {k.removeprefix(f"pretrain.{method}.") for k in chosen}
 
 
 def test_the_card_fails_a_profile_that_drifts(tmp_path: Path) -> None:

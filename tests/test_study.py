@@ -22,7 +22,7 @@ from .test_pipeline import BIN, make_project
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
-from flows.study import Cell, Turns, plan, variant_methods  # noqa: E402
+from flows.study import Cell, Turns, plan, profile_methods, variant_methods  # noqa: E402
 
 FINAL = ("COMPLETED", "FAILED", "CRASHED", "CANCELLED")
 GRID = ("--param", "name=tiny", "--param", "profile=params.yaml", "--param", 'methods=["moco", "clic"]',
@@ -55,6 +55,27 @@ def test_variant_methods_and_bad_grids() -> None:
                           ((["moco"], [0], {"v": [1]}, True), "variants: 'v': expected a mapping")]:
         with pytest.raises(ValueError, match=message):
             plan(*args)
+
+
+def test_a_variant_can_be_a_params_file_run_for_the_methods_it_changes() -> None:
+    """``{"small-budget": "params/small-budget.yaml"}``: its cells run on that file in place of the
+    study's profile, for the methods whose resolved settings it changes (all, when the data or the
+    probe differ); a file that changes nothing, or is missing, is refused by name."""
+    from .test_recipes import CHOSEN
+
+    three = ["moco", "clic", "clicv2"]
+    cells = plan(three, [0], {"recipe": {}, "small-budget": "params/small-budget.yaml"}, False,
+                 "params/real-photos.yaml")
+    changed = [m for m in three if CHOSEN[m]]
+    assert [c.key for c in cells] == [f"recipe-{m}-seed0" for m in three] + [f"small-budget-{m}-seed0" for m in changed]
+    assert all(c.profile == "" for c in cells[:3])
+    assert all(c.profile == "params/small-budget.yaml" and c.overrides == {} for c in cells[3:])
+    assert cells[3].tags("s")["clic.profile"] == "params/small-budget.yaml" and "clic.profile" not in cells[0].tags("s")
+    assert profile_methods("params.yaml", "params/real-photos.yaml", ["moco", "clic"]) == ["moco", "clic"]
+    for variant, message in [("params/real-photos.yaml", "changes none of moco against params/real-photos.yaml"),
+                             ("params/nope.yaml", "params file 'params/nope.yaml' not found")]:
+        with pytest.raises(ValueError, match=message):
+            plan(["moco"], [0], {"v": variant}, False, "params/real-photos.yaml")
 
 
 def test_the_budget_search_variants_each_change_one_setting_of_one_method() -> None:
