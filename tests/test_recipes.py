@@ -23,7 +23,7 @@ PROFILES = {"params.yaml": "params.yaml", "real-photos": "params/real-photos.yam
             "small-budget": "params/small-budget.yaml", "gpu": "params/gpu.yaml",
             "gpu-corpus": "params/gpu-corpus.yaml", "gpu-shards": "params/gpu-shards.yaml"}
 # the budget search's choice per method (docs/results.md: the written rule on Scenes at seed 0); None: the recipe
-CHOSEN = {"moco": "moco-noblur", "clic": "clic-mcos", "clicv2": None}
+CHOSEN = {"moco": "moco-noblur", "clic": "clic-mcos", "clicv2": "clicv2-lr2x"}
 NOT_ON_CARD = {*SPEED_ONLY, *OUTSIDE_LEARNING, "method", "seed", "data", "splits", "max_images"}
 
 
