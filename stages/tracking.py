@@ -105,16 +105,27 @@ def invocation_id() -> str:
 
 
 def parent_run(experiment_id: str) -> str:
+    """The invocation's parent run, created by its first stage. Under a plain ``dvc repro`` each
+    stage closes it when done (:func:`stage_run`) and the next one reopens it."""
     inv = invocation_id()
     client = MlflowClient()
     found = client.search_runs([experiment_id], f"tags.`clic.invocation` = '{inv}' and tags.`clic.kind` = 'pipeline'",
                                max_results=1)
     if found:
+        if found[0].info.status == "FINISHED" and _closes_own_parent():
+            client.update_run(found[0].info.run_id, status="RUNNING")
         return found[0].info.run_id
     run = client.create_run(experiment_id, run_name=os.environ.get("CLIC_RUN_NAME") or "pipeline",
                             tags={"clic.invocation": inv, "clic.kind": "pipeline", "git.commit": git_revision(ROOT),
                                   **_prefect_tag(), **_study_tags()})
     return run.info.run_id
+
+
+def _closes_own_parent() -> bool:
+    """A plain ``dvc repro``: no stage knows it is the last one (DVC skips the unchanged ones, so
+    ``compare``, which closes the parent, may never run), so each stage closes the parent when it
+    finishes. A Prefect flow or study cell (``CLIC_PIPELINE_ID``) closes its own."""
+    return not os.environ.get("CLIC_PIPELINE_ID")
 
 
 def _study_tags() -> dict[str, str]:
@@ -166,6 +177,9 @@ def stage_run(params: Params, stage: str, method: str = "", config: dict[str, An
             mlflow.log_metrics({f"{method}_{k}": v for k, v in metrics.items()
                                 if k in KEY_METRICS or k.endswith("_top1")}, run_id=parent)
         mlflow.end_run("FINISHED")
+        client = MlflowClient()
+        if _closes_own_parent() and client.get_run(parent).info.status == "RUNNING":  # not a FAILED one
+            client.set_terminated(parent, "FINISHED")
 
 
 def finish_parent(params: Params) -> str:

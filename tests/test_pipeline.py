@@ -113,6 +113,19 @@ def test_second_repro_does_nothing(project: Path) -> None:
     assert time.time() - start < 60
 
 
+def test_a_repro_whose_last_stages_are_skipped_closes_its_parent_run(project: Path) -> None:
+    """`compare` closes the parent run, but DVC skips it when its inputs came out the same; the
+    parent of such an invocation (here: only the baselines run again) is FINISHED all the same,
+    not RUNNING for ever in the MLflow UI (it was, after every fresh clone's `make demo`)."""
+    before = {r.info.run_id for r in _runs(project)}
+    out = dvc(project, "repro", "--force", "--single-item", "baselines").stdout
+    assert "Running stage 'baselines'" in out and "Running stage 'compare'" not in out
+    new = [r for r in _runs(project) if r.info.run_id not in before]
+    assert sorted((r.data.tags["clic.kind"], r.info.status) for r in new) == [("pipeline", "FINISHED"),
+                                                                             ("stage", "FINISHED")]
+    assert all(r.info.status != "RUNNING" for r in _runs(project))
+
+
 def test_scorer_loads_from_the_registry(project: Path) -> None:
     import mlflow
     import pandas as pd
