@@ -122,7 +122,7 @@ def gpu_slot(poll_s: float = 1.0) -> Iterator[None]:
     stages (a finishing stage cannot hand it to itself again), polled every ``poll_s`` seconds
     while full rather than after the server's back-off (no idle slot between holders)."""
     logger = get_run_logger()
-    logging.getLogger("prefect._internal.concurrency").addFilter(_REFUSED_POLLS)  # once: filters are a set
+    logging.getLogger("prefect._internal.concurrency").addFilter(_REFUSED_POLLS)  # added once: addFilter skips a repeat
     start, told = time.monotonic(), 0.0
     with contextlib.ExitStack() as stack:
         while True:

@@ -95,7 +95,9 @@ def plan(methods: list[str], seeds: list[int], variants: dict[str, dict[str, Any
         if not NAME.match(name):
             raise ValueError(f"variants: name {name!r}: expected letters, digits, '_', '.', '-' (at most 64)")
         if isinstance(over, str):
-            if not profile or not (ROOT / over).is_file():
+            if not profile:
+                raise ValueError(f"variants: {name!r}: a params file as a variant needs the study's profile")
+            if not (ROOT / over).is_file():
                 raise ValueError(f"variants: {name!r}: params file {over!r} not found under {ROOT}")
         elif not isinstance(over, dict):
             raise ValueError(f"variants: {name!r}: expected a mapping of params keys to values or a params "
@@ -103,7 +105,7 @@ def plan(methods: list[str], seeds: list[int], variants: dict[str, dict[str, Any
     runs = {v: profile_methods(over, profile, methods) if isinstance(over, str) else variant_methods(over, methods)
             for v, over in variants.items()}
     for v, over in variants.items():
-        if not runs[v]:
+        if isinstance(over, str) and not runs[v]:
             raise ValueError(f"variants: {v!r}: {over} changes none of {', '.join(methods)} against {profile}")
     cells = []
     for seed in seeds:
@@ -125,13 +127,15 @@ def variant_methods(overrides: dict[str, Any], methods: list[str]) -> list[str]:
 
 def profile_methods(variant: str, profile: str, methods: list[str]) -> list[str]:
     """The methods a params-file variant changes against the study's profile: those whose resolved
-    pretraining settings differ, or all of them when a setting outside ``pretrain`` differs."""
+    pretraining settings differ, or all of them when what a cell's other stages read differs (data,
+    validate, probe). The seed and ``mlflow`` are the cell's own, so they do not count."""
     from clic.params import load_params, pretrain_config
 
     mine, base = load_params(ROOT / variant), load_params(ROOT / profile)
-    if mine.model_dump(exclude={"pretrain"}) != base.model_dump(exclude={"pretrain"}):
+    if any(getattr(mine, k) != getattr(base, k) for k in ("data", "validate", "probe")):
         return methods
-    return [m for m in methods if pretrain_config(mine, m) != pretrain_config(base, m)]
+    return [m for m in methods if pretrain_config(mine, m).model_dump(exclude={"seed"})
+            != pretrain_config(base, m).model_dump(exclude={"seed"})]
 
 
 def cell_env(study: str, cell: Cell, parent_run: str, threads: int) -> dict[str, str]:

@@ -93,7 +93,7 @@ def setup(params: Params) -> str:
 
 def invocation_id() -> str:
     """Identity of the pipeline invocation this stage belongs to: ``CLIC_PIPELINE_ID`` (Prefect
-    flows and ``make pipeline`` set it), else the ``dvc`` process that launched the stage."""
+    flows and study cells set it), else the ``dvc`` process that launched the stage."""
     if os.environ.get("CLIC_PIPELINE_ID"):
         return os.environ["CLIC_PIPELINE_ID"]
     me = psutil.Process()

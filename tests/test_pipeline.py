@@ -118,11 +118,15 @@ def test_a_repro_whose_last_stages_are_skipped_closes_its_parent_run(project: Pa
     parent of such an invocation (here: only the baselines run again) is FINISHED all the same,
     not RUNNING for ever in the MLflow UI (it was, after every fresh clone's `make demo`)."""
     before = {r.info.run_id for r in _runs(project)}
-    out = dvc(project, "repro", "--force", "--single-item", "baselines").stdout
+    out = dvc(project, "repro", "--force", "--single-item", "baselines", "transfer@moco").stdout
     assert "Running stage 'baselines'" in out and "Running stage 'compare'" not in out
     new = [r for r in _runs(project) if r.info.run_id not in before]
     assert sorted((r.data.tags["clic.kind"], r.info.status) for r in new) == [("pipeline", "FINISHED"),
+                                                                             ("stage", "FINISHED"),
                                                                              ("stage", "FINISHED")]
+    parent = next(r for r in new if r.data.tags["clic.kind"] == "pipeline")
+    # the second stage reopened the parent that the first one closed, and closed it again when it ended
+    assert parent.info.end_time >= max(r.info.end_time for r in new if r.data.tags["clic.kind"] == "stage")
     assert all(r.info.status != "RUNNING" for r in _runs(project))
 
 

@@ -72,10 +72,15 @@ def test_a_variant_can_be_a_params_file_run_for_the_methods_it_changes() -> None
     assert all(c.profile == "params/small-budget.yaml" and c.overrides == {} for c in cells[3:])
     assert cells[3].tags("s")["clic.profile"] == "params/small-budget.yaml" and "clic.profile" not in cells[0].tags("s")
     assert profile_methods("params.yaml", "params/real-photos.yaml", ["moco", "clic"]) == ["moco", "clic"]
+    # an overrides variant for a method the study does not run just has no cells (a params file would be refused)
+    assert plan(["clicv2"], [0], {"recipe": {}, "moco-noblur": {"pretrain.moco.views.blur_p": 0.0}}, False,
+                "params/real-photos.yaml") == [Cell("clicv2", 0)]
     for variant, message in [("params/real-photos.yaml", "changes none of moco against params/real-photos.yaml"),
                              ("params/nope.yaml", "params file 'params/nope.yaml' not found")]:
         with pytest.raises(ValueError, match=message):
             plan(["moco"], [0], {"v": variant}, False, "params/real-photos.yaml")
+    with pytest.raises(ValueError, match="needs the study's profile"):
+        plan(["moco"], [0], {"v": "params/small-budget.yaml"}, False)
 
 
 def test_the_budget_search_variants_each_change_one_setting_of_one_method() -> None:
